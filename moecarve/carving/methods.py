@@ -1,0 +1,135 @@
+"""Carving recipes: one dense FFN + its calibration inputs -> one CarvedMoE.
+
+`carve_ffn` composes statistics -> grouping -> router -> module. It knows nothing of decoder
+layers or model families: `moecarve.carve` feeds it one FFN at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import CarveConfig
+from ..errors import MoecarveError
+from ..modules.moe import CarvedMoE, MoESpec
+from .ffn import DenseFFN
+from .grouping import Grouping, group_neurons
+from .router import analytic_router, router_load
+from .stats import activation_markers, activation_rates, rate_histogram
+
+
+class CarveError(MoecarveError, RuntimeError):
+    """Carving could not proceed (bad activations, impossible configuration)."""
+
+
+@dataclass
+class LayerReport:
+    """What carving one layer measured."""
+
+    layer: int
+    seconds: float
+    expert_size: int
+    n_tokens: int
+    rate_histogram: dict
+    shared_rate: float  # mean activation rate of the shared neurons
+    routed_rate: float  # mean activation rate of the routed neurons
+    load: list[int] = field(default_factory=list)  # calibration tokens per routed expert
+
+    @property
+    def load_imbalance(self) -> float:
+        """max / mean of the routed experts' load (1.0 is perfectly balanced)."""
+        if not self.load or sum(self.load) == 0:
+            return float("nan")
+        return max(self.load) / (sum(self.load) / len(self.load))
+
+
+def moe_spec(ffn: DenseFFN, cfg: CarveConfig) -> MoESpec:
+    return MoESpec(
+        hidden_size=ffn.hidden_size,
+        expert_size=cfg.expert_size(ffn.intermediate_size),
+        n_shared=cfg.n_shared,
+        n_routed=cfg.n_routed,
+        top_k=cfg.n_active,
+        act=ffn.act,
+        gated=ffn.gated,
+        in_bias=ffn.has_in_bias,
+        out_bias=ffn.down_bias is not None,
+        router=cfg.router,
+    )
+
+
+def _in_rows(ffn: DenseFFN, idx: torch.Tensor) -> torch.Tensor:
+    """The input-projection rows of neurons idx [..., m] -> [..., 2m, d] (gate rows first) or [..., m, d]."""
+    if ffn.gated:
+        return torch.cat([ffn.gate[idx], ffn.up[idx]], dim=-2)
+    return ffn.up[idx]
+
+
+def _in_bias(ffn: DenseFFN, idx: torch.Tensor) -> torch.Tensor:
+    def part(b):
+        return torch.zeros(idx.shape, dtype=ffn.up.dtype, device=ffn.up.device) if b is None else b[idx]
+
+    return torch.cat([part(ffn.gate_bias), part(ffn.up_bias)], dim=-1) if ffn.gated else part(ffn.up_bias)
+
+
+@torch.no_grad()
+def build_moe(ffn: DenseFFN, grouping: Grouping, spec: MoESpec, router: dict[str, torch.Tensor]) -> CarvedMoE:
+    """Assemble a CarvedMoE from slices of the dense weights: no weight is changed, only moved."""
+    dev, dt = ffn.up.device, ffn.up.dtype
+    with torch.device("meta"):
+        moe = CarvedMoE(spec)
+    moe = moe.to_empty(device=dev).to(dt)
+    groups = grouping.experts.to(dev)  # [E, m]
+    moe.experts.in_proj.copy_(_in_rows(ffn, groups))
+    moe.experts.out_proj.copy_(ffn.down[:, groups].permute(1, 0, 2))  # [d, E, m] -> [E, d, m]
+    if moe.experts.in_bias is not None:
+        moe.experts.in_bias.copy_(_in_bias(ffn, groups))
+    if moe.shared is not None:
+        shared = grouping.shared.to(dev)
+        moe.shared.in_proj.copy_(_in_rows(ffn, shared))
+        moe.shared.out_proj.copy_(ffn.down[:, shared])
+        if moe.shared.in_bias is not None:
+            moe.shared.in_bias.copy_(_in_bias(ffn, shared))
+    if moe.out_bias is not None:
+        moe.out_bias.copy_(ffn.down_bias)
+    r = moe.router
+    r.scale.zero_()
+    r.bias.zero_()
+    for name, value in router.items():
+        if value is not None:
+            getattr(r, name).copy_(value)
+    return moe
+
+
+@torch.no_grad()
+def carve_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0) -> tuple[CarvedMoE, LayerReport]:
+    """Carve one FFN on its calibration inputs x [T, d] (CMoE steps 3-8)."""
+    t0 = time.perf_counter()
+    if not torch.isfinite(x).all():
+        raise CarveError(f"layer {layer}: the FFN inputs contain NaN or Inf; cannot measure activations")
+    spec = moe_spec(ffn, cfg)
+    markers = activation_markers(ffn, x, cfg.k_act)  # [T, I]
+    rates = activation_rates(markers)  # [I]
+    grouping = group_neurons(markers, rates, cfg.n_shared, cfg.n_routed, cfg.kmeans_iters)
+    if cfg.router == "analytic":
+        router = analytic_router(ffn, grouping.representatives)
+    else:
+        from .linear_router import fit_linear_router  # the export issue's router
+
+        router = fit_linear_router(ffn, grouping, x, spec)
+    moe = build_moe(ffn, grouping, spec, router)
+    _, idx = moe.router(x.to(ffn.up.dtype))
+    rates_cpu = rates.cpu()
+    report = LayerReport(
+        layer=layer,
+        seconds=time.perf_counter() - t0,
+        expert_size=spec.expert_size,
+        n_tokens=x.shape[0],
+        rate_histogram=rate_histogram(rates_cpu),
+        shared_rate=float(rates_cpu[grouping.shared].mean()) if grouping.shared.numel() else 0.0,
+        routed_rate=float(rates_cpu[grouping.experts.reshape(-1)].mean()),
+        load=router_load(idx, spec.n_routed).cpu().tolist(),
+    )
+    return moe, report

@@ -1,0 +1,139 @@
+"""Configuration dataclasses: what to carve and how, validated before any work starts.
+
+A carving configuration is written S{N_s}A{A}E{N}: N experts in all, N_s of them shared
+(always on), A routed experts picked per token out of the N - N_s routed ones.
+S2A2E8 keeps 2 + 2 of 8 experts active: 50% of the FFN.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from .errors import MoecarveError
+
+_CONFIG_RE = re.compile(r"^S(\d+)A(\d+)E(\d+)$", re.IGNORECASE)
+
+METHODS = ("cmoe",)
+ROUTERS = ("analytic",)
+
+
+class ConfigError(MoecarveError, ValueError):
+    """A configuration that cannot work, found before any work starts."""
+
+
+@dataclass(frozen=True)
+class CarveConfig:
+    """How to carve every FFN of a model into an MoE layer.
+
+    Attributes:
+        n_experts: N, experts per layer (shared + routed); must divide the intermediate size.
+        n_shared: N_s, always-on experts, fused into one MLP of N_s * m neurons.
+        n_active: A, routed experts selected per token.
+        k_act: K_a, neurons marked active per token when measuring activation rates.
+        method: the carving recipe ("cmoe" reproduces the paper).
+        router: "analytic" (built from representative neurons, as the paper) or "linear".
+        kmeans_iters: balanced k-means iterations over the activation markers.
+        bias_gamma: step of the load-balancing bias update while fine-tuning.
+        seed: seeds calibration sampling and any randomised step.
+    """
+
+    n_experts: int = 8
+    n_shared: int = 2
+    n_active: int = 2
+    k_act: int = 10
+    method: str = "cmoe"
+    router: str = "analytic"
+    kmeans_iters: int = 1
+    bias_gamma: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_experts < 1:
+            raise ConfigError(f"n_experts must be >= 1, got {self.n_experts}")
+        if self.n_shared < 0:
+            raise ConfigError(f"n_shared must be >= 0, got {self.n_shared}")
+        if self.n_active < 1:
+            raise ConfigError(f"n_active must be >= 1, got {self.n_active}")
+        if self.n_shared + self.n_active > self.n_experts:
+            raise ConfigError(
+                f"{self.name}: shared + active experts ({self.n_shared} + {self.n_active}) "
+                f"exceed the {self.n_experts} experts"
+            )
+        if self.k_act < 1:
+            raise ConfigError(f"k_act must be >= 1, got {self.k_act}")
+        if self.kmeans_iters < 1:
+            raise ConfigError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+
+    @property
+    def name(self) -> str:
+        return f"S{self.n_shared}A{self.n_active}E{self.n_experts}"
+
+    @property
+    def n_routed(self) -> int:
+        return self.n_experts - self.n_shared
+
+    @property
+    def active_fraction(self) -> float:
+        return (self.n_shared + self.n_active) / self.n_experts
+
+    @classmethod
+    def from_string(cls, spec: str, **overrides) -> "CarveConfig":
+        """Parse "S2A2E8" (case-insensitive) into a config; keyword overrides set the rest."""
+        m = _CONFIG_RE.match(spec.strip())
+        if not m:
+            raise ConfigError(
+                f"cannot parse carving config {spec!r}: expected S<shared>A<active>E<experts>, e.g. S2A2E8"
+            )
+        n_shared, n_active, n_experts = (int(g) for g in m.groups())
+        return cls(n_experts=n_experts, n_shared=n_shared, n_active=n_active, **overrides)
+
+    def expert_size(self, intermediate_size: int) -> int:
+        """m = intermediate_size / N, or a ConfigError when N does not divide it."""
+        if intermediate_size % self.n_experts:
+            divisors = [n for n in (4, 8, 16, 32, 64, 128) if intermediate_size % n == 0]
+            raise ConfigError(
+                f"{self.name}: {self.n_experts} experts do not divide the intermediate size "
+                f"{intermediate_size}; choose N among {divisors or 'its divisors'}"
+            )
+        return intermediate_size // self.n_experts
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CarveConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def replace(self, **changes) -> "CarveConfig":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Which calibration windows to draw.
+
+    Attributes:
+        source: None for the corpus shipped with moecarve, a text file, or a local
+            Hugging Face `datasets` folder (saved with `save_to_disk`) with a "text" column.
+        n_samples: number of windows.
+        seqlen: tokens per window (clipped to the model's max positions).
+        seed: seeds the window offsets.
+    """
+
+    source: str | None = None
+    n_samples: int = 8
+    seqlen: int = 2048
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ConfigError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.seqlen < 2:
+            raise ConfigError(f"seqlen must be >= 2, got {self.seqlen}")

@@ -1,0 +1,256 @@
+"""The carved MoE layer: shared experts + routed experts + a router.
+
+This file imports only torch and transformers: it is copied verbatim into every carved folder's
+`modeling_moecarve.py`, so a carved model loads with `trust_remote_code=True` without moecarve.
+
+Shapes: T tokens, d hidden size, E routed experts, m neurons per expert, A experts per token.
+A gated MLP (SwiGLU/GeGLU) keeps gate and up rows stacked as `in_proj` [E, 2m, d] (gate rows
+first); a plain MLP (GPT-2, OPT) keeps `in_proj` [E, m, d]. `out_proj` is [E, d, m], the layout of
+transformers' stacked MoE experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+@dataclass
+class MoESpec:
+    """Everything needed to build an (empty) CarvedMoE; stored in config.json."""
+
+    hidden_size: int
+    expert_size: int  # m
+    n_shared: int  # N_s: shared experts, fused into one MLP of n_shared * m neurons
+    n_routed: int  # E
+    top_k: int  # A
+    act: str  # a transformers ACT2FN name
+    gated: bool = True
+    in_bias: bool = False
+    out_bias: bool = False
+    router: str = "analytic"  # "analytic" | "linear"
+    norm_topk_prob: bool = False  # linear router: renormalise the top-k probabilities
+
+    def to_dict(self) -> dict:
+        return {"type": "moe", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoESpec":
+        d = {k: v for k, v in d.items() if k != "type"}
+        return cls(**d)
+
+
+class SharedExpert(nn.Module):
+    """The N_s shared experts as one MLP of n = N_s * m neurons (always on, weight 1)."""
+
+    def __init__(self, spec: MoESpec):
+        super().__init__()
+        n, d = spec.n_shared * spec.expert_size, spec.hidden_size
+        rows = 2 * n if spec.gated else n
+        self.gated = spec.gated
+        self.in_proj = nn.Parameter(torch.empty(rows, d))  # [2n, d] gate rows then up rows
+        self.out_proj = nn.Parameter(torch.empty(d, n))  # [d, n]
+        self.in_bias = nn.Parameter(torch.empty(rows)) if spec.in_bias else None
+        self.act = ACT2FN[spec.act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, d]
+        h = F.linear(x, self.in_proj, self.in_bias)
+        if self.gated:
+            g, u = h.chunk(2, dim=-1)
+            h = self.act(g) * u
+        else:
+            h = self.act(h)
+        return F.linear(h, self.out_proj)
+
+
+class AnalyticRouter(nn.Module):
+    """CMoE's training-free router built from one representative neuron per routed expert.
+
+    score_e(x) = |(up_e . x) * act(gate_e . x)| with L2-normalised representative rows;
+    probs = softmax(score) in float32; selected = top-A of (probs + bias);
+    combine weight = 1 + probs_e * scale_e (scale starts at 0: every selected expert weighs 1).
+    `bias` is the auxiliary-loss-free load-balancing bias, changed only while fine-tuning.
+    """
+
+    def __init__(self, spec: MoESpec):
+        super().__init__()
+        E, d = spec.n_routed, spec.hidden_size
+        self.top_k = spec.top_k
+        self.gate = nn.Parameter(torch.empty(E, d))  # [E, d] representative gate rows, normalised
+        self.up = nn.Parameter(torch.empty(E, d)) if spec.gated else None  # [E, d]
+        self.scale = nn.Parameter(torch.zeros(E))  # s, trainable, starts at 0
+        self.register_buffer("bias", torch.zeros(E, dtype=torch.float32))
+        self.act = ACT2FN[spec.act]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E] float32
+        s = self.act(F.linear(x, self.gate))
+        if self.up is not None:
+            s = s * F.linear(x, self.up)
+        return s.abs().float()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, d] -> (weights [T, A] in x.dtype, indices [T, A] int64)."""
+        probs = self.logits(x).softmax(dim=-1)  # [T, E] float32
+        idx = torch.topk(probs + self.bias, self.top_k, dim=-1).indices  # [T, A]
+        weights = 1.0 + probs.gather(1, idx) * self.scale.float()[idx]
+        return weights.to(x.dtype), idx
+
+
+class LinearRouter(nn.Module):
+    """A softmax router over a linear gate (Qwen2-MoE / Mixtral style).
+
+    probs = softmax(x W^T) in float32; selected = top-A of (probs + bias); combine weight
+    = probs (renormalised over the top-A when norm_topk_prob) times 1 + scale_e.
+    """
+
+    def __init__(self, spec: MoESpec):
+        super().__init__()
+        self.top_k = spec.top_k
+        self.norm_topk_prob = spec.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(spec.n_routed, spec.hidden_size))  # [E, d]
+        self.scale = nn.Parameter(torch.zeros(spec.n_routed))
+        self.register_buffer("bias", torch.zeros(spec.n_routed, dtype=torch.float32))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E] float32
+        return F.linear(x, self.weight).float()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.logits(x).softmax(dim=-1)
+        idx = torch.topk(probs + self.bias, self.top_k, dim=-1).indices
+        w = probs.gather(1, idx)
+        if self.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        w = w * (1.0 + self.scale.float()[idx])
+        return w.to(x.dtype), idx
+
+
+ROUTERS = {"analytic": AnalyticRouter, "linear": LinearRouter}
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return False
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert times their expert's weight: x [N, k], w [E, n, k] -> [N, n].
+
+    `expert` [N] is each row's expert (non-decreasing), `offs` [E] the cumulative row counts.
+    Uses torch._grouped_mm where the device supports it, else a gathered batched matmul.
+    """
+    if _grouped_mm_ok(x) and x.shape[0] > 0:
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    return torch.bmm(w[expert], x.unsqueeze(-1)).squeeze(-1)
+
+
+class RoutedExperts(nn.Module):
+    """E routed experts with stacked weights, run as two grouped matmuls over sorted tokens."""
+
+    def __init__(self, spec: MoESpec):
+        super().__init__()
+        E, m, d = spec.n_routed, spec.expert_size, spec.hidden_size
+        rows = 2 * m if spec.gated else m
+        self.gated = spec.gated
+        self.in_proj = nn.Parameter(torch.empty(E, rows, d))  # [E, 2m, d]
+        self.out_proj = nn.Parameter(torch.empty(E, d, m))  # [E, d, m]
+        self.in_bias = nn.Parameter(torch.empty(E, rows)) if spec.in_bias else None  # [E, 2m]
+        self.act = ACT2FN[spec.act]
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, d], idx [T, A], weights [T, A] -> sum_a weights[t, a] * expert_{idx[t, a]}(x[t])."""
+        T, A = idx.shape
+        E = self.in_proj.shape[0]
+        flat = idx.reshape(-1)  # [T*A]
+        order = flat.argsort(stable=True)  # slots sorted by expert
+        expert = flat[order]  # [T*A] non-decreasing
+        token = order // A  # [T*A] the token of each sorted slot
+        offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)  # [E]
+
+        h = grouped_linear(x[token], self.in_proj, expert, offs)  # [T*A, 2m]
+        if self.in_bias is not None:
+            h = h + self.in_bias[expert]
+        if self.gated:
+            g, u = h.chunk(2, dim=-1)
+            h = self.act(g) * u
+        else:
+            h = self.act(h)
+        o = grouped_linear(h, self.out_proj, expert, offs)  # [T*A, d]
+        o = o * weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token, o)
+
+
+class CarvedMoE(nn.Module):
+    """Drop-in replacement for a dense MLP: y = shared(x) + sum_{e in top-A} w_e * expert_e(x) + b."""
+
+    def __init__(self, spec: MoESpec):
+        super().__init__()
+        self.spec = spec
+        self.shared = SharedExpert(spec) if spec.n_shared > 0 else None
+        self.experts = RoutedExperts(spec)
+        self.router = ROUTERS[spec.router](spec)
+        self.out_bias = nn.Parameter(torch.empty(spec.hidden_size)) if spec.out_bias else None
+        # Optional fast path, set only by moecarve.modules.fast.use_kernels (never saved): a function
+        # (module, hidden_states) -> output, or None to run the reference code below.
+        self.fast_forward = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.fast_forward is not None:
+            y = self.fast_forward(self, hidden_states)
+            if y is not None:
+                return y
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # [T, d]
+        weights, idx = self.router(x)
+        y = self.experts(x, idx, weights)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        if self.out_bias is not None:
+            y = y + self.out_bias
+        return y.view(shape)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"S{s.n_shared}A{s.top_k}E{s.n_shared + s.n_routed}, m={s.expert_size}, "
+            f"d={s.hidden_size}, act={s.act}, router={s.router}"
+        )
+
+
+MODULE_TYPES = {"moe": (MoESpec, CarvedMoE), "identity": (None, nn.Identity)}
+
+
+def build_module(entry: dict) -> nn.Module:
+    """Build an empty module from its config.json entry ({"type": ..., **spec})."""
+    kind = entry.get("type", "moe")
+    if kind not in MODULE_TYPES:
+        raise ValueError(f"unknown moecarve module type {kind!r}")
+    spec_cls, mod_cls = MODULE_TYPES[kind]
+    return mod_cls() if spec_cls is None else mod_cls(spec_cls.from_dict(entry))
+
+
+def install_modules(model: nn.Module, entries: dict[str, dict]) -> None:
+    """Replace submodules (dotted path -> config entry) by empty carved modules."""
+    for path, entry in entries.items():
+        model.set_submodule(path, build_module(entry))
+
+
+def carved_model_class(base: type) -> type:
+    """A subclass of a transformers causal-LM class whose FFNs are the carved modules listed in
+    `config.moecarve["modules"]`; weights then load through the ordinary from_pretrained."""
+
+    class Carved(base):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            install_modules(self, config.moecarve["modules"])
+
+    Carved.__name__ = Carved.__qualname__ = f"MoeCarve{base.__name__}"
+    return Carved
