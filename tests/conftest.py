@@ -34,10 +34,13 @@ TINY = {
 }  # fmt: skip
 
 
-def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(name: str, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:
     """A tiny random causal LM of family `name` in float32, eval mode, with non-trivial biases."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(TINY[name]()).float().eval()
+    config = TINY[name]()
+    if vocab_size is not None:  # e.g. 8192 to pair the model with the reference tokenizer
+        config.vocab_size = vocab_size
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():  # random biases so that bias handling is actually exercised
         for n, p in model.named_parameters():
             if n.endswith("bias"):

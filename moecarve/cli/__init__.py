@@ -15,7 +15,7 @@ from rich.console import Console
 from ..errors import MoecarveError
 
 # subcommand modules, in the order `moecarve --help` lists them
-COMMANDS = ["carve", "inspect"]
+COMMANDS = ["carve", "inspect", "eval", "compare", "finetune", "condense"]
 
 err = Console(stderr=True)
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except MoecarveError as e:
-        err.print(f"[bold red]error:[/] {e}")
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
         return 2
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")

@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from .. import adapters
-from ..calibration import load_windows, read_text
+from ..calibration import read_text, tokenize_windows
 from ..carve import carve
 from ..config import CalibConfig, CarveConfig
 from ..eval.perplexity import perplexity, test_windows
@@ -47,11 +47,13 @@ def run(args) -> int:
     cfg = CarveConfig.from_string(args.config, k_act=args.k_act, seed=args.seed)  # fails before loading
     check_output(args.out, args.overwrite)
     calib_cfg = CalibConfig(source=args.calib, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed)
+    calib_text = read_text(calib_cfg.source)  # a missing or empty source fails before the model loads
     eval_text = read_text(args.eval_text) if args.eval_text else None
     torch.manual_seed(args.seed)
     model, tok = load_any(args.model, args.dtype, args.device)
     adapters.adapter_for(model)
-    windows = load_windows(tok, calib_cfg, adapters.max_positions(model.config))
+    seqlen = min(calib_cfg.seqlen, adapters.max_positions(model.config) or calib_cfg.seqlen)
+    windows = tokenize_windows(tok, calib_text, calib_cfg.n_samples, seqlen, calib_cfg.seed)
     ppl_dense = ppl_carved = None
     if eval_text is not None:
         ev = test_windows(tok, eval_text, min(args.eval_seqlen, adapters.max_positions(model.config) or args.eval_seqlen), args.eval_chars)
