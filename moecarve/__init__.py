@@ -8,19 +8,34 @@
 
 from .calibration import load_windows
 from .carve import CarveReport, carve
+from .condense import CondenseConfig, CondenseReport, condense
 from .config import CalibConfig, CarveConfig, ConfigError
 from .errors import MoecarveError
+from .eval.perplexity import eval_perplexity
+from .eval.tasks import TaskConfig, run_tasks
+from .finetune import FinetuneConfig, FinetuneReport, finetune
 from .io.save import load, save
+from .stream import carve_streamed
 
 __all__ = [
     "CalibConfig",
     "CarveConfig",
     "CarveReport",
+    "CondenseConfig",
+    "CondenseReport",
     "ConfigError",
+    "FinetuneConfig",
+    "FinetuneReport",
     "MoecarveError",
+    "TaskConfig",
     "carve",
+    "carve_streamed",
+    "condense",
+    "eval_perplexity",
+    "finetune",
     "load",
     "load_windows",
+    "run_tasks",
     "save",
 ]
 __version__ = "0.1.0"

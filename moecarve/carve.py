@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import adapters
-from .capture import first_layer_inputs, on_device, run_layer
+from .capture import LayerInputs, first_layer_inputs, on_device, run_layer
 from .carving.methods import CarveError, LayerReport, carve_ffn
 from .config import CarveConfig
 from .modules.moe import CarvedMoE
@@ -107,6 +107,28 @@ def validate(model: nn.Module, cfg: CarveConfig, calibration: torch.Tensor) -> N
         raise CarveError("calibration holds no tokens")
 
 
+@torch.no_grad()
+def carve_layer(
+    model: nn.Module, i: int, inputs: LayerInputs, config: CarveConfig, device: torch.device
+) -> tuple[dict[str, nn.Module], LayerReport]:
+    """Carve decoder layer i (already on `device`) in place and advance `inputs` past it.
+
+    Records the layer's FFN inputs, carves the FFN, installs the carved module, then propagates
+    the windows through the carved layer so that `inputs.hidden` holds its outputs. The one step
+    shared by in-memory and streamed carving, so both give bit-identical results.
+    """
+    layer = adapters.decoder_layers(model)[i]
+    _, x = run_layer(layer, inputs, device, capture=adapters.ffn_input_module(model.config, layer))
+    ffn = adapters.read_ffn(model.config, layer)
+    moe, report = carve_ffn(ffn, x.to(ffn.up.dtype), config, layer=i)
+    del x, ffn
+    installed = adapters.install(model, i, moe)
+    inputs.hidden, _ = run_layer(adapters.decoder_layers(model)[i], inputs, device)
+    if not torch.isfinite(inputs.hidden).all():
+        raise CarveError(f"layer {i}: the carved layer produced NaN or Inf")
+    return installed, report
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -145,16 +167,9 @@ def carve(
     bar = tqdm(range(len(layers)), desc=f"carving {config.name}", unit="layer", disable=not progress)
     for i in bar:
         t_layer = time.perf_counter()
-        layer = layers[i]
-        with on_device(layer, device):
-            _, x = run_layer(layer, inputs, device, capture=adapters.ffn_input_module(model.config, layer))
-            ffn = adapters.read_ffn(model.config, layer)
-            moe, layer_report = carve_ffn(ffn, x.to(ffn.up.dtype), config, layer=i)
-            del x
-            installed.update(adapters.install(model, i, moe))
-            inputs.hidden, _ = run_layer(layers[i], inputs, device)
-        if not torch.isfinite(inputs.hidden).all():
-            raise CarveError(f"layer {i}: the carved layer produced NaN or Inf")
+        with on_device(layers[i], device):
+            done, layer_report = carve_layer(model, i, inputs, config, device)
+        installed.update(done)
         layer_report.seconds = time.perf_counter() - t_layer
         report.layers.append(layer_report)
         bar.set_postfix(load=f"{layer_report.load_imbalance:.2f}")

@@ -14,8 +14,8 @@ from .errors import MoecarveError
 
 _CONFIG_RE = re.compile(r"^S(\d+)A(\d+)E(\d+)$", re.IGNORECASE)
 
-METHODS = ("cmoe",)
-ROUTERS = ("analytic",)
+METHODS = ("cmoe", "fitted")
+ROUTERS = ("analytic", "linear")
 
 
 class ConfigError(MoecarveError, ValueError):
@@ -31,11 +31,18 @@ class CarveConfig:
         n_shared: N_s, always-on experts, fused into one MLP of N_s * m neurons.
         n_active: A, routed experts selected per token.
         k_act: K_a, neurons marked active per token when measuring activation rates.
-        method: the carving recipe ("cmoe" reproduces the paper).
+        method: the carving recipe: "cmoe" reproduces the paper exactly; "fitted" groups neurons by
+            their |h| profiles, fits a probe router in closed form and refits down_proj by ridge
+            regression (see moecarve.carving.methods). The options below apply to "fitted" only.
         router: "analytic" (built from representative neurons, as the paper) or "linear".
         kmeans_iters: balanced k-means iterations over the activation markers.
         bias_gamma: step of the load-balancing bias update while fine-tuning.
         seed: seeds calibration sampling and any randomised step.
+        profile_iters: "fitted": balanced k-means iterations over the neurons' |h| profiles.
+        probes_per_expert: "fitted": neurons per routed expert whose |h| feeds the router
+            (0: a linear router on x alone).
+        refit: "fitted": refit down_proj by ridge regression on the routed activations.
+        holdout: "fitted": fraction of calibration tokens held out to choose the ridge strengths.
     """
 
     n_experts: int = 8
@@ -47,6 +54,10 @@ class CarveConfig:
     kmeans_iters: int = 1
     bias_gamma: float = 1e-3
     seed: int = 0
+    profile_iters: int = 10
+    probes_per_expert: int = 2
+    refit: bool = True
+    holdout: float = 0.25
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
@@ -64,6 +75,12 @@ class CarveConfig:
             raise ConfigError(f"k_act must be >= 1, got {self.k_act}")
         if self.kmeans_iters < 1:
             raise ConfigError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
+        if self.profile_iters < 1:
+            raise ConfigError(f"profile_iters must be >= 1, got {self.profile_iters}")
+        if self.probes_per_expert < 0:
+            raise ConfigError(f"probes_per_expert must be >= 0, got {self.probes_per_expert}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.router not in ROUTERS:

@@ -2,12 +2,18 @@
 
 `carve_ffn` composes statistics -> grouping -> router -> module. It knows nothing of decoder
 layers or model families: `moecarve.carve` feeds it one FFN at a time.
+
+Methods:
+  "cmoe"    the paper: marker statistics, balanced k-means on markers, analytic router.
+  "fitted"  |h|-profile grouping (profile_grouping), a probe router fitted in closed form to the
+            experts' |h| mass (fitted_router), and a ridge refit of down_proj on the routed
+            activations (reconstruct). Training-free: closed-form solves on the calibration tokens.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -15,7 +21,11 @@ from ..config import CarveConfig
 from ..errors import MoecarveError
 from ..modules.moe import CarvedMoE, MoESpec
 from .ffn import DenseFFN
+from .fitted_router import fit_router
 from .grouping import Grouping, group_neurons
+from .oracle import expert_mass, oracle_indices, router_recall
+from .profile_grouping import group_by_profiles
+from .reconstruct import keep_mask, refit_down
 from .router import analytic_router, router_load
 from .stats import activation_markers, activation_rates, rate_histogram
 
@@ -36,6 +46,9 @@ class LayerReport:
     shared_rate: float  # mean activation rate of the shared neurons
     routed_rate: float  # mean activation rate of the routed neurons
     load: list[int] = field(default_factory=list)  # calibration tokens per routed expert
+    # "fitted" only (None for "cmoe"):
+    router_recall: float | None = None  # overlap of the router's top-A with the oracle's, calibration tokens
+    refit_error: list[float] | None = None  # relative output error on held-out tokens [before, after] the refit
 
     @property
     def load_imbalance(self) -> float:
@@ -57,6 +70,7 @@ def moe_spec(ffn: DenseFFN, cfg: CarveConfig) -> MoESpec:
         in_bias=ffn.has_in_bias,
         out_bias=ffn.down_bias is not None,
         router=cfg.router,
+        norm_topk_prob=cfg.router == "linear",  # the fitted linear router's weights assume it
     )
 
 
@@ -105,10 +119,12 @@ def build_moe(ffn: DenseFFN, grouping: Grouping, spec: MoESpec, router: dict[str
 
 @torch.no_grad()
 def carve_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0) -> tuple[CarvedMoE, LayerReport]:
-    """Carve one FFN on its calibration inputs x [T, d] (CMoE steps 3-8)."""
+    """Carve one FFN on its calibration inputs x [T, d] (CMoE steps 3-8, or the "fitted" method)."""
     t0 = time.perf_counter()
     if not torch.isfinite(x).all():
         raise CarveError(f"layer {layer}: the FFN inputs contain NaN or Inf; cannot measure activations")
+    if cfg.method == "fitted":
+        return carve_ffn_fitted(ffn, x, cfg, layer, t0)
     spec = moe_spec(ffn, cfg)
     markers = activation_markers(ffn, x, cfg.k_act)  # [T, I]
     rates = activation_rates(markers)  # [I]
@@ -131,5 +147,48 @@ def carve_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0) 
         shared_rate=float(rates_cpu[grouping.shared].mean()) if grouping.shared.numel() else 0.0,
         routed_rate=float(rates_cpu[grouping.experts.reshape(-1)].mean()),
         load=router_load(idx, spec.n_routed).cpu().tolist(),
+    )
+    return moe, report
+
+
+@torch.no_grad()
+def carve_ffn_fitted(
+    ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0, t0: float | None = None
+) -> tuple[CarvedMoE, LayerReport]:
+    """The "fitted" method on calibration inputs x [T, d]: profile grouping -> fitted router -> refit.
+
+    Every step reads the dense activations h [T, I] of these inputs (the earlier layers already
+    carved), so the refit targets the dense FFN output on what the carved model actually feeds it.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    spec = moe_spec(ffn, cfg)
+    if cfg.probes_per_expert > spec.expert_size:
+        raise CarveError(f"probes_per_expert={cfg.probes_per_expert} exceeds the expert size {spec.expert_size}")
+    spec = replace(spec, router="fitted", router_probes=cfg.probes_per_expert * spec.n_routed)
+    xf = x.float()
+    h = ffn.hidden(xf if ffn.up.dtype == torch.float32 else x).float()  # [T, I]
+    grouping = group_by_profiles(h, cfg.n_shared, cfg.n_routed, cfg.profile_iters, cfg.seed)
+    fitted = fit_router(ffn, grouping, xf, h, cfg.n_active, cfg.probes_per_expert, cfg.holdout)
+    moe = build_moe(ffn, grouping, spec, fitted.tensors)
+    _, idx = moe.router(x.to(ffn.up.dtype))  # [T, A] the router's own picks
+    oracle = oracle_indices(expert_mass(h.abs(), grouping.experts), cfg.n_active)
+    refit_error = None
+    if cfg.refit:
+        keep = keep_mask(ffn.intermediate_size, grouping.shared, grouping.experts, idx)
+        refit = refit_down(h, keep, ffn.down, cfg.holdout)
+        moe = build_moe(replace(ffn, down=refit.down.to(ffn.down.dtype)), grouping, spec, fitted.tensors)
+        refit_error = [refit.heldout_before, refit.heldout_after]
+    mean = h.abs().mean(dim=0).cpu()
+    report = LayerReport(
+        layer=layer,
+        seconds=time.perf_counter() - t0,
+        expert_size=spec.expert_size,
+        n_tokens=x.shape[0],
+        rate_histogram=rate_histogram(mean),  # of mean |h| here: "fitted" measures no marker rates
+        shared_rate=float(mean[grouping.shared].mean()) if grouping.shared.numel() else 0.0,
+        routed_rate=float(mean[grouping.experts.reshape(-1)].mean()),
+        load=router_load(idx, spec.n_routed).cpu().tolist(),
+        router_recall=router_recall(idx, oracle.to(idx.device), spec.n_routed),
+        refit_error=refit_error,
     )
     return moe, report

@@ -15,7 +15,7 @@ from rich.console import Console
 from ..errors import MoecarveError
 
 # subcommand modules, in the order `moecarve --help` lists them
-COMMANDS = ["carve", "inspect", "eval", "compare", "finetune", "condense"]
+COMMANDS = ["carve", "inspect", "eval", "compare", "finetune", "condense", "export"]
 
 err = Console(stderr=True)
 

@@ -9,7 +9,8 @@ import torch
 from .. import adapters
 from ..calibration import read_text, tokenize_windows
 from ..carve import carve
-from ..config import CalibConfig, CarveConfig
+from ..config import METHODS, ROUTERS, CalibConfig, CarveConfig
+from ..export import FORMATS, ExportError, export
 from ..eval.perplexity import perplexity, test_windows
 from ..io.atomic import check_output
 from ..io.loading import load_any
@@ -36,20 +37,39 @@ def register(sub) -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (clipped to the model's max positions)")
     p.add_argument("--k-act", type=int, default=10, help="neurons marked active per token for activation rates")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", choices=list(METHODS), default="cmoe",
+                   help="cmoe: the paper's algorithm exactly; fitted: |h|-profile grouping, a closed-form router "
+                   "and a ridge refit of down_proj (training-free, better quality, slower to carve)")
+    p.add_argument("--router", choices=list(ROUTERS), default="analytic",
+                   help="analytic: CMoE's training-free router; linear: a softmax-over-linear-gate router fitted on the "
+                   "calibration tokens (needed by --export)")  # fmt: skip
+    p.add_argument("--export", dest="export_fmt", default=None, choices=sorted(FORMATS), metavar="FORMAT",
+                   help=f"also export the carved model as a standard HF MoE model ({', '.join(sorted(FORMATS))}) to "
+                   "--export-out")  # fmt: skip
+    p.add_argument("--export-out", default=None, help="folder for --export (default: OUT-FORMAT)")
     p.add_argument("--eval", dest="eval_text", default=None, metavar="TEXT", help="also report dense vs carved perplexity on this text file")
     p.add_argument("--eval-chars", type=int, default=200_000, help="characters of --eval text to use")
     p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
+    p.add_argument("--offload", choices=["auto", "none", "disk"], default="auto",
+                   help="disk: stream one decoder layer at a time from the safetensors (models larger than memory); "
+                   "auto: stream when the model would not fit in memory")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue a streamed carve interrupted by a crash (state in OUT.partial/)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model*.bin weights (pickle can run code) when streaming")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard of a streamed carve")
     add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    cfg = CarveConfig.from_string(args.config, k_act=args.k_act, seed=args.seed)  # fails before loading
+    cfg = CarveConfig.from_string(args.config, k_act=args.k_act, seed=args.seed, router=args.router, method=args.method)  # fails before loading
     check_output(args.out, args.overwrite)
+    check_export_args(args)
     calib_cfg = CalibConfig(source=args.calib, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed)
     calib_text = read_text(calib_cfg.source)  # a missing or empty source fails before the model loads
     eval_text = read_text(args.eval_text) if args.eval_text else None
     torch.manual_seed(args.seed)
+    if wants_streaming(args):  # larger than memory: one decoder layer at a time from disk
+        return run_streamed(args, cfg, calib_cfg, calib_text, eval_text) or export_carved(args)
     model, tok = load_any(args.model, args.dtype, args.device)
     adapters.adapter_for(model)
     seqlen = min(calib_cfg.seqlen, adapters.max_positions(model.config) or calib_cfg.seqlen)
@@ -67,6 +87,26 @@ def run(args) -> int:
     save(model, args.out, tokenizer=tok, report=report, overwrite=args.overwrite)
     print_summary(report, ppl_dense, ppl_carved)
     console.print(f"saved to [bold]{args.out}[/]")
+    return export_carved(args)
+
+
+def check_export_args(args) -> None:
+    """--export needs the linear router and a free output folder: fail before any work."""
+    if args.export_fmt is None:
+        return
+    if args.router != "linear":
+        raise ExportError(f"--export {args.export_fmt} needs --router linear (the analytic router has no "
+                          "standard-architecture equivalent)")  # fmt: skip
+    args.export_out = args.export_out or f"{str(args.out).rstrip('/')}-{args.export_fmt}"
+    check_output(args.export_out, args.overwrite)
+
+
+def export_carved(args) -> int:
+    """Export the carved folder just written (--export), from disk: the same path for streamed carves."""
+    if args.export_fmt is None:
+        return 0
+    export(args.out, args.export_fmt, args.export_out, overwrite=args.overwrite)
+    console.print(f"exported {args.export_fmt} to [bold]{args.export_out}[/]; serve it with: vllm serve {args.export_out}")
     return 0
 
 
@@ -87,3 +127,46 @@ def print_summary(report, ppl_dense=None, ppl_carved=None) -> None:
     if ppl_dense is not None:
         summary += [["perplexity dense", f"{ppl_dense:.3f}"], ["perplexity carved", f"{ppl_carved:.3f}"]]
     console.print(table("carve summary", ["", "value"], summary))
+
+
+def wants_streaming(args) -> bool:
+    """--offload disk or --resume, or (auto) a local model that would not fit in memory."""
+    from ..io.loading import resolve_device, resolve_dtype
+    from ..stream import would_not_fit
+
+    if args.offload == "disk" or args.resume:
+        return True
+    device = resolve_device(args.device)
+    return args.offload == "auto" and would_not_fit(args.model, resolve_dtype(args.dtype, device), device)
+
+
+def run_streamed(args, cfg, calib_cfg, calib_text, eval_text) -> int:
+    """The streamed carve (moecarve.stream.carve_streamed) and, with --eval, layer-by-layer perplexities."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..eval.streaming import layerwise_perplexity
+    from ..io.loading import resolve_device, resolve_dtype
+    from ..stream import Checkpoint, carve_streamed
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    Checkpoint(args.model, args.allow_pickle)  # no weights / pickle only / missing shard: fail before any work
+    config = AutoConfig.from_pretrained(args.model)
+    adapters.adapter_for(config)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    max_pos = adapters.max_positions(config)
+    windows = tokenize_windows(tok, calib_text, calib_cfg.n_samples, min(calib_cfg.seqlen, max_pos or calib_cfg.seqlen), calib_cfg.seed)
+    ppl_dense = ppl_carved = None
+    if eval_text is not None:
+        ev = test_windows(tok, eval_text, min(args.eval_seqlen, max_pos or args.eval_seqlen), args.eval_chars)
+        with console.status("perplexity of the dense model (layer by layer)"):
+            ppl_dense = layerwise_perplexity(args.model, ev, device, dtype=dtype, allow_pickle=args.allow_pickle)
+    console.print(f"carving [bold]{args.model}[/] at [bold]{cfg.name}[/] on {windows.shape[0]}x{windows.shape[1]} calibration tokens, streamed layer by layer")
+    report = carve_streamed(args.model, cfg, windows, args.out, tokenizer=tok, device=device, dtype=dtype, overwrite=args.overwrite,
+                            resume=args.resume, allow_pickle=args.allow_pickle, max_shard_size=args.max_shard_size)  # fmt: skip
+    if eval_text is not None:
+        with console.status("perplexity of the carved model (layer by layer)"):
+            ppl_carved = layerwise_perplexity(args.out, ev, device, dtype=dtype)
+    print_summary(report, ppl_dense, ppl_carved)
+    console.print(f"saved to [bold]{args.out}[/]")
+    return 0

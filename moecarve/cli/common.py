@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# a pipe or a log file gets wide tables instead of rich's 80-column default
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ the next-token NLL over every predicted token of every window, exponentiate.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,3 +42,54 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, pro
         nll += loss.item()
         count += ids[:, 1:].numel()
     return math.exp(nll / count)
+
+
+@dataclass
+class PerplexityResult:
+    """One perplexity measurement and the protocol that produced it."""
+
+    source: str
+    seqlen: int
+    n_windows: int
+    n_tokens: int  # predicted tokens: n_windows * (seqlen - 1)
+    perplexity: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def eval_windows(
+    tokenizer, source: str, seqlen: int, max_chars: int | None = None, text: str | None = None
+) -> torch.Tensor:
+    """The protocol's windows [n, seqlen] for a source ('wikitext2', 'c4', a .txt file or a dataset folder).
+
+    text: the source's text when already read (data.load_eval_text), so it is not read twice.
+    """
+    from .data import EvalDataError, load_eval_text
+
+    try:
+        return test_windows(tokenizer, load_eval_text(source) if text is None else text, seqlen, max_chars)
+    except ValueError as e:  # too short for one window
+        raise EvalDataError(f"{source}: {e}") from e
+
+
+def eval_perplexity(
+    model: nn.Module,
+    tokenizer,
+    source: str,
+    seqlen: int = 2048,
+    max_chars: int | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+    text: str | None = None,
+) -> PerplexityResult:
+    """Perplexity of `model` on a test set with the GPTQ / SparseGPT / Wanda protocol.
+
+    seqlen is clipped to the model's maximum positions; text: see eval_windows.
+    """
+    from .. import adapters
+
+    seqlen = min(seqlen, adapters.max_positions(model.config) or seqlen)
+    windows = eval_windows(tokenizer, source, seqlen, max_chars, text)
+    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
+    return PerplexityResult(source, seqlen, windows.shape[0], windows.shape[0] * (seqlen - 1), ppl)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from ..modules import moe
+from ..modules import condensed, moe
 
 MODEL_FILE = "modeling_moecarve.py"
 # module files whose classes a carved folder may name; each imports only torch and transformers
-MODULE_SOURCES = [moe]
+MODULE_SOURCES = [moe, condensed]
 
 
 def class_name(base_class: str) -> str:

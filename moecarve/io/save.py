@@ -92,8 +92,20 @@ def load(
     base = getattr(transformers, config.moecarve["base_class"])
     cls = carved_model_class(base)
     model = cls.from_pretrained(path, config=config, dtype=dtype, device_map=device_map, **kwargs)
+    _realign(model)
     model.eval()
     return model
+
+
+def _realign(model: nn.Module) -> None:
+    """Copy CPU tensors that safetensors mapped at addresses not 64-byte aligned.
+
+    CPU matmul kernels pick their summation order by alignment, so such a tensor gives results
+    that differ in the last bits from the model that was saved; a fresh copy is aligned.
+    """
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "cpu" and t.numel() and t.data_ptr() % 64:
+            t.data = t.data.clone()
 
 
 def load_report(path: str | Path):

@@ -1,30 +1,33 @@
 """A CPU decode path for the carved FFN: plain GEMMs over the selected experts' own weight blocks.
 
-Decode on CPU is a few GEMVs whose cost is reading the weights, so the carved layer wins exactly
-by the fraction of weights it skips, minus Python/op overhead. Here:
-  * each selected expert is `F.linear` on the view `in_proj[e]` / `out_proj[e]`: contiguous blocks
-    read in place, never gathered (index_select of weights is a copy of every selected expert);
-  * expert ids are read with `.tolist()`: a host sync is free on CPU and it turns routing into
-    Python ints that pick views;
+Decode on CPU is a few GEMVs whose cost is reading the weights, so the carved layer wins by the
+fraction of weights it skips, minus per-op overhead (~1-3 us per op, which at reference-model
+sizes is the same order as a GEMV). Hence:
+  * each selected expert is a GEMM on the views `in_proj[e]` / `out_proj[e]`: contiguous blocks
+    read in place, never gathered (index_select of weights copies every selected expert);
+  * expert ids and (T = 1) combine weights are read with `.tolist()`: a host sync is free on CPU
+    and Python ints/floats pick views and feed `addmm(alpha=w)`, which folds the weighting and
+    the sum over experts into the GEMM;
   * one loop over the A (T = 1) or the hit (T > 1) experts, never over tokens;
-  * the combine weight scales the [., m] hidden instead of the [., d] output, and T = 1 folds
-    the sum into `addmm`.
-For prefill-sized T the sorted grouped-mm of the reference module is faster (one C++ call over all
-groups); `use_cpu_path` says where the switch is.
+  * slices instead of chunk, functional activations (the binding passes F.silu, not a module).
+For larger T the reference's sorted grouped-mm is one C++ call over all groups and wins;
+`use_cpu_path` says where the switch is.
 
 Shapes: T tokens, d hidden, E routed experts, m expert size, A experts per token.
 """
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import torch.nn.functional as F
 
-from .tensors import MoETensors, route
+from .tensors import MoETensors, route, router_logits
 
 # Largest T taken by this path; above it the reference grouped-mm forward is as fast or faster
-# (measured on a 2-core Zen 4, reference model shapes; see bench/speed.py).
-CPU_MAX_TOKENS = 32
+# (2-core Zen 4, reference-model shapes, float32; see bench/speed.py and bench/RESULTS.md).
+CPU_MAX_TOKENS = 2
 
 
 def use_cpu_path(n_tokens: int) -> bool:
@@ -34,15 +37,15 @@ def use_cpu_path(n_tokens: int) -> bool:
 def _swiglu(h: torch.Tensor, t: MoETensors) -> torch.Tensor:
     """[T, 2m] -> act(gate) * up [T, m] (gated), or [T, m] -> act(h)."""
     if t.gated:
-        g, u = h.chunk(2, dim=-1)
-        return t.act(g) * u
+        m = h.shape[-1] // 2
+        return t.act(h[:, :m]) * h[:, m:]
     return t.act(h)
 
 
-def _shared(x: torch.Tensor, t: MoETensors) -> torch.Tensor | None:
-    """Shared experts plus the output bias, [T, d], or None when there is neither."""
+def _shared(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
+    """Shared experts plus the output bias, [T, d] (zeros when there is neither)."""
     if t.shared_in is None:
-        return None if t.out_bias is None else t.out_bias.expand_as(x).clone()
+        return torch.zeros_like(x) if t.out_bias is None else t.out_bias.expand_as(x).clone()
     h = _swiglu(F.linear(x, t.shared_in, t.shared_in_bias), t)
     return F.linear(h, t.shared_out, t.out_bias)
 
@@ -53,27 +56,51 @@ def _expert_hidden(x: torch.Tensor, t: MoETensors, e: int) -> torch.Tensor:
     return _swiglu(F.linear(x, t.in_proj[e], b), t)
 
 
+def _round(v: float, dtype: torch.dtype) -> float:
+    """v rounded to dtype (the reference casts combine weights to x.dtype)."""
+    if dtype == torch.bfloat16:  # round-to-nearest-even on the top 16 bits of the float32
+        bits = struct.unpack("<I", struct.pack("<f", v))[0]
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return struct.unpack("<f", struct.pack("<I", bits))[0]
+    if dtype == torch.float16:
+        return struct.unpack("<e", struct.pack("<e", v))[0]
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+def _route_one(x: torch.Tensor, t: MoETensors) -> tuple[list[int], list[float]]:
+    """Routing of a single token x [1, d] as Python ints and floats (same maths as `route`)."""
+    probs = router_logits(x, t).softmax(dim=-1)  # [1, E] float32
+    idx = torch.topk(probs + t.router_bias, t.top_k, dim=-1).indices[0].tolist()
+    p_all, s_all = probs[0].tolist(), t.router_scale.tolist()
+    p = [p_all[e] for e in idx]
+    if t.router == "analytic":
+        w = [1.0 + pe * s_all[e] for pe, e in zip(p, idx)]
+    else:
+        if t.norm_topk_prob:
+            total = sum(p)
+            p = [pe / total for pe in p]
+        w = [pe * (1.0 + s_all[e]) for pe, e in zip(p, idx)]
+    return idx, [_round(v, x.dtype) for v in w]
+
+
 def moe_decode_cpu(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
     """The carved FFN for a few tokens: x [T, d] -> [T, d], same maths as CarvedMoE.forward."""
-    weights, idx = route(x, t)  # [T, A], [T, A]
-    y = _shared(x, t)
     if x.shape[0] == 1:
-        if y is None:
-            y = torch.zeros_like(x)
-        for a, e in enumerate(idx[0].tolist()):
-            h = _expert_hidden(x, t, e) * weights[:, a : a + 1]  # [1, m]
-            y = torch.addmm(y, h, t.out_proj[e].t())  # y + h @ out_proj[e]^T, one call
+        idx, ws = _route_one(x, t)
+        y = _shared(x, t)
+        for e, w in zip(idx, ws):
+            y = torch.addmm(y, _expert_hidden(x, t, e), t.out_proj[e].t(), alpha=w)  # y + w h W_e^T
         return y
 
     # T > 1: tokens sorted by expert, one GEMM pair per expert that any token picked.
+    weights, idx = route(x, t)  # [T, A], [T, A]
     A = idx.shape[1]
     flat = idx.reshape(-1)  # [T*A]
     order = flat.argsort(stable=True)
     token = order // A  # [T*A] token of each sorted slot
     w = weights.reshape(-1)[order].unsqueeze(-1)  # [T*A, 1]
     counts = torch.bincount(flat, minlength=t.n_routed).tolist()
-    if y is None:
-        y = torch.zeros_like(x)
+    y = _shared(x, t)
     start = 0
     for e, c in enumerate(counts):
         if c == 0:

@@ -5,10 +5,10 @@ Three launches, no host sync, fixed grids (so the op is CUDA-graph capturable) b
 
 1. `_router_kernel`, one program per token: router scores, float32 softmax, top-A by repeated
    argmax, combine weights -> idx [T, A] int32, weights [T, A] x.dtype.
-2. `_up_kernel`, grid (E, m / BLOCK_M): the program of expert e finds which tokens picked e from
-   idx, and if none exits without touching e's weights; otherwise it reads its rows of
-   in_proj[e] once for all those tokens and writes act(gate) * up to h [E, T, m]. The shared
-   experts run through the same kernel as one always-selected expert.
+2. `_up_kernel`, grid (E + 1, m / BLOCK_M): the program of expert e finds which tokens picked e
+   from idx, and if none exits without touching e's weights; otherwise it reads its rows of
+   in_proj[e] once for all those tokens and writes act(gate) * up to h [E, T, m]. Program row E
+   does the shared experts (every token) in the same launch, so both fill the GPU together.
 3. `_down_kernel`, grid (d / BLOCK_N): each program owns BLOCK_N output features and sums the
    shared expert and every selected expert (weighted) in registers, so there are no atomics and
    the output is written once, deterministically.
@@ -43,25 +43,26 @@ ACTS = {
 }  # fmt: skip
 
 
-def supports(t: MoETensors, n_tokens: int) -> bool:
-    """Whether these kernels handle this layer and token count."""
-    return n_tokens <= MAX_DECODE_TOKENS and t.act_name in ACTS and t.top_k <= t.n_routed
+def supports(t: MoETensors) -> bool:
+    """Whether the Triton kernels (decode and prefill) handle this layer."""
+    return t.act_name in ACTS and t.top_k <= t.n_routed
 
 
 @triton.jit
 def _act(x, ACT: tl.constexpr):
-    """Activation of a float32 tile."""
+    """Activation of a float32 tile (sigmoid spelled with exp: tl.sigmoid is a helper function and
+    every helper call costs the interpreter a re-patch of triton.language)."""
     if ACT == 0:
-        y = x * tl.sigmoid(x)
+        y = x / (1.0 + tl.exp(-x))
     elif ACT == 1:
         y = tl.maximum(x, 0.0)
     elif ACT == 2:
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACT == 3:  # tanh(z) = 2 sigmoid(2z) - 1
         z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        y = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))
+        y = 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0))
     else:
-        y = x * tl.sigmoid(1.702 * x)
+        y = x / (1.0 + tl.exp(-1.702 * x))
     return y
 
 
@@ -76,8 +77,8 @@ def _router_kernel(
     dt = x_ptr.dtype.element_ty
     offs_e = tl.arange(0, BLOCK_E)
     e_mask = offs_e < E
-    acc_g = tl.zeros([BLOCK_E], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_E], dtype=tl.float32)
+    acc_g = tl.full([BLOCK_E], 0.0, dtype=tl.float32)
+    acc_u = tl.full([BLOCK_E], 0.0, dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < D
@@ -120,39 +121,41 @@ def _router_kernel(
     tl.store(w_out_ptr + t * A + rank, w.to(w_out_ptr.dtype.element_ty), mask=chosen)
 
 
-@triton.jit
-def _picked(idx_ptr, e, T, offs_t, A: tl.constexpr, BLOCK_A: tl.constexpr):
-    """hit [BLOCK_T, BLOCK_A]: slot a of token offs_t[i] is expert e (padding never hits)."""
-    offs_a = tl.arange(0, BLOCK_A)
-    m = (offs_t[:, None] < T) & (offs_a[None, :] < A)
-    ids = tl.load(idx_ptr + offs_t[:, None] * A + offs_a[None, :], mask=m, other=-1)
-    return ids == e
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["M", "NS"])  # `rows` is M or NS: one type in both branches
 def _up_kernel(
-    x_ptr, w_ptr, b_ptr, idx_ptr, h_ptr,
-    T, D, M, stride_we,
-    A: tl.constexpr, ALL: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, ws_ptr, bs_ptr, idx_ptr, h_ptr, hs_ptr,
+    T, D, M, NS, E, stride_we, stride_be,
+    A: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """h[e, t, :] = act(x_t gate_e^T + b) * (x_t up_e^T + b) for the tokens t that picked e."""
+    """Program (e, j): rows j*BLOCK_M.. of expert e for the tokens that picked e (e < E), or of the
+    shared experts for every token (e == E): h[e, t, :] = act(x_t gate^T + b) * (x_t up^T + b)."""
     e = tl.program_id(0)
     pid_m = tl.program_id(1)
     dt = x_ptr.dtype.element_ty
     offs_t = tl.arange(0, BLOCK_T)
-    if ALL:
-        sel = offs_t < T
-    else:
-        sel = tl.max(_picked(idx_ptr, e, T, offs_t, A, BLOCK_A).to(tl.int32), axis=1) > 0
-    if tl.max(sel.to(tl.int32), axis=0) > 0:  # skip experts no token picked: their weights stay unread
-        ROWS: tl.constexpr = 2 if GATED else 1
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
+    if e < E:
+        offs_a = tl.arange(0, BLOCK_A)
+        a_mask = (offs_t[:, None] < T) & (offs_a[None, :] < A)
+        ids = tl.load(idx_ptr + offs_t[:, None] * A + offs_a[None, :], mask=a_mask, other=-1)
+        sel = tl.max((ids == e).to(tl.int32), axis=1) > 0
         w_base = w_ptr + e * stride_we  # stride_we > 2**31 arrives as int64
-        acc_g = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32)
+        b_base = b_ptr + e * stride_be
+        h_base = h_ptr + e * T * M
+        rows = M
+    else:
+        sel = offs_t < T
+        w_base = ws_ptr
+        b_base = bs_ptr
+        h_base = hs_ptr
+        rows = NS
+    # skip experts no token picked (their weights stay unread) and row blocks past this expert
+    if (tl.max(sel.to(tl.int32), axis=0) > 0) & (pid_m * BLOCK_M < rows):
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < rows
+        acc_g = tl.full([BLOCK_T, BLOCK_M], 0.0, dtype=tl.float32)
+        acc_u = tl.full([BLOCK_T, BLOCK_M], 0.0, dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < D
@@ -160,27 +163,30 @@ def _up_kernel(
             w_off = offs_m[:, None] * D + offs_k[None, :]
             w_mask = m_mask[:, None] & k_mask[None, :]
             wg = tl.load(w_base + w_off, mask=w_mask, other=0.0)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                wg = wg.to(tl.float32)
             acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision=DOT_PREC)
-            if GATED:
-                wu = tl.load(w_base + M * D + w_off, mask=w_mask, other=0.0)
+            if GATED:  # up rows follow the gate rows
+                wu = tl.load(w_base + rows * D + w_off, mask=w_mask, other=0.0)
+                if UPCAST:
+                    wu = wu.to(tl.float32)
                 acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision=DOT_PREC)
-        b_base = b_ptr + e * ROWS * M
         if HAS_BIAS:
             acc_g += tl.load(b_base + offs_m, mask=m_mask, other=0.0).to(tl.float32)[None, :]
         h = _act(acc_g.to(dt).to(tl.float32), ACT).to(dt)
         if GATED:
             if HAS_BIAS:
-                acc_u += tl.load(b_base + M + offs_m, mask=m_mask, other=0.0).to(tl.float32)[None, :]
+                acc_u += tl.load(b_base + rows + offs_m, mask=m_mask, other=0.0).to(tl.float32)[None, :]
             h = (h.to(tl.float32) * acc_u.to(dt).to(tl.float32)).to(dt)
-        h_off = e * T * M + offs_t[:, None] * M + offs_m[None, :]
-        tl.store(h_ptr + h_off, h, mask=sel[:, None] & m_mask[None, :])
+        tl.store(h_base + offs_t[:, None] * rows + offs_m[None, :], h, mask=sel[:, None] & m_mask[None, :])
 
 
 @triton.jit
 def _down_kernel(
     h_ptr, w_ptr, hs_ptr, ws_ptr, b_ptr, idx_ptr, cw_ptr, y_ptr,
     T, D, M, NS, E, stride_we,
-    A: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    A: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y[t, n] = hs_t ws_n + sum_{e picked by t} w_te h_et W_e,n + b_n for BLOCK_N features n."""
@@ -189,43 +195,59 @@ def _down_kernel(
     t_mask = offs_t < T
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
-    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_T, BLOCK_N], 0.0, dtype=tl.float32)
+    offs_a = tl.arange(0, BLOCK_A)
+    a_off = offs_t[:, None] * A + offs_a[None, :]
+    a_mask = t_mask[:, None] & (offs_a[None, :] < A)
+    ids = tl.load(idx_ptr + a_off, mask=a_mask, other=-1)  # [BLOCK_T, BLOCK_A] routing of all tokens
     if HAS_SHARED:
         for k0 in range(0, NS, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < NS
-            hs = tl.load(hs_ptr + offs_t[:, None] * NS + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            ws = tl.load(ws_ptr + offs_n[:, None] * NS + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            hs_mask = t_mask[:, None] & k_mask[None, :]
+            hs = tl.load(hs_ptr + offs_t[:, None] * NS + offs_k[None, :], mask=hs_mask, other=0.0)
+            ws_mask = n_mask[:, None] & k_mask[None, :]
+            ws = tl.load(ws_ptr + offs_n[:, None] * NS + offs_k[None, :], mask=ws_mask, other=0.0)
+            if UPCAST:
+                hs = hs.to(tl.float32)
+                ws = ws.to(tl.float32)
             acc = tl.dot(hs, tl.trans(ws), acc, input_precision=DOT_PREC)
     for e in range(0, E):
-        hit = _picked(idx_ptr, e, T, offs_t, A, BLOCK_A)
-        sel = tl.max(hit.to(tl.int32), axis=1) > 0
-        if tl.max(sel.to(tl.int32), axis=0) > 0:
-            offs_a = tl.arange(0, BLOCK_A)
-            cw_mask = (offs_t[:, None] < T) & (offs_a[None, :] < A)
-            cw = tl.load(cw_ptr + offs_t[:, None] * A + offs_a[None, :], mask=cw_mask, other=0.0).to(tl.float32)
-            cw = tl.sum(tl.where(hit, cw, 0.0), axis=1)  # [BLOCK_T] weight of e for each token
-            acc_e = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        hit = ids == e
+        if tl.max(hit.to(tl.int32)) > 0:  # else expert e is never read
+            sel = tl.max(hit.to(tl.int32), axis=1) > 0
+            cw = tl.load(cw_ptr + a_off, mask=hit, other=0.0).to(tl.float32)
+            cw = tl.sum(cw, axis=1)  # [BLOCK_T] the weight of e for each token, 0 if not picked
+            acc_e = tl.full([BLOCK_T, BLOCK_N], 0.0, dtype=tl.float32)
             w_base = w_ptr + e * stride_we
             h_base = h_ptr + e * T * M
             for k0 in range(0, M, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < M
-                he = tl.load(h_base + offs_t[:, None] * M + offs_k[None, :], mask=sel[:, None] & k_mask[None, :], other=0.0)
-                we = tl.load(w_base + offs_n[:, None] * M + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                he_mask = sel[:, None] & k_mask[None, :]
+                he = tl.load(h_base + offs_t[:, None] * M + offs_k[None, :], mask=he_mask, other=0.0)
+                we_mask = n_mask[:, None] & k_mask[None, :]
+                we = tl.load(w_base + offs_n[:, None] * M + offs_k[None, :], mask=we_mask, other=0.0)
+                if UPCAST:
+                    he = he.to(tl.float32)
+                    we = we.to(tl.float32)
                 acc_e = tl.dot(he, tl.trans(we), acc_e, input_precision=DOT_PREC)
             acc += acc_e * cw[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_t[:, None] * D + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
+    y_mask = t_mask[:, None] & n_mask[None, :]
+    tl.store(y_ptr + offs_t[:, None] * D + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def _dot_prec(x: torch.Tensor) -> str:
-    return "ieee" if x.dtype == torch.float32 else "tf32"  # fp32: no TF32, match the reference
+def _dot_opts(x: torch.Tensor) -> dict:
+    """float32: IEEE dots (no TF32), to match the reference. Off-GPU (the interpreter, which cannot
+    multiply bf16 tiles: numpy has no bf16) tiles are upcast to float32 first; same products."""
+    upcast = x.device.type != "cuda"
+    return dict(DOT_PREC="ieee" if upcast or x.dtype == torch.float32 else "tf32", UPCAST=upcast)
 
 
 def _route(
@@ -242,19 +264,6 @@ def _route(
         BLOCK_E=_pow2(E), BLOCK_K=min(128, _pow2(D, 16)),
     )  # fmt: skip
     return w, idx
-
-
-def _up(x, w, b, idx, n_experts: int, m: int, gated: bool, act: str, top_k: int, all_tokens: bool) -> torch.Tensor:
-    """h [n_experts, T, m]: the hidden activations of every (expert, token) pair that is selected."""
-    T, D = x.shape
-    h = torch.empty(n_experts, T, m, device=x.device, dtype=x.dtype)
-    BLOCK_M = min(32, _pow2(m, 16))
-    _up_kernel[(n_experts, triton.cdiv(m, BLOCK_M))](
-        x, w, w if b is None else b, idx, h, T, D, m, w[0].numel() if w.dim() == 3 else 0,
-        A=top_k, ALL=all_tokens, GATED=gated, HAS_BIAS=b is not None, ACT=ACTS.get(act, 0), DOT_PREC=_dot_prec(x),
-        BLOCK_T=_pow2(T, 16), BLOCK_A=_pow2(top_k), BLOCK_M=BLOCK_M, BLOCK_K=min(128, _pow2(D, 16)),
-    )  # fmt: skip
-    return h
 
 
 @torch.library.custom_op("moecarve::route", mutates_args=())
@@ -287,18 +296,26 @@ def experts_op(
     E = in_proj.shape[0]
     M = out_proj.shape[-1]
     A = idx.shape[1]
-    h = _up(x, in_proj, in_bias, idx, E, M, gated, act, A, all_tokens=False)  # [E, T, m]
-    hs, NS = h, 0
-    if shared_in is not None:
-        NS = shared_out.shape[-1]
-        hs = _up(x, shared_in, shared_in_bias, idx, 1, NS, gated, act, A, all_tokens=True)  # [1, T, n]
+    has_shared = shared_in is not None
+    NS = shared_out.shape[-1] if has_shared else 0
+    h = torch.empty(E, T, M, device=x.device, dtype=x.dtype)  # [E, T, m], only picked (e, t) written
+    hs = torch.empty(T, NS, device=x.device, dtype=x.dtype) if has_shared else h  # [T, n]
+    ws = shared_in if has_shared else in_proj
+    BLOCK_T, BLOCK_A, dot = _pow2(T, 16), _pow2(A), _dot_opts(x)
+    BLOCK_M = 32 if max(M, NS) <= 64 else 16  # 16 rows: enough programs to stream a 7B expert
+    _up_kernel[(E + has_shared, triton.cdiv(max(M, NS), BLOCK_M))](
+        x, in_proj, in_proj if in_bias is None else in_bias, ws, ws if shared_in_bias is None else shared_in_bias,
+        idx, h, hs, T, D, M, NS, E, in_proj[0].numel(), in_proj.shape[1],
+        A=A, GATED=gated, HAS_BIAS=in_bias is not None, ACT=ACTS.get(act, 0), **dot,
+        BLOCK_T=BLOCK_T, BLOCK_A=BLOCK_A, BLOCK_M=BLOCK_M, BLOCK_K=min(128, _pow2(D, 16)),
+    )  # fmt: skip
     y = torch.empty_like(x)
-    BLOCK_N = min(32, _pow2(D, 16))
+    BLOCK_N = min(64, _pow2(D, 16)) if D <= 1024 else 16
     _down_kernel[(triton.cdiv(D, BLOCK_N),)](
         h, out_proj, hs, out_proj if shared_out is None else shared_out, out_proj if out_bias is None else out_bias,
         idx, weights, y, T, D, M, NS, E, D * M,
-        A=A, HAS_SHARED=shared_in is not None, HAS_BIAS=out_bias is not None, DOT_PREC=_dot_prec(x),
-        BLOCK_T=_pow2(T, 16), BLOCK_A=_pow2(A), BLOCK_N=BLOCK_N, BLOCK_K=min(64, _pow2(max(M, NS), 16)),
+        A=A, HAS_SHARED=has_shared, HAS_BIAS=out_bias is not None, **dot,
+        BLOCK_T=BLOCK_T, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, BLOCK_K=min(64, _pow2(max(M, NS), 16)),
     )  # fmt: skip
     return y
 

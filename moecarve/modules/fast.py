@@ -5,13 +5,18 @@ reference forward. `use_kernels(model)` sets each CarvedMoE's `fast_forward` hoo
 function (module, hidden_states) -> output, or None to fall through to the reference code; being a
 module-level function (no closure over the module) it survives deepcopy and pickling.
 
-Backends:
+Backends (T = tokens in the call):
   torch   the reference forward (sorted tokens + torch._grouped_mm); removes any fast path.
-  cpu     moecarve.kernels.cpu for T <= 32 tokens (any device; it reads expert ids on the host).
-  triton  moecarve.kernels.triton_decode for T <= 32 tokens (CUDA, or CPU under TRITON_INTERPRET=1).
-  auto    per call: cpu on CPU tensors, triton on CUDA tensors when triton imports, else torch.
-Every fast path falls back to the reference for larger T, unsupported activations, and (Triton,
-which has no backward) whenever autograd is recording.
+  cpu     kernels.cpu for T <= CPU_MAX_TOKENS, else the reference (any device; reads expert ids
+          on the host, which is free on CPU only).
+  triton  kernels.triton_decode for T <= 32, kernels.triton_prefill above (CUDA, or CPU tensors
+          under TRITON_INTERPRET=1).
+  auto    per call: CPU tensors -> cpu; CUDA tensors -> Triton decode for T <= 32, and for larger
+          T the reference where torch._grouped_mm runs (bf16 on sm90+), else Triton prefill.
+Every path falls back to the reference for unsupported activations and whenever autograd is
+recording (run inference under torch.no_grad / inference_mode, as generate() does). The CPU path
+calls .tolist(), so under torch.compile it splits the graph; the Triton paths are single custom
+ops and trace whole.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.cpu import moe_decode_cpu, use_cpu_path
 from ..kernels.tensors import MoETensors
+from .moe import _grouped_mm_ok
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
+KERNEL_ROUTERS = ("analytic", "linear")
 
 
 def is_carved_moe(module: nn.Module) -> bool:
@@ -32,12 +40,35 @@ def is_carved_moe(module: nn.Module) -> bool:
     return type(module).__name__ == "CarvedMoE" and hasattr(module, "fast_forward")
 
 
-def moe_tensors(moe: nn.Module) -> MoETensors:
-    """The module's parameters as a MoETensors (the same tensors, not copies)."""
+# ACT2FN names whose module is exactly this function: calling it skips nn.Module.__call__ (~2 us)
+FUNCTIONAL_ACTS = {
+    "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+}  # fmt: skip
+
+
+def _router_pack(r: nn.Module) -> torch.Tensor | None:
+    """The analytic router's gate and up rows stacked in float32 [2E, d], kept on the module and
+    rebuilt when either parameter changes (new storage or an in-place update bumps _version)."""
+    if getattr(r, "up", None) is None:
+        return None
+    key = (r.gate.data_ptr(), r.gate._version, r.up.data_ptr(), r.up._version)
+    cached = r.__dict__.get("_moecarve_router_pack")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.cat([r.gate, r.up]).float())
+        r.__dict__["_moecarve_router_pack"] = cached
+    return cached[1]
+
+
+def moe_tensors(moe: nn.Module, pack_router: bool = False) -> MoETensors:
+    """The module's parameters as a MoETensors (the same tensors, not copies; `pack_router` adds
+    the cached [2E, d] float32 router stack, a few KB)."""
     ex, r, sh, spec = moe.experts, moe.router, moe.shared, moe.spec
     analytic = spec.router == "analytic"
     return MoETensors(
-        in_proj=ex.in_proj, out_proj=ex.out_proj, act=ex.act, act_name=spec.act, gated=ex.gated,
+        in_proj=ex.in_proj, out_proj=ex.out_proj, act=FUNCTIONAL_ACTS.get(spec.act, ex.act), act_name=spec.act,
+        gated=ex.gated, router_packed=_router_pack(r) if pack_router and analytic else None,
         top_k=r.top_k, router=spec.router,
         router_gate=r.gate if analytic else r.weight, router_up=r.up if analytic else None,
         router_scale=r.scale, router_bias=r.bias, norm_topk_prob=getattr(r, "norm_topk_prob", False),
@@ -47,39 +78,61 @@ def moe_tensors(moe: nn.Module) -> MoETensors:
     )  # fmt: skip
 
 
+def _recording(x: torch.Tensor, moe: nn.Module) -> bool:
+    """Autograd is recording this call: the fast paths (Python-float weights, custom ops without
+    backward) leave it to the reference ops."""
+    return torch.is_grad_enabled() and (x.requires_grad or moe.experts.in_proj.requires_grad)
+
+
 def _cpu_forward(moe: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    if not use_cpu_path(x.shape[0]):
+    if x.shape[0] == 0 or not use_cpu_path(x.shape[0]) or _recording(x, moe):
         return None
-    return moe_decode_cpu(x, moe_tensors(moe)).view(hidden_states.shape)
+    return moe_decode_cpu(x, moe_tensors(moe, pack_router=True)).view(hidden_states.shape)
 
 
-@functools.cache
-def _triton():
-    """The Triton decode module, or None when triton is missing or broken."""
-    try:
-        from ..kernels import triton_decode
-    except Exception:  # no triton, no driver: the reference path still works
+_TRITON: tuple | None = None  # (triton_decode, triton_prefill) once use_kernels has imported them
+
+
+def _load_triton() -> tuple | None:
+    """Import the Triton kernels (outside any traced code), or None when triton is unusable."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from ..kernels import triton_decode, triton_prefill
+        except Exception:  # no triton, no driver: the reference path still works
+            return None
+        _TRITON = (triton_decode, triton_prefill)
+    return _TRITON
+
+
+def _triton_call(moe: nn.Module, hidden_states: torch.Tensor, prefill: str) -> torch.Tensor | None:
+    """prefill: "triton" (Triton grouped GEMM above 32 tokens) or "auto" (the reference where
+    torch._grouped_mm runs, else Triton)."""
+    if _TRITON is None:
         return None
-    return triton_decode
+    decode, grouped = _TRITON
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    T = x.shape[0]
+    t = moe_tensors(moe)
+    if T == 0 or not decode.supports(t) or _recording(x, moe):
+        return None
+    if T <= decode.MAX_DECODE_TOKENS:
+        return decode.moe_decode_triton(x, t).view(hidden_states.shape)
+    if prefill == "auto" and _grouped_mm_ok(x):
+        return None
+    return grouped.moe_prefill_triton(x, t).view(hidden_states.shape)
 
 
 def _triton_forward(moe: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
-    kernels = _triton()
-    if kernels is None:
-        return None
-    x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    t = moe_tensors(moe)
-    if not kernels.supports(t, x.shape[0]) or (torch.is_grad_enabled() and (x.requires_grad or t.in_proj.requires_grad)):
-        return None
-    return kernels.moe_decode_triton(x, t).view(hidden_states.shape)
+    return _triton_call(moe, hidden_states, prefill="triton")
 
 
 def _auto_forward(moe: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
     if hidden_states.device.type == "cpu":
         return _cpu_forward(moe, hidden_states)
     if hidden_states.device.type == "cuda":
-        return _triton_forward(moe, hidden_states)
+        return _triton_call(moe, hidden_states, prefill="auto")
     return None
 
 
@@ -93,11 +146,13 @@ def use_kernels(model: nn.Module, backend: str = "auto") -> int:
     """
     if backend not in _FORWARDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "triton" and _triton() is None:
-        raise RuntimeError("backend 'triton' needs a working triton install (pip install 'moecarve[gpu]')")
+    if backend == "triton" or (backend == "auto" and torch.cuda.is_available()):
+        if _load_triton() is None and backend == "triton":
+            raise RuntimeError("backend 'triton' needs a working triton install (pip install 'moecarve[gpu]')")
     n = 0
     for module in model.modules():
-        if is_carved_moe(module):
+        # the kernels implement the analytic and linear routers; others keep the reference forward
+        if is_carved_moe(module) and module.spec.router in KERNEL_ROUTERS:
             module.fast_forward = _FORWARDS[backend]
             n += 1
     return n

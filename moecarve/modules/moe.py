@@ -34,6 +34,7 @@ class MoESpec:
     out_bias: bool = False
     router: str = "analytic"  # "analytic" | "linear"
     norm_topk_prob: bool = False  # linear router: renormalise the top-k probabilities
+    router_probes: int = 0  # fitted router: probe neurons whose |h| feeds the scores
 
     def to_dict(self) -> dict:
         return {"type": "moe", **asdict(self)}
@@ -128,7 +129,51 @@ class LinearRouter(nn.Module):
         return w.to(x.dtype), idx
 
 
+class FittedRouter(nn.Module):
+    """A router fitted in closed form on calibration activations (moecarve.carving.fitted_router).
+
+    score_e(x) = w_e . [x ; |h_P(x)|] + c_e, where h_P are the activations of R probe neurons
+    (gate rows then up rows in `probe`, as the experts' in_proj); selected = top-A of
+    (score + bias); combine weight = 1 + softmax(score)_e * scale_e (scale starts at 0: every
+    selected expert weighs 1, as the experts were carved to be summed).
+    """
+
+    def __init__(self, spec: MoESpec):
+        super().__init__()
+        E, d, R = spec.n_routed, spec.hidden_size, spec.router_probes
+        rows = 2 * R if spec.gated else R
+        self.top_k = spec.top_k
+        self.gated = spec.gated
+        self.probe = nn.Parameter(torch.empty(rows, d)) if R else None  # [2R, d]
+        self.probe_bias = nn.Parameter(torch.empty(rows)) if R and spec.in_bias else None
+        self.weight = nn.Parameter(torch.empty(E, d + R))  # [E, d + R]
+        self.score_bias = nn.Parameter(torch.empty(E))  # [E]
+        self.scale = nn.Parameter(torch.zeros(E))
+        self.register_buffer("bias", torch.zeros(E, dtype=torch.float32))
+        self.act = ACT2FN[spec.act]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E] float32
+        feats = x
+        if self.probe is not None:
+            h = F.linear(x, self.probe, self.probe_bias)
+            if self.gated:
+                g, u = h.chunk(2, dim=-1)
+                h = self.act(g) * u
+            else:
+                h = self.act(h)
+            feats = torch.cat([x, h.abs()], dim=-1)
+        return F.linear(feats, self.weight, self.score_bias).float()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, d] -> (weights [T, A] in x.dtype, indices [T, A] int64)."""
+        scores = self.logits(x)  # [T, E]
+        idx = torch.topk(scores + self.bias, self.top_k, dim=-1).indices
+        weights = 1.0 + scores.softmax(dim=-1).gather(1, idx) * self.scale.float()[idx]
+        return weights.to(x.dtype), idx
+
+
 ROUTERS = {"analytic": AnalyticRouter, "linear": LinearRouter}
+ROUTERS["fitted"] = FittedRouter
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:

@@ -1,0 +1,197 @@
+"""`condense(model, CondenseConfig, calibration)`: shrink chosen MoE layers into small dense layers (CD-MoE).
+
+One sequential pass over the original model records, per MoE layer, its inputs and outputs on the
+calibration windows, computes the experts' mean routing weights (step 1), chooses the always-on
+experts greedily (step 2) and builds that layer's condensed candidate (step 4). The greedy layer
+search (step 3, layers.py) then picks which candidates replace their MoE layers. Training-free.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..carve import MOECARVE_FORMAT
+from .config import CondenseConfig, CondenseError
+from .experts import ExpertChoice, build_condensed, choose_experts, mean_routing_weights
+from .families import family_of, moe_layers
+from .layers import search_layers
+from .propagate import decoder_layers, first_layer_inputs, run_layer
+
+
+@dataclass
+class LayerStep:
+    """One condensed layer, in the order the layer search added it."""
+
+    layer: int  # index in the decoder stack
+    path: str  # dotted path of the replaced MoE module
+    experts: list[int]  # routed experts kept always-on, in the order the expert search added them
+    expert_weights: list[float]  # their mean routing weights, folded into the dense layer
+    js_layer: list[float]  # layer-output JS: shared only, then after each added expert
+    js_model: float  # final-hidden JS once this layer (and the ones before it) are condensed
+
+
+@dataclass
+class CondenseReport:
+    """What a condense did and measured; saved as condense_report.json next to the weights."""
+
+    config: CondenseConfig
+    steps: list[LayerStep] = field(default_factory=list)
+    seconds: float = 0.0  # search time (steps 1-4)
+    n_windows: int = 0
+    seqlen: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    bytes_before: int = 0  # parameters + buffers
+    bytes_after: int = 0
+
+    @property
+    def layers(self) -> list[int]:
+        return [s.layer for s in self.steps]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["config"] = self.config.to_dict()
+        d["layers"] = self.layers
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class CondensePlan:
+    """Every MoE layer's condensed candidate plus the chosen order; apply() installs a prefix."""
+
+    config: CondenseConfig
+    candidates: dict[int, tuple[str, nn.Module]]  # decoder index -> (MoE path, CondensedMLP)
+    choices: dict[int, ExpertChoice]
+    order: list[int]  # chosen decoder indices, in the order added
+    js_model: list[float]  # final-hidden JS after each addition
+    seconds: float
+    n_windows: int
+    seqlen: int
+
+
+def model_bytes(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes of parameters + buffers), each tensor counted once (tied weights)."""
+    seen: set[int] = set()
+    n_params = n_bytes = 0
+    for t, is_param in [(p, True) for p in model.parameters()] + [(b, False) for b in model.buffers()]:
+        if t.data_ptr() in seen and t.numel():
+            continue
+        seen.add(t.data_ptr())
+        n_bytes += t.numel() * t.element_size()
+        n_params += t.numel() if is_param else 0
+    return n_params, n_bytes
+
+
+def _validate(model: nn.Module, config: CondenseConfig, calibration: torch.Tensor) -> dict[str, nn.Module]:
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
+        raise CondenseError("calibration must be a LongTensor of token windows [n_samples, seqlen]")
+    if calibration.numel() == 0:
+        raise CondenseError("calibration holds no tokens")
+    moes = moe_layers(model)
+    if config.n_layers > len(moes):
+        raise CondenseError(f"cannot condense {config.n_layers} layers: the model has {len(moes)} MoE layers")
+    for path, mod in moes.items():
+        view = family_of(mod).read(mod, model.config)
+        if config.n_experts > view.n_routed:
+            raise CondenseError(f"{path} has {view.n_routed} routed experts; cannot keep R={config.n_experts}")
+        if config.n_experts == 0 and view.shared_out is None:
+            raise CondenseError(f"{path} has no shared experts: condensing it needs R >= 1 (--experts)")
+    return moes
+
+
+def _subsample(n: int, k: int | None, seed: int, device) -> torch.Tensor | None:
+    if k is None or k >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values.to(device)
+
+
+@torch.no_grad()
+def plan(model: nn.Module, config: CondenseConfig, calibration: torch.Tensor, progress: bool = True) -> CondensePlan:
+    """Steps 1-4 without changing the model: every candidate, and the greedy layer order."""
+    moes = _validate(model, config, calibration)
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    stack, layers = decoder_layers(model, next(iter(moes)))
+    by_index = {}  # decoder index -> MoE path
+    for path in moes:
+        if decoder_layers(model, path)[0] != stack:
+            raise CondenseError(f"{path} is not in the decoder stack {stack}")
+        by_index[int(path[len(stack) + 1 :].split(".")[0])] = path
+    args = first_layer_inputs(model, layers, calibration)
+    h = args.hidden
+    inputs: list[torch.Tensor] = []
+    candidates: dict[int, tuple[str, nn.Module]] = {}
+    choices: dict[int, ExpertChoice] = {}
+    for i in tqdm(range(len(layers)), desc="choosing experts", unit="layer", disable=not progress):
+        inputs.append(h)
+        path = by_index.get(i)
+        mod = model.get_submodule(path) if path else None
+        h_out, x, y = run_layer(layers[i], args, h, moe=mod)
+        if mod is not None:
+            fam = family_of(mod)
+            view = fam.read(mod, model.config)
+            w_route, idx = fam.route(mod, x)
+            w_mean = mean_routing_weights(w_route, idx, view.n_routed, config.weighting)
+            sel = _subsample(x.shape[0], config.max_tokens, config.seed + i, x.device)
+            out = h_out.reshape(-1, h_out.shape[-1])
+            if sel is not None:
+                x, y, out = x[sel], y[sel], out[sel]
+            choice = choose_experts(view, x, out, y, w_mean, config.n_experts)
+            choices[i] = choice
+            candidates[i] = (path, build_condensed(view, choice.experts, choice.weights))
+        h = h_out
+    best = search_layers(model, layers, args, inputs, h, candidates, config.n_layers, config.beam, progress)
+    model.train(was_training)
+    return CondensePlan(
+        config=config, candidates=candidates, choices=choices, order=list(best.chosen), js_model=best.js,
+        seconds=time.perf_counter() - t0, n_windows=calibration.shape[0], seqlen=calibration.shape[1],
+    )  # fmt: skip
+
+
+def apply(model: nn.Module, plan: CondensePlan, n_layers: int | None = None) -> CondenseReport:
+    """Install the first n_layers (default: all) of the plan's chosen layers into `model`, in place,
+    and record them in model.config.moecarve so that moecarve.save / load round-trip them."""
+    n = len(plan.order) if n_layers is None else n_layers
+    if not 0 <= n <= len(plan.order):
+        raise CondenseError(f"the plan chose {len(plan.order)} layers; cannot apply {n}")
+    params_before, bytes_before = model_bytes(model)
+    meta = dict(getattr(model.config, "moecarve", None) or {})
+    modules = dict(meta.get("modules", {}))
+    report = CondenseReport(config=plan.config, seconds=plan.seconds, n_windows=plan.n_windows, seqlen=plan.seqlen,
+                            params_before=params_before, bytes_before=bytes_before)  # fmt: skip
+    for k, layer in enumerate(plan.order[:n]):
+        path, mod = plan.candidates[layer]
+        model.set_submodule(path, mod)
+        modules[path] = mod.spec.to_dict()
+        ch = plan.choices[layer]
+        report.steps.append(LayerStep(layer, path, list(ch.experts), list(ch.weights), list(ch.js), plan.js_model[k]))
+    meta.update(format=MOECARVE_FORMAT, modules=modules, condense={**plan.config.to_dict(), "layers": plan.order[:n]})
+    model.config.moecarve = meta
+    report.params_after, report.bytes_after = model_bytes(model)
+    return report
+
+
+def condense(model: nn.Module, config: CondenseConfig, calibration: torch.Tensor, progress: bool = True) -> CondenseReport:
+    """Condense config.n_layers MoE layers of `model` into dense layers, in place (CD-MoE, training-free).
+
+    Args:
+        model: a causal LM whose MoE layers are in families.FAMILIES (moecarve carved models,
+            Qwen2-MoE, DeepSeek-V2/V3, Mixtral, OLMoE, Qwen3-MoE).
+        config: CondenseConfig(n_layers=L, n_experts=R, beam=1).
+        calibration: token windows [n_samples, seqlen] (see moecarve.load_windows).
+    Returns:
+        a CondenseReport: chosen layers in order, experts kept per layer, JS after each step,
+        parameters and bytes before/after, search time.
+    """
+    return apply(model, plan(model, config, calibration, progress))
+

@@ -1,0 +1,120 @@
+"""LoRA adapters on a (carved) model, and merging them back into ordinary weights.
+
+Two kinds of adapter:
+- nn.Linear / Conv1D layers of the decoder (attention projections) get PEFT LoRA, injected in
+  place into the model (the model object keeps its class; PEFT only wraps the linear layers).
+- Stacked expert weights (RoutedExperts.in_proj [E, 2m, d], out_proj [E, d, m]; SharedExpert
+  in_proj [2n, d], out_proj [d, n]) get per-expert factors A [E, r, in], B [E, out, r] held
+  stacked, applied as a torch parametrization: W' = W + (alpha / r) * B @ A. The forward code of
+  CarvedMoE is untouched, and merging is removing the parametrization with its value kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .. import adapters
+from ..modules.moe import CarvedMoE
+
+EXPERT_WEIGHTS = ("experts.in_proj", "experts.out_proj", "shared.in_proj", "shared.out_proj")
+
+
+class StackedLoRA(nn.Module):
+    """A low-rank delta for a stacked weight W [E, out, in] (or a plain [out, in]).
+
+    A [E, r, in] starts like PEFT's (Kaiming-uniform), B [E, out, r] at zero, so the adapted
+    weight equals W until B moves. forward(W) = W + scaling * B @ A, in W's dtype.
+    """
+
+    def __init__(self, shape: torch.Size, r: int, scaling: float, generator: torch.Generator | None = None):
+        super().__init__()
+        *lead, out_f, in_f = shape
+        E = lead[0] if lead else 1
+        self.stacked = bool(lead)
+        bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)) on [r, in], as nn.Linear / PEFT
+        self.A = nn.Parameter(torch.empty(E, r, in_f).uniform_(-bound, bound, generator=generator))
+        self.B = nn.Parameter(torch.zeros(E, out_f, r))
+        self.scaling = scaling
+
+    def delta(self) -> torch.Tensor:  # [E, out, in] (or [out, in])
+        d = torch.bmm(self.B, self.A) * self.scaling
+        return d if self.stacked else d[0]
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        return W + self.delta().to(W.dtype)
+
+
+def carved_layers(model: nn.Module) -> dict[str, CarvedMoE]:
+    """Dotted path -> CarvedMoE module, for every carved layer of the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, CarvedMoE)}
+
+
+def linear_targets(model: nn.Module) -> list[str]:
+    """Full names of the nn.Linear / Conv1D layers inside the decoder layers (not lm_head).
+
+    In a carved model the FFNs hold no linear layer, so these are the attention projections.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    layers = adapters.decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    return [
+        f"{prefix}.{n}" for n, m in layers.named_modules() if isinstance(m, (nn.Linear, Conv1D))
+    ]
+
+
+def add_expert_lora(model: nn.Module, r: int, scaling: float, seed: int = 0) -> list[str]:
+    """Parametrize every stacked expert weight of every carved layer; returns their names."""
+    g = torch.Generator().manual_seed(seed)
+    names = []
+    for path, moe in carved_layers(model).items():
+        for wname in EXPERT_WEIGHTS:
+            owner_name, attr = wname.split(".")
+            owner = getattr(moe, owner_name, None)
+            if owner is None:  # no shared experts (S0...)
+                continue
+            W = getattr(owner, attr)
+            lora = StackedLoRA(W.shape, r, scaling, generator=g).to(W.device)
+            parametrize.register_parametrization(owner, attr, lora)
+            names.append(f"{path}.{wname}")
+    return names
+
+
+def add_linear_lora(model: nn.Module, r: int, alpha: float, dropout: float):
+    """Inject PEFT LoRA into the decoder's linear layers, in place (the model object is kept; the
+    returned PeftModel wrapper is not needed afterwards), or None when there is no such layer."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    targets = linear_targets(model)
+    if not targets:
+        return None
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    with warnings.catch_warnings():  # GPT-2 Conv1D: PEFT warns that it sets fan_in_fan_out itself
+        warnings.simplefilter("ignore")
+        return get_peft_model(model, cfg)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight, in place; the model becomes an ordinary carved model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, BaseTunerLayer):  # PEFT LoRA layer: merge, then put the base layer back
+            m.merge()
+            model.set_submodule(name, m.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):  # get_peft_model marks the base model
+        if attr in vars(model):
+            delattr(model, attr)
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m):
+            for pname in list(m.parametrizations.keys()):
+                parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,0 +1,132 @@
+"""Read a Hugging Face checkpoint one tensor at a time, without loading whole files.
+
+safetensors files are opened memory-mapped (`safe_open`): asking for one tensor reads only its
+bytes. Pickle checkpoints (`pytorch_model*.bin`) can run code when unpickled, so they are read
+only when explicitly allowed (and then memory-mapped with `torch.load(mmap=True)`).
+Every structural problem (no weights, a missing shard) is found when the checkpoint is opened,
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import MoecarveError
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+class CheckpointError(MoecarveError, FileNotFoundError):
+    """A model folder whose weights cannot be streamed (none, pickle only, missing shard)."""
+
+
+def _weight_map(folder: Path, index_name: str, single_name: str) -> dict[str, str] | None:
+    """tensor name -> file name, from the index or the single file; None when neither exists."""
+    index = folder / index_name
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) missing from {folder}: {', '.join(missing)}")
+        return weight_map
+    if (folder / single_name).exists():
+        return {}  # filled lazily from the file's own header
+    return None
+
+
+class Checkpoint:
+    """The tensors of one model folder, read one at a time by name.
+
+    Args:
+        folder: a local model folder (config.json + weights).
+        allow_pickle: also accept `pytorch_model*.bin` checkpoints when there is no safetensors.
+    """
+
+    def __init__(self, folder: str | Path, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        if not (self.folder / "config.json").exists():
+            raise CheckpointError(f"{self.folder} is not a local model folder (no config.json); streaming needs one")
+        self._handles: dict[str, object] = {}
+        self.pickle = False
+        weight_map = _weight_map(self.folder, SAFE_INDEX, SAFE_SINGLE)
+        if weight_map is None:
+            bins = _weight_map(self.folder, BIN_INDEX, BIN_SINGLE)
+            if bins is None:
+                raise CheckpointError(f"{self.folder} holds no model weights (no *.safetensors or pytorch_model*.bin)")
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{self.folder} holds only pickle weights (pytorch_model*.bin), which can run arbitrary code when "
+                    "loaded; convert them to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust them"
+                )
+            weight_map, self.pickle = bins, True
+        if not weight_map:  # a single file: read its tensor names now (header only)
+            single = BIN_SINGLE if self.pickle else SAFE_SINGLE
+            weight_map = {name: single for name in self._open(single).keys()}
+        self.weight_map: dict[str, str] = weight_map
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            path = self.folder / file
+            if self.pickle:
+                self._handles[file] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            else:
+                self._handles[file] = safe_open(str(path), framework="pt", device="cpu")
+        return self._handles[file]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def nbytes(self) -> int:
+        """Bytes of all weight files on disk."""
+        return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, read from disk (CPU), cast to `dtype` when given; KeyError when absent."""
+        if name not in self.weight_map:
+            raise KeyError(f"{self.folder}: the checkpoint has no tensor {name!r}")
+        handle = self._open(self.weight_map[name])
+        t = handle[name] if self.pickle else handle.get_tensor(name)
+        # always a private copy: a view of the memory map would keep the file's pages resident
+        return t.clone() if dtype is None or t.dtype == dtype else t.to(dtype)
+
+    def close(self) -> None:
+        """Drop the open memory maps, so that the pages read so far stop counting as resident."""
+        self._handles.clear()
+
+
+def checkpoint_numel(folder: str | Path) -> int | None:
+    """Elements in a local folder's safetensors (headers only), or None when it has none."""
+    from .shards import read_header
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    return sum(math.prod(e.shape) for f in files for e in read_header(f))
+
+
+def would_not_fit(model: str | Path, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether loading the whole local model in `dtype` would exceed 80% of the free memory of
+    `device` (CPU RAM, or the GPU's); False for hub ids and folders without safetensors."""
+    folder = Path(model)
+    numel = checkpoint_numel(folder) if folder.is_dir() else None
+    if numel is None:
+        return False
+    need = numel * torch.empty(0, dtype=dtype).element_size()
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return need > 0.8 * free

@@ -1,0 +1,189 @@
+"""Evaluation: the perplexity protocol, test-set loading, lm_eval on in-memory models, compare and plots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from moecarve.cli import main
+from moecarve.eval.data import EvalDataError, load_eval_text
+from moecarve.eval.perplexity import eval_perplexity, eval_windows, perplexity
+from moecarve.eval.tasks import TaskConfig, TaskError
+from tests.conftest import REFERENCE_LM, TEST_TXT
+
+needs_reference = pytest.mark.skipif(not REFERENCE_LM.exists(), reason="../shared/reference-lm is not available")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def carved_dir(tmp_path_factory):
+    """The reference model carved at S2A6E8 (every expert active, so it computes the dense FFN), saved."""
+    import transformers
+
+    from moecarve import CarveConfig, carve, save
+    from moecarve.calibration import tokenize_windows
+
+    if not REFERENCE_LM.exists():
+        pytest.skip("../shared/reference-lm is not available")
+    tok = transformers.AutoTokenizer.from_pretrained(REFERENCE_LM)
+    windows = tokenize_windows(tok, TEST_TXT.read_text()[300_000:400_000], n_samples=2, seqlen=128, seed=0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(REFERENCE_LM, dtype=torch.float32).eval()
+    report = carve(model, CarveConfig.from_string("S2A6E8"), windows, device="cpu", progress=False)
+    return save(model, tmp_path_factory.mktemp("carved") / "S2A6E8", tokenizer=tok, report=report)
+
+
+# --- perplexity protocol -------------------------------------------------------------------------
+
+
+@needs_reference
+def test_protocol_equals_direct_full_model_computation(reference_model, reference_tokenizer):
+    text = TEST_TXT.read_text()[:8_000]
+    seqlen = 256
+    windows = eval_windows(reference_tokenizer, str(TEST_TXT), seqlen, max_chars=8_000)
+    # the windows are the text tokenized once, cut into consecutive non-overlapping pieces
+    ids = reference_tokenizer(text, add_special_tokens=False).input_ids
+    assert windows.shape == (len(ids) // seqlen, seqlen)
+    assert windows.flatten().tolist() == ids[: windows.numel()]
+    # direct: HF's own mean next-token loss per window (equal token counts -> plain mean), exp
+    with torch.no_grad():
+        losses = [reference_model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
+    direct = math.exp(sum(losses) / len(losses))
+    result = eval_perplexity(reference_model, reference_tokenizer, str(TEST_TXT), seqlen, 8_000, batch_size=3)
+    assert result.perplexity == pytest.approx(direct, rel=1e-5)
+    assert (result.n_windows, result.n_tokens) == (windows.shape[0], windows.shape[0] * (seqlen - 1))
+    assert perplexity(reference_model, windows, batch_size=1) == pytest.approx(direct, rel=1e-5)
+
+
+@needs_reference
+def test_seqlen_is_clipped_to_max_positions(reference_model, reference_tokenizer):
+    result = eval_perplexity(reference_model, reference_tokenizer, str(TEST_TXT), seqlen=4096, max_chars=9_000)
+    assert result.seqlen == reference_model.config.max_position_embeddings
+
+
+@needs_reference
+@pytest.mark.skipif(importlib.util.find_spec("moecarve.eval.streaming") is None, reason="no moecarve.eval.streaming")
+def test_cli_layerwise_matches_full_model(tmp_path):
+    args = ["eval", str(REFERENCE_LM), "--ppl", str(TEST_TXT), "--seqlen", "256", "--max-chars", "8000", "--device", "cpu"]
+    assert main(args + ["--json", str(tmp_path / "full.json")]) == 0
+    assert main(args + ["--layerwise", "--json", str(tmp_path / "lw.json")]) == 0
+    full, lw = (json.loads((tmp_path / f).read_text())["perplexity"] for f in ("full.json", "lw.json"))
+    assert lw["n_windows"] == full["n_windows"]
+    assert lw["perplexity"] == pytest.approx(full["perplexity"], rel=1e-4)
+
+
+# --- test sets ---------------------------------------------------------------------------------------
+
+
+def test_dataset_folder_documents_are_joined_with_blank_lines(tmp_path):
+    import datasets
+
+    docs = ["first document.", "", "second one\nwith two lines.", "third."]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["not this"]}),
+                          "test": datasets.Dataset.from_dict({"text": docs})}).save_to_disk(tmp_path / "ds")  # fmt: skip
+    assert load_eval_text(str(tmp_path / "ds")) == "first document.\n\nsecond one\nwith two lines.\n\nthird."
+
+
+def test_missing_sets_give_clear_errors(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub.constants as hub
+
+    # empty caches: whatever this machine has cached, the named sets must now be "missing"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for name in ("wikitext2", "c4"):
+        with pytest.raises(EvalDataError, match="save_to_disk.*load_dataset"):
+            load_eval_text(name)
+    with pytest.raises(EvalDataError, match="neither wikitext2 nor c4"):
+        load_eval_text(str(tmp_path / "nope.txt"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(EvalDataError, match="no text"):
+        load_eval_text(str(tmp_path / "empty.txt"))
+
+
+def test_offline_switch_is_restored():
+    import datasets
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    with pytest.raises(EvalDataError):
+        load_eval_text("/definitely/not/here")
+    from moecarve.eval.data import _offline
+
+    with _offline():
+        assert hub.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+    assert (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == before
+
+
+@needs_reference
+def test_cli_errors_are_one_line_exit_2(tmp_path):
+    assert main(["eval", str(REFERENCE_LM), "--ppl", str(tmp_path / "missing.txt")]) == 2
+    assert main(["eval", str(REFERENCE_LM)]) == 2  # nothing to evaluate
+    assert main(["eval", str(REFERENCE_LM), "--tasks", "piqa", "--layerwise"]) == 2  # layer-wise needs --ppl
+    assert main(["eval", str(REFERENCE_LM), "--tasks", "piqa", "--fewshot", "-1"]) == 2
+
+
+def test_task_config_validation(tmp_path):
+    assert TaskConfig.parse("piqa, arc_easy").tasks == ("piqa", "arc_easy")
+    for bad in (dict(tasks=()), dict(tasks=("piqa", " ")), dict(tasks=("piqa",), num_fewshot=-1),
+                dict(tasks=("piqa",), limit=0), dict(tasks=("piqa",), include_path=str(tmp_path / "no"))):  # fmt: skip
+        with pytest.raises(TaskError):
+            TaskConfig(**bad)
+
+
+# --- lm_eval on in-memory models ----------------------------------------------------------------------
+
+
+@needs_reference
+def test_local_task_same_accuracy_dense_and_all_experts_active(tmp_path, reference_model, reference_tokenizer, carved_dir):
+    from moecarve.eval.mctask import TASK_NAME, build_examples, write_task
+    from moecarve.eval.tasks import run_tasks
+    from moecarve.io.save import load
+
+    folder = write_task(tmp_path / "task", build_examples(TEST_TXT.read_text()[200_000:300_000], n=12, seed=1))
+    cfg = TaskConfig((TASK_NAME,), num_fewshot=0, include_path=str(folder), batch_size=8)
+    dense = run_tasks(reference_model, reference_tokenizer, cfg)[TASK_NAME]
+    carved = run_tasks(load(carved_dir, dtype=torch.float32), reference_tokenizer, cfg)[TASK_NAME]
+    assert dense.n_samples == carved.n_samples == 12
+    assert 0.0 <= dense.accuracy <= 1.0
+    assert carved.metrics["acc"] == dense.metrics["acc"]
+    assert carved.metrics["acc_norm"] == dense.metrics["acc_norm"]
+
+
+# --- compare and inspect --plot ------------------------------------------------------------------------------
+
+
+@needs_reference
+def test_compare_table_json_and_plot(tmp_path, reference_model, reference_tokenizer, carved_dir):
+    stem = tmp_path / "cmp"
+    args = ["compare", str(REFERENCE_LM), str(carved_dir), "--ppl", str(TEST_TXT), "--seqlen", "128",
+            "--max-chars", "6000", "--gen-tokens", "4", "--device", "cpu", "--dtype", "float32", "--out", str(stem)]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads(stem.with_suffix(".json").read_text())
+    dense, carved = doc["models"]
+    assert doc["settings"]["max_chars"] == 6000
+    # the dense row is the protocol's perplexity of the dense model on the same windows
+    windows = eval_windows(reference_tokenizer, str(TEST_TXT), 128, 6000)
+    assert dense["perplexity"] == pytest.approx(perplexity(reference_model, windows), rel=1e-5)
+    assert dense["delta_pct"] == 0.0 and dense["config"] == "dense" and dense["carve_seconds"] is None
+    assert dense["params_active"] == dense["params_total"]
+    assert carved["config"] == "S2A6E8" and carved["carve_seconds"] > 0
+    assert carved["params_active"] == carved["params_total"]  # every routed expert is active
+    assert carved["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-3)  # ... so it computes the dense model
+    assert carved["delta_pct"] == pytest.approx(100 * (carved["perplexity"] / dense["perplexity"] - 1))
+    assert all(r["tokens_per_s"] > 0 for r in doc["models"])
+    assert stem.with_suffix(".png").read_bytes()[:8] == PNG
+
+
+def test_compare_needs_two_models():
+    assert main(["compare", "only-one-model", "--ppl", "wikitext2"]) == 2
+
+
+@needs_reference
+def test_inspect_plot_writes_pngs(tmp_path, carved_dir):
+    assert main(["inspect", str(carved_dir), "--plot", "--plot-dir", str(tmp_path)]) == 0
+    for kind in ("rates", "load"):
+        assert (tmp_path / f"S2A6E8-{kind}.png").read_bytes()[:8] == PNG

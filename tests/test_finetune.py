@@ -1,0 +1,189 @@
+"""Fine-tuning carved models: LoRA learns, merges exactly, saves/loads, resumes deterministically."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import transformers
+
+import moecarve
+from moecarve.config import ConfigError
+from moecarve.finetune import FinetuneConfig, FinetuneError, finetune, merge_lora
+from moecarve.finetune.balance import LoadTracker
+from moecarve.finetune.checkpoint import latest
+from moecarve.finetune.lora import add_expert_lora, add_linear_lora, carved_layers
+from tests.conftest import random_windows, tiny_model
+
+
+_CARVED: dict[str, torch.nn.Module] = {}
+
+
+def carved_tiny(arch: str = "llama", spec: str = "S1A1E4") -> torch.nn.Module:
+    """A fresh copy of a tiny carved model (carved once per arch, then deep-copied)."""
+    if arch not in _CARVED:
+        model = tiny_model(arch)
+        moecarve.carve(model, moecarve.CarveConfig.from_string(spec), random_windows(4, 32), progress=False)
+        _CARVED[arch] = model
+    return copy.deepcopy(_CARVED[arch])
+
+
+@torch.no_grad()
+def logits(model, ids) -> torch.Tensor:
+    model.eval()
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="lora_r"):
+        FinetuneConfig(lora_r=0)
+    with pytest.raises(ConfigError, match="lora_dropout"):
+        FinetuneConfig(lora_dropout=1.0)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        FinetuneConfig(target_attention=False, target_experts=False, train_router_scale=False)
+    assert FinetuneConfig.from_dict(FinetuneConfig(lr=1e-3).to_dict()) == FinetuneConfig(lr=1e-3)
+
+
+def test_bad_windows_and_resume_without_checkpoint(tmp_path):
+    model = carved_tiny()
+    with pytest.raises(FinetuneError):
+        finetune(model, FinetuneConfig(), torch.zeros(8, dtype=torch.long), progress=False)
+    with pytest.raises(FinetuneError, match="no checkpoint"):
+        finetune(carved_tiny(), FinetuneConfig(), random_windows(2, 16), checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_adapters_start_as_identity_and_merge_exactly():
+    """Fresh LoRA (B = 0) leaves the logits unchanged; after perturbing B, merging keeps them."""
+    model, ids = carved_tiny("qwen2"), random_windows(2, 16, seed=3)
+    ref = logits(model, ids)
+    add_linear_lora(model, 4, 8.0, 0.0)
+    add_expert_lora(model, 4, 2.0)
+    torch.testing.assert_close(logits(model, ids), ref)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or n.endswith(".B"):
+                p.normal_(0, 0.05)
+    adapted = logits(model, ids)
+    assert (adapted - ref).abs().max() > 1e-3  # the adapters do act, on attention and experts
+    merge_lora(model)
+    assert not any("lora" in n or "parametrizations" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(logits(model, ids), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_bias_update_moves_against_load():
+    model = carved_tiny()
+    tracker = LoadTracker(model)
+    path = next(iter(tracker.counts))
+    tracker.counts[path].copy_(torch.tensor([10.0, 2.0, 3.0]))  # mean 5: expert 0 overloaded
+    tracker.update_bias(0.01)
+    bias = carved_layers(model)[path].router.bias
+    torch.testing.assert_close(bias, torch.tensor([-0.01, 0.01, 0.01]))
+    tracker.remove()
+
+
+def test_loss_goes_down_and_routing_is_observed():
+    model = carved_tiny()
+    train = random_windows(8, 32, seed=1)
+    cfg = FinetuneConfig(epochs=4, batch_size=4, lr=1e-2, router_lr=1e-2, lora_dropout=0.0, bias_gamma=1e-3)
+    report = finetune(model, cfg, train, eval_windows=train, progress=False)
+    assert report.steps == 8 and len(report.losses) == 8
+    assert report.ppl_after < 0.9 * report.ppl_before
+    assert report.load_before[0] >= 1.0 and report.load_after[0] >= 1.0
+    moes = carved_layers(model).values()
+    assert all(m.router.bias.abs().sum() > 0 for m in moes)  # the balancing bias moved
+    assert all(m.router.scale.abs().sum() > 0 for m in moes)  # the router scale was trained
+
+
+def test_merged_save_load_same_logits(tmp_path):
+    model, ids = carved_tiny("llama"), random_windows(2, 24, seed=5)
+    cfg = FinetuneConfig(epochs=2, batch_size=2, lr=5e-3, lora_dropout=0.1)
+    finetune(model, cfg, random_windows(4, 24, seed=2), merge=False, progress=False)
+    unmerged = logits(model, ids)
+    merge_lora(model)
+    torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-5, rtol=1e-5)
+    moecarve.save(model, tmp_path / "ft")
+    loaded = moecarve.load(tmp_path / "ft", dtype=torch.float32)
+    torch.testing.assert_close(logits(loaded, ids), unmerged, atol=1e-5, rtol=1e-5)
+    for (_, a), (_, b) in zip(carved_layers(model).items(), carved_layers(loaded).items()):
+        torch.testing.assert_close(a.router.bias, b.router.bias)  # the balancing bias is saved too
+
+
+def test_resume_continues_from_saved_step(tmp_path):
+    """An interrupted run resumed from its checkpoint ends exactly where an uninterrupted one does."""
+    train = random_windows(6, 16, seed=4)
+    cfg = FinetuneConfig(epochs=2, batch_size=2, lr=5e-3, lora_dropout=0.1, checkpoint_every=2)
+    full = carved_tiny()
+    done = finetune(full, cfg, train, checkpoint_dir=tmp_path / "a", progress=False)
+    assert done.steps == 6 and latest(tmp_path / "a").name == "step-000006"
+
+    part = carved_tiny()
+    first = finetune(part, replace(cfg, max_steps=3), train, checkpoint_dir=tmp_path / "b", progress=False)
+    assert first.steps == 3 and latest(tmp_path / "b").name == "step-000003"
+    resumed_model = carved_tiny()  # a fresh process: same carved starting point, new adapters
+    torch.manual_seed(123)  # a different RNG state must not matter: the checkpoint restores it
+    resumed = finetune(resumed_model, cfg, train, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
+    assert resumed.start_step == 3 and resumed.steps == 6 and len(resumed.losses) == 3
+    torch.testing.assert_close(resumed.losses, done.losses[3:])
+    full_sd, res_sd = full.state_dict(), resumed_model.state_dict()
+    for k in full_sd:
+        torch.testing.assert_close(res_sd[k], full_sd[k], atol=1e-6, rtol=1e-6)
+    with pytest.raises(FinetuneError, match="lr was"):  # resuming under other hyper-parameters fails
+        finetune(carved_tiny(), replace(cfg, lr=1e-3), train, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
+
+
+def test_gradient_checkpointing_gives_the_same_training():
+    train = random_windows(4, 16, seed=8)
+    cfg = FinetuneConfig(batch_size=2, lr=5e-3, lora_dropout=0.1)
+    calls = {}
+
+    def run(checkpointing: bool):
+        model = carved_tiny()
+        calls[checkpointing] = 0
+        moe = next(iter(carved_layers(model).values()))
+        # a pre-hook: the recompute stops early, once the last saved tensor is rebuilt
+        moe.register_forward_pre_hook(lambda *a: calls.__setitem__(checkpointing, calls[checkpointing] + 1))
+        return finetune(model, replace(cfg, gradient_checkpointing=checkpointing), train, progress=False)
+
+    plain, ckpt = run(False), run(True)
+    torch.testing.assert_close(ckpt.losses, plain.losses)
+    assert calls[True] > calls[False]  # the layers were really recomputed in backward
+
+
+def test_dense_model_finetunes_its_linear_layers():
+    model = tiny_model("gpt2")
+    ids = random_windows(2, 16, seed=6)
+    before = logits(model, ids)
+    finetune(model, FinetuneConfig(lr=1e-2, lora_dropout=0.0), random_windows(4, 16, seed=7), progress=False)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert (logits(model, ids) - before).abs().max() > 1e-4
+
+
+def test_cli_finetune_and_resume(tmp_path, reference_tokenizer):
+    """The CLI on a tiny carved model with the reference tokenizer: --max-steps stops with a
+    checkpoint, --resume finishes, the output is an ordinary carved folder with a finetune report."""
+    import json
+
+    from moecarve.cli import main
+    from tests.conftest import CALIB_TXT, TINY
+
+    data = tmp_path / "train.txt"  # a slice: tokenizing all of calib.txt would dominate the test
+    data.write_text(CALIB_TXT.read_text()[:20_000])
+    torch.manual_seed(0)
+    vocab = len(reference_tokenizer)
+    config = TINY["llama"]()
+    config.vocab_size = vocab  # the tiny llama, with the reference tokenizer's vocabulary
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    moecarve.carve(model, moecarve.CarveConfig.from_string("S2A2E8"), random_windows(2, 32, vocab=vocab), progress=False)
+    moecarve.save(model, tmp_path / "carved", tokenizer=reference_tokenizer)
+    args = ["finetune", str(tmp_path / "carved"), "--data", str(data), "--samples", "4", "--seqlen", "32",
+            "--heldout", "2", "--batch-size", "2", "--out", str(tmp_path / "ft"), "--device", "cpu"]  # fmt: skip
+    assert main(args + ["--max-steps", "1"]) == 0
+    assert (tmp_path / "ft.ckpt" / "step-000001").is_dir()
+    assert main(args + ["--overwrite", "--resume"]) == 0
+    report = json.loads((tmp_path / "ft" / "finetune_report.json").read_text())
+    assert report["start_step"] == 1 and report["steps"] == 2
+    loaded = moecarve.load(tmp_path / "ft")
+    assert loaded.config.moecarve["carve"]["n_active"] == 2
+    assert main(args + ["--lora-r", "0", "--overwrite"]) == 2  # a bad config: one line, exit 2

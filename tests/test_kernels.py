@@ -1,0 +1,344 @@
+"""Every fast path of the carved MoE layer equals the reference CarvedMoE forward.
+
+CPU path: in this process. Triton kernels: through the interpreter (TRITON_INTERPRET=1 on CPU
+tensors) in a child pytest process, since the variable must be set before triton is imported and
+must not leak into other tests. Real-GPU tests skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moecarve.kernels import moe_decode_cpu, route
+from moecarve.modules.fast import moe_tensors, use_kernels
+from moecarve.modules.moe import CarvedMoE, MoESpec
+
+IN_INTERPRETER = os.environ.get("MOECARVE_TRITON_CHILD") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+D = 64  # hidden size of the random layers
+
+
+def random_moe(
+    *, S: int = 1, E: int = 7, A: int = 1, m: int = 24, act: str = "silu", gated: bool = True,
+    in_bias: bool = False, out_bias: bool = False, router: str = "analytic", norm_topk_prob: bool = False,
+    hot: int | None = None, cold: tuple[int, ...] = (), dtype: torch.dtype = torch.float32, seed: int = 0,
+) -> CarvedMoE:  # fmt: skip
+    """A CarvedMoE with random weights (S shared, E routed of size m, top-A) whose outputs are O(1).
+
+    hot: expert every token picks first (a large router bias); cold: experts no token picks.
+    """
+    spec = MoESpec(
+        hidden_size=D, expert_size=m, n_shared=S, n_routed=E, top_k=A, act=act, gated=gated,
+        in_bias=in_bias, out_bias=out_bias, router=router, norm_topk_prob=norm_topk_prob,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    moe = CarvedMoE(spec)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        moe.router.scale.copy_(torch.randn(E, generator=g) * 0.5)  # exercise the combine weights
+        moe.router.bias.copy_(torch.randn(E, generator=g) * 1e-3)
+        if hot is not None:
+            moe.router.bias[hot] = 10.0
+        for e in cold:
+            moe.router.bias[e] = -10.0
+    return moe.to(dtype).eval()
+
+
+CASES = {
+    "s1a1": dict(),
+    "s0a1": dict(S=0),
+    "s2a2": dict(S=2, A=2, E=6),
+    "a_all": dict(S=1, A=7, E=7),  # A = E - S: every routed expert
+    "plain_gelu": dict(gated=False, act="gelu"),
+    "plain_relu_bias": dict(gated=False, act="relu", in_bias=True, out_bias=True, A=2),
+    "gated_bias": dict(in_bias=True, out_bias=True, A=3),
+    "gelu_tanh": dict(act="gelu_pytorch_tanh", A=2),
+    "s0_bias_only": dict(S=0, out_bias=True, A=2),
+    "linear": dict(router="linear", A=2),
+    "linear_norm": dict(router="linear", norm_topk_prob=True, A=3, S=0),
+    "one_hot_expert": dict(hot=3),
+    "cold_experts": dict(A=2, cold=(0, 2, 5)),
+}
+
+
+def reference(moe: CarvedMoE, x: torch.Tensor) -> torch.Tensor:
+    use_kernels(moe, "torch")
+    with torch.no_grad():
+        return moe(x)
+
+
+def fast(moe: CarvedMoE, x: torch.Tensor, backend: str) -> torch.Tensor:
+    use_kernels(moe, backend)
+    try:
+        with torch.no_grad():
+            return moe(x)
+    finally:
+        use_kernels(moe, "torch")
+
+
+# ----------------------------------------------------------------------------------------- CPU path
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("T", [1, 2, 5, 17])
+def test_cpu_path_matches_reference(case: str, T: int) -> None:
+    moe = random_moe(**CASES[case])
+    x = torch.randn(1, T, D, generator=torch.Generator().manual_seed(T))
+    torch.testing.assert_close(fast(moe, x, "cpu"), reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 3, 64])
+def test_cpu_function_any_T(T: int) -> None:
+    """moe_decode_cpu itself is right for any T (the module binding only uses it for small T)."""
+    moe = random_moe(S=1, A=2, in_bias=True, out_bias=True)
+    x = torch.randn(T, D)
+    torch.testing.assert_close(moe_decode_cpu(x, moe_tensors(moe)), reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
+def test_route_matches_module_routers() -> None:
+    x = torch.randn(9, D)
+    for case in ("s1a1", "a_all", "linear", "linear_norm", "plain_gelu"):
+        moe = random_moe(**CASES[case])
+        w, idx = route(x, moe_tensors(moe))
+        w_ref, idx_ref = moe.router(x)
+        assert torch.equal(idx, idx_ref)
+        torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_cpu_path_bfloat16(T: int) -> None:
+    moe = random_moe(S=1, A=2, dtype=torch.bfloat16)
+    x = torch.randn(T, D).bfloat16()
+    torch.testing.assert_close(fast(moe, x, "cpu"), reference(moe, x), atol=7e-2, rtol=2e-2)  # a few bf16 ulps
+
+
+def test_large_T_falls_back_to_reference() -> None:
+    moe = random_moe(A=2)
+    x = torch.randn(300, D)
+    assert torch.equal(fast(moe, x, "cpu"), reference(moe, x))
+
+
+def test_use_kernels_walks_switches_and_copies() -> None:
+    model = torch.nn.Sequential(random_moe(), torch.nn.Linear(D, D), random_moe(A=2))
+    assert use_kernels(model, "cpu") == 2
+    assert all(m.fast_forward is not None for m in (model[0], model[2]))
+    twin = copy.deepcopy(model)  # the hook is a module-level function: the copy runs its own weights
+    with torch.no_grad():
+        twin[0].experts.in_proj.mul_(2)
+    x = torch.randn(1, D)
+    with torch.no_grad():
+        assert not torch.allclose(twin[0](x), model[0](x))
+    assert use_kernels(model, "torch") == 2
+    assert model[0].fast_forward is None
+    assert "fast_forward" not in model.state_dict()
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        use_kernels(model, "cuda-magic")
+
+
+def test_autograd_falls_back_to_reference() -> None:
+    """With autograd recording the fast paths step aside, so training sees the reference ops."""
+    moe = random_moe(A=2)
+    x = torch.randn(1, D, requires_grad=True)
+    use_kernels(moe, "cpu")
+    moe(x).sum().backward()
+    g_fast = x.grad.clone()
+    x.grad = None
+    use_kernels(moe, "torch")
+    moe(x).sum().backward()
+    assert torch.equal(g_fast, x.grad)
+
+
+def test_functional_activations_match_transformers() -> None:
+    from transformers.activations import ACT2FN
+
+    from moecarve.modules.fast import FUNCTIONAL_ACTS
+
+    x = torch.randn(1000) * 4
+    for name, fn in FUNCTIONAL_ACTS.items():
+        assert torch.equal(fn(x), ACT2FN[name](x)), name
+
+
+def test_router_pack_follows_updates() -> None:
+    moe = random_moe()
+    x = torch.randn(1, D)
+    use_kernels(moe, "cpu")
+    with torch.no_grad():
+        moe(x)  # builds the packed router
+        moe.router.gate.mul_(-3.0)  # an in-place update (as an optimizer step) must be seen
+        torch.testing.assert_close(moe(x), reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------- Triton, through the interpreter
+
+
+@pytest.mark.skipif(IN_INTERPRETER or not HAS_TRITON, reason="parent side of the interpreter tests")
+def test_triton_interpreter() -> None:
+    """Run the test_tri_* tests below in a child process with TRITON_INTERPRET=1."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MOECARVE_TRITON_CHILD": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider"]
+    cmd += [__file__, "-k", "test_tri_"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " skipped" not in r.stdout, r.stdout[-2000:]
+
+
+needs_interpreter = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child")
+
+
+# the interpreter runs a kernel program in Python: every case at T = 1, the ones that change the
+# token/expert bookkeeping also at T = 5
+TRI_CASES = [(c, 1) for c in CASES] + [(c, 5) for c in ("s2a2", "a_all", "gated_bias", "linear_norm", "cold_experts")]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case,T", TRI_CASES)
+def test_tri_decode_matches_reference(case: str, T: int) -> None:
+    moe = random_moe(**CASES[case])
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+    torch.testing.assert_close(fast(moe, x, "triton"), reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+def test_tri_router_and_32_tokens() -> None:
+    from moecarve.kernels.triton_decode import route_triton
+
+    moe = random_moe(S=1, A=3, E=7, in_bias=True)
+    x = torch.randn(32, D)
+    w, idx = route_triton(x, moe_tensors(moe))
+    w_ref, idx_ref = moe.router(x)
+    assert torch.equal(idx.long(), idx_ref)
+    torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fast(moe, x, "triton"), reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case,T", [("s1a1", 40), ("gated_bias", 33), ("plain_relu_bias", 50), ("a_all", 40),
+                                    ("one_hot_expert", 40), ("cold_experts", 64)])  # fmt: skip
+def test_tri_prefill_matches_reference(case: str, T: int) -> None:
+    """Past 32 tokens the triton backend runs the grouped GEMM (expert-sorted, padded tiles)."""
+    moe = random_moe(**CASES[case])
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+    torch.testing.assert_close(fast(moe, x, "triton"), reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+def test_tri_align_by_expert() -> None:
+    from moecarve.kernels.triton_prefill import align_by_expert
+
+    idx = torch.tensor([[2, 0], [2, 3], [0, 2]])  # N = 6 slots, experts 0: 2, 2: 3, 3: 1, 1 and 4: none
+    slots, tiles = align_by_expert(idx, 5, 4)
+    assert slots.numel() % 4 == 0 and tiles.numel() == slots.numel() // 4
+    assert slots[:4].tolist() == [1, 4, 6, 6]  # expert 0's slots in order, padded with N
+    assert slots[4:8].tolist() == [0, 2, 5, 6] and slots[8:12].tolist() == [3, 6, 6, 6]
+    assert tiles.tolist()[:3] == [0, 2, 3] and all(e == 5 for e in tiles.tolist()[3:])
+
+
+@needs_interpreter
+def test_tri_bfloat16() -> None:
+    moe = random_moe(S=1, A=2, dtype=torch.bfloat16)
+    for T in (3, 40):  # decode and prefill kernels
+        x = torch.randn(T, D).bfloat16()
+        torch.testing.assert_close(fast(moe, x, "triton"), reference(moe, x), atol=7e-2, rtol=2e-2)  # a few bf16 ulps
+
+
+@needs_interpreter
+def test_tri_custom_ops_are_well_formed() -> None:
+    """The ops have consistent fake (meta) kernels, so torch.compile can trace around them."""
+    from moecarve.kernels import triton_decode as td
+
+    t = moe_tensors(random_moe(S=1, A=2, in_bias=True, out_bias=True))
+    x = torch.randn(2, D)
+    w, idx = td.route_triton(x, t)
+    checks = ("test_schema", "test_faketensor")
+    args = (x, t.router_gate, t.router_up, t.router_scale, t.router_bias, 2, True, False, "silu")
+    torch.library.opcheck(td.route_op, args, test_utils=checks)
+    args = (x, idx, w, t.in_proj, t.out_proj, t.in_bias, t.shared_in, t.shared_out, t.shared_in_bias, t.out_bias)
+    args += (True, "silu")
+    torch.library.opcheck(td.experts_op, args, test_utils=checks)
+
+
+@needs_interpreter
+def test_tri_traces_without_graph_breaks() -> None:
+    """Dynamo traces the whole Triton-backed layer as one graph (the kernels are opaque ops)."""
+    moe = random_moe(S=1, A=2)
+    x = torch.randn(3, D)
+    ref = reference(moe, x)
+    use_kernels(moe, "triton")
+    with torch.no_grad():
+        out = torch.compile(moe, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(IN_INTERPRETER or not HAS_TRITON, reason="needs triton")
+def test_triton_kernels_compile_for_sm90() -> None:
+    """The bf16 kernels type-check and assemble for an H100 (Triton's bundled ptxas; no GPU needed)."""
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton has no CUDA backend")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from moecarve.kernels import triton_decode as td
+    from moecarve.kernels import triton_prefill as tp
+
+    def build(kernel, consts: dict, ints: tuple[str, ...], int32_ptrs: tuple[str, ...] = ()) -> None:
+        sig = {}
+        for n in kernel.arg_names:
+            sig[n] = "constexpr" if n in consts else "i32" if n in ints else "*i32" if n in int32_ptrs else "*bf16"
+        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32))
+
+    dot = dict(DOT_PREC="tf32", UPCAST=False)
+    build(td._router_kernel, dict(A=2, ANALYTIC=True, HAS_UP=True, NORM_TOPK=False, ACT=0, BLOCK_E=8, BLOCK_K=128),
+          ("E", "D"), ("idx_out_ptr",))  # fmt: skip
+    up = dict(T=1, A=2, GATED=True, HAS_BIAS=True, ACT=0, BLOCK_T=16, BLOCK_A=2, BLOCK_M=16, BLOCK_K=128, **dot)
+    build(td._up_kernel, up, ("D", "M", "NS", "E", "stride_we", "stride_be"), ("idx_ptr",))  # T = 1: batch-1 decode
+    down = dict(A=2, HAS_SHARED=True, HAS_BIAS=True, BLOCK_T=16, BLOCK_A=2, BLOCK_N=16, BLOCK_K=64, **dot)
+    build(td._down_kernel, down, ("T", "D", "M", "NS", "E", "stride_we"), ("idx_ptr",))
+    build(tp._gemm_up_kernel, dict(A=2, GATED=True, HAS_BIAS=False, ACT=3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, **dot),
+          ("N", "D", "M", "E", "stride_we", "stride_be"), ("slots_ptr", "tile_expert_ptr"))  # fmt: skip
+    build(tp._gemm_down_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, **dot),
+          ("N", "D", "M", "E", "stride_we"), ("slots_ptr", "tile_expert_ptr"))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- real GPU
+
+needs_cuda = pytest.mark.skipif(
+    IN_INTERPRETER or not HAS_TRITON or not torch.cuda.is_available(), reason="needs a CUDA GPU"
+)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 3, 8, 32])
+@pytest.mark.parametrize("case", ["s1a1", "a_all", "plain_relu_bias", "linear_norm", "one_hot_expert"])
+def test_gpu_triton_decode(case: str, T: int, dtype: torch.dtype) -> None:
+    moe = random_moe(**CASES[case], m=160, dtype=dtype).cuda()
+    x = torch.randn(T, D, device="cuda", dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fast(moe, x, "triton"), reference(moe, x), atol=tol, rtol=tol)
+
+
+@needs_cuda
+def test_gpu_auto_backend_is_graph_capturable_and_compiles() -> None:
+    moe = random_moe(S=1, A=2, dtype=torch.bfloat16).cuda()
+    x = torch.randn(4, D, device="cuda", dtype=torch.bfloat16)
+    ref = reference(moe, x)
+    use_kernels(moe, "auto")
+    with torch.no_grad():
+        moe(x)  # compile the kernels before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = moe(x)
+        graph.replay()
+        torch.testing.assert_close(out, ref, atol=7e-2, rtol=2e-2)  # a few bf16 ulps
+        compiled = torch.compile(moe, fullgraph=True)
+        torch.testing.assert_close(compiled(x), ref, atol=7e-2, rtol=2e-2)  # a few bf16 ulps

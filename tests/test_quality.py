@@ -1,0 +1,143 @@
+"""The "fitted" carving method: |h|-profile grouping, fitted router, ridge refit, oracle diagnostics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moecarve
+from moecarve.carve import carve
+from moecarve.carving.ffn import DenseFFN
+from moecarve.carving.methods import carve_ffn
+from moecarve.carving.oracle import NeuronOracleFFN, OracleRouter, expert_mass, oracle_indices, router_recall
+from moecarve.carving.profile_grouping import group_by_profiles
+from moecarve.carving.reconstruct import keep_mask, refit_down
+from moecarve.config import CarveConfig, ConfigError
+from moecarve.modules.moe import AnalyticRouter, FittedRouter
+from tests.conftest import random_windows, tiny_model
+
+
+def random_ffn(d: int = 32, inter: int = 64, seed: int = 0) -> DenseFFN:
+    g = torch.Generator().manual_seed(seed)
+    return DenseFFN(
+        gate=torch.randn(inter, d, generator=g) / d**0.5,
+        up=torch.randn(inter, d, generator=g) / d**0.5,
+        down=torch.randn(d, inter, generator=g) / inter**0.5,
+        act="silu",
+    )
+
+
+def planted_ffn(n_clusters: int = 4, per: int = 8, d: int = 16, seed: int = 0) -> tuple[DenseFFN, torch.Tensor]:
+    """An FFN whose neurons form n_clusters co-active blocks: block j reads only input direction j.
+
+    Returns the FFN and each neuron's planted block [I]. A token along direction j activates block j
+    alone, so the grouping must recover the blocks and the router must pick block j.
+    """
+    g = torch.Generator().manual_seed(seed)
+    inter = n_clusters * per
+    block = torch.randperm(inter, generator=g) % n_clusters  # shuffled so that order gives nothing away
+    gate = 0.05 * torch.randn(inter, d, generator=g)
+    up = 0.05 * torch.randn(inter, d, generator=g)
+    gate[torch.arange(inter), block] += 2.0
+    up[torch.arange(inter), block] += 1.0 + torch.rand(inter, generator=g)
+    return DenseFFN(gate=gate, up=up, down=torch.randn(d, inter, generator=g) / inter**0.5, act="silu"), block
+
+
+def planted_tokens(n: int, n_clusters: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    which = torch.randint(n_clusters, (n,), generator=g)
+    x = 0.1 * torch.randn(n, d, generator=g)
+    x[torch.arange(n), which] += 1.0 + torch.rand(n, generator=g)
+    return x, which
+
+
+def test_config_accepts_fitted_and_validates_its_fields():
+    cfg = CarveConfig.from_string("S0A16E64", method="fitted")
+    assert cfg.n_routed == 64 and cfg.active_fraction == 0.25
+    for bad in (dict(profile_iters=0), dict(probes_per_expert=-1), dict(holdout=1.0), dict(method="nope")):
+        with pytest.raises(ConfigError):
+            CarveConfig.from_string("S2A2E8", **bad)
+
+
+def test_profile_grouping_recovers_planted_blocks_and_is_balanced():
+    ffn, block = planted_ffn()
+    x, _ = planted_tokens(512, 4, 16, seed=1)
+    grouping = group_by_profiles(ffn.hidden(x), n_shared=0, n_routed=4, iters=5)
+    assert sorted(grouping.experts.reshape(-1).tolist()) == list(range(32))  # a partition, 8 each
+    for row in grouping.experts:
+        assert block[row].unique().numel() == 1  # each expert is one planted block
+
+
+def test_fitted_router_matches_the_oracle_where_it_must():
+    ffn, _ = planted_ffn()
+    x, _ = planted_tokens(1024, 4, 16, seed=1)
+    moe, report = carve_ffn(ffn, x, CarveConfig.from_string("S0A1E4", method="fitted", refit=False))
+    assert isinstance(moe.router, FittedRouter)
+    x_new, which = planted_tokens(512, 4, 16, seed=2)  # fresh tokens
+    _, idx = moe.router(x_new)
+    oracle = oracle_indices(expert_mass(ffn.hidden(x_new).abs(), moe_groups(moe, ffn)), 1)
+    assert router_recall(idx, oracle, 4) == 1.0
+    assert report.router_recall == 1.0
+
+
+def moe_groups(moe, ffn: DenseFFN) -> torch.Tensor:
+    """Recover each routed expert's neuron indices [E, m] by matching its gate rows to the FFN's."""
+    m = moe.spec.expert_size
+    rows = moe.experts.in_proj[:, :m]  # [E, m, d] gate rows
+    return torch.cdist(rows.reshape(-1, rows.shape[-1]), ffn.gate).argmin(dim=-1).view(-1, m)
+
+
+def test_refit_lowers_the_reconstruction_error():
+    ffn = random_ffn()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2048, 32, generator=g)
+    h = ffn.hidden(x)
+    experts = torch.randperm(64, generator=g).view(8, 8)
+    idx = torch.randint(8, (2048, 3), generator=g)
+    keep = keep_mask(64, torch.zeros(0, dtype=torch.long), experts, idx)
+    assert keep.sum(dim=1).le(24).all() and keep.sum(dim=1).ge(8).all()
+    y = h @ ffn.down.t()
+
+    def err(w):
+        return float(((h * keep) @ w.t() - y).pow(2).sum() / y.pow(2).sum())
+
+    refit = refit_down(h, keep, ffn.down, holdout=0.25)
+    assert refit.heldout_after < refit.heldout_before  # better on tokens the fit did not see
+    assert err(refit.down) < err(ffn.down)  # and on the calibration tokens (ridge towards W_0 cannot do worse)
+
+
+def test_oracle_routing_with_every_expert_on_equals_dense():
+    ffn = random_ffn()
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(4))
+    moe, _ = carve_ffn(ffn, x, CarveConfig.from_string("S1A7E8", method="fitted", refit=False))
+    moe.router = OracleRouter(moe.experts, top_k=7)
+    torch.testing.assert_close(moe(x), ffn(x), atol=1e-5, rtol=1e-4)
+
+
+def test_neuron_oracle_keeps_everything_at_full_fraction_and_drops_at_half():
+    ffn = random_ffn()
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(NeuronOracleFFN(ffn, 1.0)(x), ffn(x), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(NeuronOracleFFN(ffn, 0.5)(x), ffn(x), atol=1e-4)
+
+
+def test_cmoe_method_is_untouched():
+    ffn = random_ffn()
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(6))
+    moe, report = carve_ffn(ffn, x, CarveConfig.from_string("S2A2E8", k_act=4))
+    assert isinstance(moe.router, AnalyticRouter)
+    assert report.router_recall is None and report.refit_error is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fitted_carve_saves_and_reloads(arch, tmp_path):
+    model = tiny_model(arch)
+    ids = random_windows(1, 16)
+    cfg = CarveConfig.from_string("S1A2E8", method="fitted")
+    report = carve(model, cfg, random_windows(4, 64), device="cpu", progress=False)
+    assert all(0.0 <= r.router_recall <= 1.0 for r in report.layers)
+    entries = [e for e in model.config.moecarve["modules"].values() if e["type"] == "moe"]
+    assert len(entries) == 2 and all(e["router"] == "fitted" and e["router_probes"] == 2 * 7 for e in entries)
+    moecarve.save(model, tmp_path / arch, report=report)
+    loaded = moecarve.load(tmp_path / arch)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
