@@ -32,7 +32,7 @@ demo: install
 	    --samples 8 --seqlen 2048 $(if $(EVAL),--eval $(EVAL) --eval-chars 200000 --eval-seqlen 512)
 
 test: install-test
-	$(BIN)/python -m pytest -x -q
+	$(BIN)/python -m pytest -x
 
 clean:
 	rm -rf out .pytest_cache

@@ -58,9 +58,14 @@ def _non_layer_modules(model: nn.Module, layers: nn.ModuleList) -> list[nn.Modul
 
 
 @torch.no_grad()
-def first_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> LayerInputs:
-    """Run the embeddings on each window [N, L] and capture what layer 0 receives."""
-    layers = adapters.decoder_layers(model)
+def first_layer_inputs(
+    model: nn.Module, windows: torch.Tensor, device: torch.device, layers: nn.ModuleList | None = None
+) -> LayerInputs:
+    """Run the embeddings on each window [N, L] and capture what layer 0 receives.
+
+    `layers` is the decoder stack (default: where the adapter table says it is).
+    """
+    layers = adapters.decoder_layers(model) if layers is None else layers
     captured: dict = {}
 
     def hook(module, args, kwargs):

@@ -60,7 +60,8 @@ class CarveReport:
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(total parameters, parameters active per token): unselected routed experts do not count.
+    """(total parameters, parameters active per token) of a model or any submodule:
+    unselected routed experts do not count.
 
     Tied embeddings count once (parameters() deduplicates shared tensors).
     """

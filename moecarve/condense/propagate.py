@@ -9,12 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import capture
 from ..capture import LayerInputs
 from .config import CondenseError
-
-
-class _Stop(Exception):
-    """Raised by the hook on layer 0 once its inputs are captured."""
 
 
 def decoder_layers(model: nn.Module, moe_path: str) -> tuple[str, nn.ModuleList]:
@@ -27,31 +24,9 @@ def decoder_layers(model: nn.Module, moe_path: str) -> tuple[str, nn.ModuleList]
     raise CondenseError(f"cannot find the decoder layer list holding {moe_path}")
 
 
-@torch.no_grad()
 def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor) -> LayerInputs:
     """Embed each window [N, L] and capture what layer 0 receives (hidden [N, L, d] + arguments)."""
-    captured: dict = {}
-
-    def hook(module, args, kwargs):
-        captured.setdefault("hidden", []).append(args[0] if args else kwargs.pop("hidden_states"))
-        kwargs.pop("hidden_states", None)
-        captured["args"], captured["kwargs"] = args[1:], kwargs
-        raise _Stop
-
-    device = next(model.parameters()).device
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for w in windows:
-            try:
-                model(input_ids=w.unsqueeze(0).to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    drop = ("past_key_values", "past_key_value", "layer_past")
-    kwargs = {k: v for k, v in captured["kwargs"].items() if k not in drop}
-    kwargs["use_cache"] = False
-    return LayerInputs(hidden=torch.cat(captured["hidden"]), args=captured["args"], kwargs=kwargs)
+    return capture.first_layer_inputs(model, windows, next(model.parameters()).device, layers=layers)
 
 
 @torch.no_grad()

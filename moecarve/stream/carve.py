@@ -31,14 +31,13 @@ from tqdm.auto import tqdm
 
 from .. import adapters
 from ..capture import first_layer_inputs
-from ..carve import MOECARVE_FORMAT, CarveReport, carve_layer, default_device, module_entry, validate
+from ..carve import MOECARVE_FORMAT, CarveReport, carve_layer, count_params, default_device, module_entry, validate
 from ..carving.methods import LayerReport
 from ..config import CarveConfig
 from ..errors import MoecarveError
 from ..io.atomic import atomic_dir, check_output
 from ..io.remote import write_modeling_file
 from ..io.save import REPORT_FILE, base_class_name
-from ..modules.moe import CarvedMoE
 from .shards import parse_size, write_shards
 from .skeleton import StreamedModel, empty_module, outside_state_names
 
@@ -82,18 +81,6 @@ def fingerprint(model_path: str | Path, cfg: CarveConfig, windows: torch.Tensor,
         "windows_shape": list(windows.shape),
         "dtype": str(dtype),
     }
-
-
-def _layer_counts(layer: torch.nn.Module) -> tuple[int, int]:
-    """(parameters, parameters of unselected routed experts) of one carved layer (as count_params)."""
-    total = sum(p.numel() for p in layer.parameters())
-    inactive = 0
-    for mod in layer.modules():
-        if isinstance(mod, CarvedMoE):
-            e = mod.experts
-            per_expert = sum(p[0].numel() for p in (e.in_proj, e.out_proj, e.in_bias) if p is not None)
-            inactive += (mod.spec.n_routed - mod.spec.top_k) * per_expert
-    return total, inactive
 
 
 def _open_state(part: Path, fp: dict, resume: bool, overwrite: bool) -> dict:
@@ -192,7 +179,7 @@ def _carve_layers(src: StreamedModel, cfg, calibration, part: Path, state: dict,
             installed, layer_report = carve_layer(model, i, inputs, cfg, device)  # as moecarve.carve does
             prefix = f"{src._prefix}.{i}."
             _save_atomic({prefix + k: v for k, v in layers[i].state_dict().items()}, part / layer_file(i))
-            n_params, inactive = _layer_counts(layers[i])
+            n_params, active = count_params(layers[i])
             empty_module(layers[i])  # the carved layer is on disk now
         _save_atomic({"hidden": inputs.hidden}, part / HIDDEN_FILE)
         layer_report.seconds = time.perf_counter() - t_layer
@@ -200,7 +187,7 @@ def _carve_layers(src: StreamedModel, cfg, calibration, part: Path, state: dict,
         state["layers"].append(asdict(layer_report))
         state["modules"].update({path: module_entry(m) for path, m in installed.items()})
         state["params_layers"] += n_params
-        state["inactive"] += inactive
+        state["inactive"] += n_params - active
         state["done"] = i + 1
         state["seconds"] += layer_report.seconds
         _write_json_atomic(state, part / STATE_FILE)  # last: the layer counts as done only now
