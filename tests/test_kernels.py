@@ -88,14 +88,14 @@ def fast(moe: CarvedMoE, x: torch.Tensor, backend: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("T", [1, 2, 5, 17])
+@pytest.mark.parametrize("T", [1, 2, 4])  # the binding takes T <= CPU_MAX_TOKENS; any_T below covers more
 def test_cpu_path_matches_reference(case: str, T: int) -> None:
     moe = random_moe(**CASES[case])
     x = torch.randn(1, T, D, generator=torch.Generator().manual_seed(T))
     torch.testing.assert_close(fast(moe, x, "cpu"), reference(moe, x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("T", [1, 3, 64])
+@pytest.mark.parametrize("T", [1, 3, 17, 64])
 def test_cpu_function_any_T(T: int) -> None:
     """moe_decode_cpu itself is right for any T (the module binding only uses it for small T)."""
     moe = random_moe(S=1, A=2, in_bias=True, out_bias=True)
@@ -173,6 +173,10 @@ def test_router_pack_follows_updates() -> None:
     with torch.no_grad():
         moe(x)  # builds the packed router
         moe.router.gate.mul_(-3.0)  # an in-place update (as an optimizer step) must be seen
+        torch.testing.assert_close(moe(x), reference(moe, x), atol=1e-5, rtol=1e-5)
+        use_kernels(moe, "cpu")
+        moe(x)
+        moe.router.bias = torch.zeros(7).index_fill_(0, torch.tensor([5]), 10.0)  # a new buffer (.to() does this)
         torch.testing.assert_close(moe(x), reference(moe, x), atol=1e-5, rtol=1e-5)
 
 

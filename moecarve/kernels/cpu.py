@@ -10,7 +10,8 @@ sizes is the same order as a GEMV). Hence:
     the sum over experts into the GEMM;
   * one loop over the A (T = 1) or the hit (T > 1) experts, never over tokens, and no
     scatter-add (see below);
-  * slices instead of chunk, functional activations (the binding passes F.silu, not a module).
+  * slices instead of chunk, functional activations (the binding passes F.silu, not a module);
+  * bf16/fp16 GEMVs on ATen's GEMM rather than oneDNN (see moe_decode_cpu).
 For larger T the reference's sorted grouped-mm is one C++ call over all groups and wins;
 `use_cpu_path` says where the switch is.
 
@@ -28,7 +29,10 @@ from .tensors import MoETensors, route, router_logits
 
 # Largest T taken by this path; above it the reference grouped-mm forward is as fast or faster
 # (2-core Zen 4, reference-model shapes, float32; see bench/speed.py and bench/RESULTS.md).
-CPU_MAX_TOKENS = 2
+CPU_MAX_TOKENS = 4
+
+
+_HAS_MKLDNN_SWITCH = hasattr(torch._C, "_get_mkldnn_enabled") and hasattr(torch._C, "_set_mkldnn_enabled")
 
 
 def use_cpu_path(n_tokens: int) -> bool:
@@ -85,7 +89,24 @@ def _route_one(x: torch.Tensor, t: MoETensors) -> tuple[list[int], list[float]]:
 
 
 def moe_decode_cpu(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
-    """The carved FFN for a few tokens: x [T, d] -> [T, d], same maths as CarvedMoE.forward."""
+    """The carved FFN for a few tokens: x [T, d] -> [T, d], same maths as CarvedMoE.forward.
+
+    bf16/fp16: the GEMVs run on ATen's own reduced-precision GEMM instead of oneDNN, whose
+    per-call set-up (~20 us) costs more than an expert's GEMV at these sizes (measured on Zen 4:
+    S1A1E8 at reference-model shapes 290 -> 140 us per layer). Both accumulate in float32. The
+    switch is process-global, so it is set for this call only.
+    """
+    if x.dtype == torch.float32 or not _HAS_MKLDNN_SWITCH:
+        return _decode(x, t)
+    prev = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return _decode(x, t)
+    finally:
+        torch._C._set_mkldnn_enabled(prev)
+
+
+def _decode(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
     if x.shape[0] == 1:
         idx, ws = _route_one(x, t)
         y = _shared(x, t)
@@ -94,8 +115,9 @@ def moe_decode_cpu(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
         return y
 
     # T > 1: slots sorted by expert, one GEMM pair per expert that any token picked. Each slot's
-    # output is copied to its place and the A slots of a token summed: index_add_ (a scatter-add)
-    # costs milliseconds on CPU with 2+ threads in torch 2.13, index_copy_ microseconds.
+    # output is copied to its place and the A slots of a token summed (no scatter-add: index_add_
+    # opens a thread-parallel region even for a few rows, and on a shared 2-core machine that was
+    # seen to stall for milliseconds; index_copy_ of a few rows stays single-threaded).
     weights, idx = route(x, t)  # [T, A], [T, A]
     T, A = idx.shape
     flat = idx.reshape(-1)  # [T*A]

@@ -78,6 +78,21 @@ def moe_tensors(moe: nn.Module, pack_router: bool = False) -> MoETensors:
     )  # fmt: skip
 
 
+def _cached_tensors(moe: nn.Module) -> MoETensors:
+    """moe_tensors(moe, pack_router=True), built once per module (use_kernels drops it): the
+    fields are the Parameter objects themselves, so in-place updates and .to() are seen. The router
+    bias is a buffer, which .to() replaces, and the packed router a derived copy: both are looked
+    up again per call. Saves ~10 us of nn.Module attribute lookups per layer and token."""
+    t = moe.__dict__.get("_moecarve_tensors")
+    if t is None:
+        t = moe.__dict__["_moecarve_tensors"] = moe_tensors(moe)
+    r = moe.router
+    t.router_bias = r.bias
+    if t.router == "analytic":
+        t.router_packed = _router_pack(r)
+    return t
+
+
 def _recording(x: torch.Tensor, moe: nn.Module) -> bool:
     """Autograd is recording this call: the fast paths (Python-float weights, custom ops without
     backward) leave it to the reference ops."""
@@ -88,7 +103,7 @@ def _cpu_forward(moe: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | 
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     if x.shape[0] == 0 or not use_cpu_path(x.shape[0]) or _recording(x, moe):
         return None
-    return moe_decode_cpu(x, moe_tensors(moe, pack_router=True)).view(hidden_states.shape)
+    return moe_decode_cpu(x, _cached_tensors(moe)).view(hidden_states.shape)
 
 
 _TRITON: tuple | None = None  # (triton_decode, triton_prefill) once use_kernels has imported them
@@ -142,7 +157,8 @@ _FORWARDS = {"torch": None, "cpu": _cpu_forward, "triton": _triton_forward, "aut
 def use_kernels(model: nn.Module, backend: str = "auto") -> int:
     """Route every CarvedMoE in `model` through `backend`; returns how many modules were set.
 
-    Call again with another backend to switch, or with "torch" to restore the reference forward.
+    Call again with another backend to switch, or with "torch" to restore the reference forward,
+    and after replacing (not updating in place) any parameter of a carved layer.
     """
     if backend not in _FORWARDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -154,5 +170,6 @@ def use_kernels(model: nn.Module, backend: str = "auto") -> int:
         # the kernels implement the analytic and linear routers; others keep the reference forward
         if is_carved_moe(module) and module.spec.router in KERNEL_ROUTERS:
             module.fast_forward = _FORWARDS[backend]
+            module.__dict__.pop("_moecarve_tensors", None)  # rebuilt from the current parameters
             n += 1
     return n
