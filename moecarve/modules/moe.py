@@ -45,6 +45,14 @@ class MoESpec:
         return cls(**d)
 
 
+def glu(h: torch.Tensor, act, gated: bool) -> torch.Tensor:
+    """act(gate) * up for gated MLPs (h = [gate | up] along the last dim), else act(h)."""
+    if not gated:
+        return act(h)
+    g, u = h.chunk(2, dim=-1)
+    return act(g) * u
+
+
 class SharedExpert(nn.Module):
     """The N_s shared experts as one MLP of n = N_s * m neurons (always on, weight 1)."""
 
@@ -60,11 +68,7 @@ class SharedExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, d]
         h = F.linear(x, self.in_proj, self.in_bias)
-        if self.gated:
-            g, u = h.chunk(2, dim=-1)
-            h = self.act(g) * u
-        else:
-            h = self.act(h)
+        h = glu(h, self.act, self.gated)
         return F.linear(h, self.out_proj)
 
 
@@ -156,11 +160,7 @@ class FittedRouter(nn.Module):
         feats = x
         if self.probe is not None:
             h = F.linear(x, self.probe, self.probe_bias)
-            if self.gated:
-                g, u = h.chunk(2, dim=-1)
-                h = self.act(g) * u
-            else:
-                h = self.act(h)
+            h = glu(h, self.act, self.gated)
             feats = torch.cat([x, h.abs()], dim=-1)
         return F.linear(feats, self.weight, self.score_bias).float()
 
@@ -223,11 +223,7 @@ class RoutedExperts(nn.Module):
         h = grouped_linear(x[token], self.in_proj, expert, offs)  # [T*A, 2m]
         if self.in_bias is not None:
             h = h + self.in_bias[expert]
-        if self.gated:
-            g, u = h.chunk(2, dim=-1)
-            h = self.act(g) * u
-        else:
-            h = self.act(h)
+        h = glu(h, self.act, self.gated)
         o = grouped_linear(h, self.out_proj, expert, offs)  # [T*A, d]
         o = o * weights.reshape(-1)[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token, o)
