@@ -121,6 +121,12 @@ def max_positions(config) -> int | None:
     return None
 
 
+def clip_seqlen(config, seqlen: int) -> int:
+    """seqlen, clipped to the model's maximum positions where the config has one."""
+    limit = max_positions(config)
+    return min(seqlen, limit) if limit else seqlen
+
+
 def mlp_path(config, layer_index: int) -> str:
     """Dotted path from the model to layer i's MLP module (or to the layer, for OPT)."""
     a = adapter_for(config)

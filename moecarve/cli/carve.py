@@ -71,12 +71,9 @@ def run(args) -> int:
     if wants_streaming(args):  # larger than memory: one decoder layer at a time from disk
         return run_streamed(args, cfg, calib_cfg, calib_text, eval_text) or export_carved(args)
     model, tok = load_any(args.model, args.dtype, args.device)
-    adapters.adapter_for(model)
-    seqlen = min(calib_cfg.seqlen, adapters.max_positions(model.config) or calib_cfg.seqlen)
-    windows = tokenize_windows(tok, calib_text, calib_cfg.n_samples, seqlen, calib_cfg.seed)
+    windows, ev = prepare_windows(args, model.config, tok, calib_cfg, calib_text, eval_text)
     ppl_dense = ppl_carved = None
     if eval_text is not None:
-        ev = test_windows(tok, eval_text, min(args.eval_seqlen, adapters.max_positions(model.config) or args.eval_seqlen), args.eval_chars)
         with console.status("perplexity of the dense model"):
             ppl_dense = perplexity(model, ev, batch_size=8)
     console.print(f"carving [bold]{args.model}[/] at [bold]{cfg.name}[/] on {windows.shape[0]}x{windows.shape[1]} calibration tokens")
@@ -88,6 +85,17 @@ def run(args) -> int:
     print_summary(report, ppl_dense, ppl_carved)
     console.print(f"saved to [bold]{args.out}[/]")
     return export_carved(args)
+
+
+def prepare_windows(args, config, tok, calib_cfg, calib_text, eval_text):
+    """(calibration windows, --eval windows or None), both clipped to the model's max positions."""
+    adapters.adapter_for(config)
+    seqlen = adapters.clip_seqlen(config, calib_cfg.seqlen)
+    windows = tokenize_windows(tok, calib_text, calib_cfg.n_samples, seqlen, calib_cfg.seed)
+    ev = None
+    if eval_text is not None:
+        ev = test_windows(tok, eval_text, adapters.clip_seqlen(config, args.eval_seqlen), args.eval_chars)
+    return windows, ev
 
 
 def check_export_args(args) -> None:
@@ -154,11 +162,9 @@ def run_streamed(args, cfg, calib_cfg, calib_text, eval_text) -> int:
     config = AutoConfig.from_pretrained(args.model)
     adapters.adapter_for(config)
     tok = AutoTokenizer.from_pretrained(args.model)
-    max_pos = adapters.max_positions(config)
-    windows = tokenize_windows(tok, calib_text, calib_cfg.n_samples, min(calib_cfg.seqlen, max_pos or calib_cfg.seqlen), calib_cfg.seed)
+    windows, ev = prepare_windows(args, config, tok, calib_cfg, calib_text, eval_text)
     ppl_dense = ppl_carved = None
     if eval_text is not None:
-        ev = test_windows(tok, eval_text, min(args.eval_seqlen, max_pos or args.eval_seqlen), args.eval_chars)
         with console.status("perplexity of the dense model (layer by layer)"):
             ppl_dense = layerwise_perplexity(args.model, ev, device, dtype=dtype, allow_pickle=args.allow_pickle)
     console.print(f"carving [bold]{args.model}[/] at [bold]{cfg.name}[/] on {windows.shape[0]}x{windows.shape[1]} calibration tokens, streamed layer by layer")

@@ -57,11 +57,10 @@ def run(args) -> int:
     eval_text = read_text(args.eval_text) if args.eval_text else None
     torch.manual_seed(args.seed)
     model, tok = load_any(args.model, args.dtype, args.device)
-    max_pos = adapters.max_positions(model.config)
-    windows = load_windows(tok, calib_cfg, max_pos)
+    windows = load_windows(tok, calib_cfg, adapters.max_positions(model.config))
     ppl = {}
     if eval_text is not None:
-        ev = test_windows(tok, eval_text, min(args.eval_seqlen, max_pos or args.eval_seqlen), args.eval_chars)
+        ev = test_windows(tok, eval_text, adapters.clip_seqlen(model.config, args.eval_seqlen), args.eval_chars)
         with console.status("perplexity before"):
             ppl["before"] = perplexity(model, ev, batch_size=8)
     console.print(f"condensing [bold]{args.model}[/]: {cfg.n_layers} layers, R={cfg.n_experts}, beam {cfg.beam}, "

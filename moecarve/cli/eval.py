@@ -100,7 +100,7 @@ def _layerwise(args, layerwise_perplexity, text: str) -> PerplexityResult:
     from .. import adapters
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    seqlen = min(args.seqlen, adapters.max_positions(AutoConfig.from_pretrained(args.model)) or args.seqlen)
+    seqlen = adapters.clip_seqlen(AutoConfig.from_pretrained(args.model), args.seqlen)
     windows = eval_windows(tok, args.ppl, seqlen, args.max_chars, text)
     with console.status("layer-wise perplexity"):
         ppl = float(layerwise_perplexity(args.model, windows, resolve_device(args.device)))

@@ -72,13 +72,12 @@ def run(args) -> int:
     eval_text = read_text(args.eval_text) if args.eval_text else None
     torch.manual_seed(args.seed)
     model, tok = load_any(args.model, args.dtype, args.device)
-    max_pos = adapters.max_positions(model.config)
-    seqlen = min(args.seqlen, max_pos) if max_pos else args.seqlen
+    seqlen = adapters.clip_seqlen(model.config, args.seqlen)
     all_windows = tokenize_windows(tok, text, args.samples + args.heldout, seqlen, args.seed)
     held, train = all_windows[: args.heldout], all_windows[args.heldout :]
     ev = None
     if eval_text is not None:
-        ev = test_windows(tok, eval_text, min(args.eval_seqlen, max_pos or args.eval_seqlen), args.eval_chars)
+        ev = test_windows(tok, eval_text, adapters.clip_seqlen(model.config, args.eval_seqlen), args.eval_chars)
         with console.status("perplexity on --eval before fine-tuning"):
             ev_before = eval_text_metrics(model, ev, args.batch_size)
     console.print(f"fine-tuning [bold]{args.model}[/] on {train.shape[0]}x{train.shape[1]} tokens, {cfg.epochs} epoch(s)")

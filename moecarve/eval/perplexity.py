@@ -89,7 +89,7 @@ def eval_perplexity(
     """
     from .. import adapters
 
-    seqlen = min(seqlen, adapters.max_positions(model.config) or seqlen)
+    seqlen = adapters.clip_seqlen(model.config, seqlen)
     windows = eval_windows(tokenizer, source, seqlen, max_chars, text)
     ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
     return PerplexityResult(source, seqlen, windows.shape[0], windows.shape[0] * (seqlen - 1), ppl)
