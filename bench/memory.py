@@ -2,18 +2,23 @@
 
 Builds a random LLaMA-architecture model (default 12 layers, hidden 1536, intermediate 4096,
 float32, ~1.4 GB on disk), then carves it on the CPU at S2A2E8 with 4x512 calibration tokens,
-each way in a fresh subprocess, and prints peak RSS (VmHWM of /proc/self/status; not
-ru_maxrss, which a child inherits from its parent across exec) and time.
+each method and mode in a fresh subprocess (one thread), and prints peak RSS (VmHWM of
+/proc/self/status; not ru_maxrss, which a child inherits from its parent across exec) and time.
 "peak" is the whole process; "peak - imports" subtracts the RSS after importing torch,
 transformers and moecarve (the same for any model size).
 
-    python bench/memory.py [--layers 12 --hidden 1536 --intermediate 4096 --workdir /tmp/x]
+Modes: "in-memory" (from_pretrained + carve + save), "streamed" (carve_streamed, as shipped),
+"streamed-untuned" (carve_streamed(tune_allocator=False): glibc's default malloc settings).
+
+    python bench/memory.py [--layers 12 --hidden 1536 --intermediate 4096 --methods cmoe,fitted
+                            --modes in-memory,streamed --repeat 1 --workdir /tmp/x]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,9 +34,9 @@ import transformers
 from moecarve import CarveConfig, carve, save
 from moecarve.stream import carve_streamed
 transformers.LlamaForCausalLM  # import the model code before measuring the baseline
-mode, src, out = sys.argv[1:4]
+method, mode, src, out = sys.argv[1:5]
 base = hwm()
-cfg = CarveConfig.from_string("S2A2E8")
+cfg = CarveConfig.from_string("S2A2E8", method=method)
 windows = torch.randint(0, 8192, (4, 512), generator=torch.Generator().manual_seed(0))
 t0 = time.perf_counter()
 if mode == "in-memory":
@@ -39,10 +44,10 @@ if mode == "in-memory":
     report = carve(model, cfg, windows, device="cpu", progress=False)
     save(model, out, report=report)
 else:
-    carve_streamed(src, cfg, windows, out, device="cpu", progress=False)
+    carve_streamed(src, cfg, windows, out, device="cpu", progress=False, tune_allocator=mode == "streamed")
 seconds = time.perf_counter() - t0
 peak = hwm()
-print(json.dumps({"mode": mode, "seconds": seconds, "peak_kib": peak, "base_kib": base}))
+print(json.dumps({"method": method, "mode": mode, "seconds": seconds, "peak_kib": peak, "base_kib": base}))
 """
 
 
@@ -61,11 +66,47 @@ def build_model(folder: Path, layers: int, hidden: int, intermediate: int) -> in
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+def run_child(method: str, mode: str, work: Path) -> dict:
+    """One carve into work/METHOD-MODE in a fresh process (OMP_NUM_THREADS=1); returns its JSON line."""
+    out = work / f"{method}-{mode}"
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", _CHILD, method, mode, str(work / "dense"), str(out)],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env)  # fmt: skip
+    if res.returncode:
+        sys.exit(f"{method} {mode} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether two saved models hold bit-identical tensors (read one tensor at a time)."""
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                out.update({k: f for k in h.keys()})
+        return out
+
+    ia, ib = index(a), index(b)
+    if ia.keys() != ib.keys():
+        return False
+    for name in ia:
+        with safe_open(str(ia[name]), "pt") as ha, safe_open(str(ib[name]), "pt") as hb:
+            if not ha.get_tensor(name).equal(hb.get_tensor(name)):
+                return False
+    return True
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--methods", default="cmoe,fitted", help="carving methods, comma-separated")
+    p.add_argument("--modes", default="in-memory,streamed", help="in-memory, streamed, streamed-untuned; comma-separated")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each mode (alternating order); times: the fastest")
     p.add_argument("--workdir", default=None, help="where the model and outputs go (default: a temporary folder)")
     args = p.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moecarve-memory-"))
@@ -73,19 +114,33 @@ def main() -> None:
     try:
         size = build_model(work / "dense", args.layers, args.hidden, args.intermediate)
         print(f"model: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, float32, {size / 1e9:.2f} GB on disk")
-        rows = []
-        for mode in ("in-memory", "streamed"):
-            res = subprocess.run([sys.executable, "-c", _CHILD, mode, str(work / "dense"), str(work / mode)],
-                                 capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-            if res.returncode:
-                sys.exit(f"{mode} failed:\n{res.stderr[-3000:]}")
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        print("| mode | peak RSS (GB) | peak - imports (GB) | peak / model size | (peak - imports) / model size | time (s) |")
-        print("|---|---|---|---|---|---|")
+        rows, identical = [], {}
+        modes = args.modes.split(",")
+        for method in args.methods.split(","):
+            for rep in range(args.repeat):
+                order = modes if rep % 2 == 0 else modes[::-1]  # alternate, so that load drift hits both modes
+                rows += [{**run_child(method, mode, work), "run": rep + 1} for mode in order]
+                if "in-memory" in modes:
+                    for m in modes:
+                        if m != "in-memory":
+                            same = same_tensors(work / f"{method}-in-memory", work / f"{method}-{m}")
+                            identical[method, m] = identical.get((method, m), True) and same
+                for mode in modes:
+                    shutil.rmtree(work / f"{method}-{mode}", ignore_errors=True)  # only the measurements are kept
+        print("| method | mode | run | peak RSS (GB) | peak - imports (GB) | peak / model size | (peak - imports) / model size | time (s) |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             peak, grown = r["peak_kib"] * 1024, (r["peak_kib"] - r["base_kib"]) * 1024
-            print(f"| {r['mode']} | {peak / 1e9:.3f} | {grown / 1e9:.3f} | {peak / size:.1%} | {grown / size:.1%} | {r['seconds']:.1f} |")
-        print(f"streamed / in-memory time: {rows[1]['seconds'] / rows[0]['seconds']:.2f}x")
+            print(f"| {r['method']} | {r['mode']} | {r['run']} | {peak / 1e9:.3f} | {grown / 1e9:.3f} | {peak / size:.1%} | {grown / size:.1%} | {r['seconds']:.1f} |")
+        fastest: dict[tuple[str, str], float] = {}
+        for r in rows:  # the fastest run of each: the least disturbed by other processes
+            key = (r["method"], r["mode"])
+            fastest[key] = min(fastest.get(key, float("inf")), r["seconds"])
+        for (method, mode), t in fastest.items():
+            if mode != "in-memory" and (method, "in-memory") in fastest:
+                same = "bit-identical" if identical[method, mode] else "DIFFERENT"
+                print(f"{method}: {mode} / in-memory time (fastest of {args.repeat}): "
+                      f"{t / fastest[method, 'in-memory']:.2f}x; output {same} to in-memory")  # fmt: skip
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

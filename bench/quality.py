@@ -8,7 +8,8 @@ Perplexity on the first --eval-chars characters of test.txt, seq 512, float32, a
   cmoe            the paper's algorithm (method "cmoe")
   profile_oracle  |h|-profile grouping, routing by the true |h| mass (the ceiling of that grouping)
   fitted_norefit  |h|-profile grouping + fitted probe router, no down_proj refit
-  fitted          the "fitted" method (grouping + fitted router + ridge refit of down_proj)
+  fitted          |h|-profile grouping + fitted probe router + ridge refit of down_proj (shadow_bits=0)
+  shadow          the default "fitted" method: grouping + 4-bit shadow router + ridge refit
   fitted_oracle   the fitted carve with its router replaced by the oracle (refit kept)
   neuron_oracle   each token keeps its own top neurons by |h| at the same active fraction
 Also prints the fitted router's recall of the oracle's top-A (calibration tokens, mean over layers)
@@ -37,8 +38,9 @@ from moecarve.modules.moe import CarvedMoE
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-COLUMNS = ("cmoe", "profile_oracle", "fitted_norefit", "fitted", "fitted_oracle", "neuron_oracle")
-CONFIGS = "S3A3E8,S2A2E8,S1A1E8,S2A2E16,S0A16E64"
+COLUMNS = ("cmoe", "fitted", "shadow", "profile_oracle", "neuron_oracle")
+OPTIONAL = ("fitted_norefit", "fitted_oracle")
+CONFIGS = "S3A3E8,S2A2E8,S1A1E8,S2A2E16,S0A16E64,S0A32E128"
 
 
 def load(path: str) -> transformers.PreTrainedModel:
@@ -68,12 +70,14 @@ def column(name: str, spec: str, args, calib, ev) -> tuple[float, float, float |
     else:
         if name == "cmoe":
             cfg = CarveConfig.from_string(spec, method="cmoe")
+        elif name == "shadow":
+            cfg = CarveConfig.from_string(spec, method="fitted", shadow_bits=4)
         else:
-            cfg = CarveConfig.from_string(spec, method="fitted", refit=name in ("fitted", "fitted_oracle"))
+            cfg = CarveConfig.from_string(spec, method="fitted", shadow_bits=0, refit=name in ("fitted", "fitted_oracle"))
         report = carve(model, cfg, calib, device="cpu", progress=False)
         recs = [r.router_recall for r in report.layers if r.router_recall is not None]
         recall = sum(recs) / len(recs) if recs else None
-        if name == "fitted":  # per-layer diagnostics: router recall, held-out FFN error before/after the refit
+        if name in ("fitted", "shadow"):  # per-layer diagnostics: router recall, held-out FFN error before/after the refit
             print(f"  {spec} fitted per layer: " + "  ".join(
                 f"L{r.layer} recall {r.router_recall:.3f} err {r.refit_error[0]:.3f}->{r.refit_error[1]:.3f}"
                 for r in report.layers), flush=True)  # fmt: skip
@@ -126,13 +130,15 @@ def main() -> None:
             ppl = per_layer(args.per_layer, method, args, calib, ev)
             print(f"per-layer damage {args.per_layer} {method}: " + " ".join(f"L{i}={p:.3f}" for i, p in enumerate(ppl)), flush=True)
     cols = [c for c in args.columns.split(",") if c]
-    print("| config | " + " | ".join(cols) + " | fitted router recall | fitted carve s |", flush=True)
-    print("|---" * (len(cols) + 3) + "|", flush=True)
+    timed = [c for c in cols if c in ("fitted", "shadow")]  # columns whose router recall and carve time we report
+    extra = [f"{c} recall" for c in timed] + [f"{c} carve s" for c in timed]
+    print("| config | " + " | ".join(cols + extra) + " |", flush=True)
+    print("|---" * (len(cols) + len(extra) + 1) + "|", flush=True)
     neuron_cache: dict[float, float] = {}  # the neuron-level oracle depends only on the active fraction
     for spec in [s for s in args.configs.split(",") if s]:
-        cells, recall, secs = [], None, None
+        cells, recalls, secs = [], {}, {}
+        frac = CarveConfig.from_string(spec).active_fraction
         for c in cols:
-            frac = CarveConfig.from_string(spec).active_fraction
             if c == "neuron_oracle" and frac in neuron_cache:
                 cells.append(f"{neuron_cache[frac]:.2f}")
                 continue
@@ -141,12 +147,9 @@ def main() -> None:
             if c == "neuron_oracle":
                 neuron_cache[frac] = ppl
             cells.append(f"{ppl:.2f}")
-            if c == "fitted" or (recall is None and r is not None):
-                recall, secs = (r, s) if c == "fitted" or recall is None else (recall, secs)
-        rtxt = f"{recall:.3f}" if recall is not None else "-"
-        stxt = f"{secs:.1f}" if secs is not None else "-"
-        print(f"| {spec} | " + " | ".join(cells) + f" | {rtxt} | {stxt} |", flush=True)
-
+            recalls[c], secs[c] = r, s
+        cells += [f"{recalls[c]:.3f}" for c in timed] + [f"{secs[c]:.1f}" for c in timed]
+        print(f"| {spec} | " + " | ".join(cells) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

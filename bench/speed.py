@@ -3,12 +3,18 @@
     python bench/speed.py --device cpu                       # reference model, float32, < 60 s on 2 cores
     python bench/speed.py --device cuda --shape llama7b      # LLaMA-7B shapes, random bf16 weights
     python bench/speed.py --device cpu --configs S1A1E8 --json out/speed.json
+    python bench/speed.py --device cpu --method cmoe --cpu-paths   # analytic routers; + forced CPU paths
+    python bench/speed.py --device cpu --method fitted --carve shadow_bits=0   # the fitted probe router
 
 Rows: `dense` (the model's own MLP), `ideal25/50/75` (the same MLP cut to its first 25/50/75% of
 neurons: the speed a carved model would have with free routing) and one row per carving config,
 run through `moecarve.modules.fast.use_kernels(backend="auto")` (CPU path on CPU, Triton decode
 kernels on CUDA, the grouped-mm reference for prefill), plus `<first config>-torch`: the reference
-forward, to show what the kernels buy.
+forward, to show what the kernels buy. `--cpu-paths` adds `<first config>-gathered` / `-union`:
+the CPU path with its T > 1 choice forced (see moecarve.kernels.cpu.use_union), to check the rule.
+`--method` picks the carving recipe (default: CarveConfig's), `--carve KEY=VALUE` sets any other
+CarveConfig field; the routers that gives (analytic, fitted, ...) are printed and kept in the JSON
+meta: the kernels compute analytic/linear routers themselves and call any other router module.
 
 Sections: the FFN of layer 0 alone (decode: batch 1/8/32 tokens; prefill: 2048 tokens) and the
 whole model (decode: one new token for each of B sequences with a KV cache; prefill: 2048 tokens,
@@ -44,8 +50,9 @@ sys.path.insert(0, str(ROOT))
 
 from moecarve import adapters  # noqa: E402
 from moecarve.carving.methods import carve_ffn  # noqa: E402
-from moecarve.config import CarveConfig  # noqa: E402
-from moecarve.modules.fast import use_kernels  # noqa: E402
+from moecarve.config import METHODS, CarveConfig  # noqa: E402
+from moecarve.kernels.cpu import CPU_MAX_TOKENS, moe_decode_cpu  # noqa: E402
+from moecarve.modules.fast import _cached_tensors, use_kernels  # noqa: E402
 
 REFERENCE_LM = ROOT.parent / "shared" / "reference-lm"
 SECTIONS = (
@@ -110,8 +117,10 @@ def ideal_mlp(mlp: nn.Module, frac: float, proj: tuple[str, str, str]) -> nn.Mod
     return small
 
 
-def build_rows(model: nn.Module, configs: list[str], calib: int) -> dict[str, list[nn.Module]]:
-    """Row name -> one MLP module per layer (dense, ideal cuts, carved configs)."""
+def build_rows(
+    model: nn.Module, configs: list[str], calib: int, carve: dict | None = None, cpu_paths: bool = False
+) -> dict[str, list[nn.Module]]:
+    """Row name -> one MLP module per layer (dense, ideal cuts, carved configs; `carve`: CarveConfig fields)."""
     a = adapters.adapter_for(model)
     if a.kind != "gated" or not a.mlp:
         raise SystemExit(f"bench/speed.py measures gated MLPs (LLaMA-like); got {model.config.model_type}")
@@ -122,7 +131,7 @@ def build_rows(model: nn.Module, configs: list[str], calib: int) -> dict[str, li
         rows[f"ideal{pct}"] = [ideal_mlp(m, pct / 100, a.proj) for m in dense]
     xs = ffn_inputs(model, calib)
     for i, name in enumerate(configs):
-        cfg = CarveConfig.from_string(name)
+        cfg = CarveConfig.from_string(name, **(carve or {}))
         moes = []
         for j, layer in enumerate(layers):
             moes.append(carve_ffn(adapters.read_ffn(model.config, layer), xs[j], cfg, layer=j)[0].eval())
@@ -131,6 +140,9 @@ def build_rows(model: nn.Module, configs: list[str], calib: int) -> dict[str, li
         rows[name] = moes
         if i == 0:  # the same modules through the reference forward: what the kernels add
             rows[f"{name}-torch"] = [_TorchPath(m) for m in moes]
+            if cpu_paths:
+                rows[f"{name}-gathered"] = [_ForcedCPUPath(m, "gathered") for m in moes]
+                rows[f"{name}-union"] = [_ForcedCPUPath(m, "union") for m in moes]
     return rows
 
 
@@ -147,6 +159,20 @@ class _TorchPath(nn.Module):
             return self.moe(x)
         finally:
             self.moe.fast_forward = hook
+
+
+class _ForcedCPUPath(nn.Module):
+    """Runs a CarvedMoE through the CPU path with its T > 1 choice forced (T <= CPU_MAX_TOKENS)."""
+
+    def __init__(self, moe: nn.Module, path: str):
+        super().__init__()
+        self.moe, self.path = moe, path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > CPU_MAX_TOKENS or x.device.type != "cpu":
+            return self.moe(x)
+        return moe_decode_cpu(flat, _cached_tensors(self.moe), self.path).view(x.shape)
 
 
 def install_row(model: nn.Module, modules: list[nn.Module]) -> None:
@@ -326,6 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (torch.set_num_threads)")
     p.add_argument("--calib-tokens", type=int, default=256, help="FFN inputs each layer is carved on")
+    p.add_argument("--method", choices=METHODS, default=None, help="carving recipe (default: CarveConfig's)")
+    p.add_argument("--carve", action="append", default=[], metavar="KEY=VALUE", help="another CarveConfig field")
+    p.add_argument("--cpu-paths", action="store_true", help="CPU: add rows with the gathered / union path forced")
     p.add_argument("--no-compile", action="store_true", help="CUDA: eager decode steps")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
@@ -346,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     configs = [c for c in args.configs.split(",") if c]
 
     model = load_model(shape, device, dtype)
-    rows = build_rows(model, configs, args.calib_tokens)
+    rows = build_rows(model, configs, args.calib_tokens, carve_overrides(args), args.cpu_paths and cpu)
     t_built = time.perf_counter()
     d = model.config.hidden_size
 
@@ -373,6 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     dev_name = torch.cuda.get_device_name(device) if not cpu else f"cpu ({args.threads} threads, {_cpu_model()})"
     meta = {
         "shape": shape, "dtype": str(dtype).removeprefix("torch."), "configs": configs,
+        "routers": {c: rows[c][0].spec.router for c in configs}, "carve": carve_overrides(args),
         "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "load_avg_1min": os.getloadavg()[0], "compile": compile_,
         "seconds_build": round(t_built - t_start, 1), "seconds_total": round(time.perf_counter() - t_start, 1),
@@ -380,13 +410,26 @@ def main(argv: list[str] | None = None) -> dict:
     data = to_json(results, dev_name, meta)
     print_table(data, f"moecarve speed: {shape} {meta['dtype']} on {dev_name} (ms, median; x = dense / row)")
     print(f"built in {meta['seconds_build']} s, total {meta['seconds_total']} s, "
-          f"load average {meta['load_avg_1min']:.2f}")  # fmt: skip
+          f"load average {meta['load_avg_1min']:.2f}, routers {meta['routers']}")  # fmt: skip
     if args.markdown:
         print(markdown_table(data))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(data, indent=2))
     return data
+
+
+def carve_overrides(args) -> dict:
+    """--method and --carve KEY=VALUE as CarveConfig keyword arguments (typed like the field's default)."""
+    out = {} if args.method is None else {"method": args.method}
+    fields = CarveConfig.__dataclass_fields__
+    for item in args.carve:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--carve {item}: CarveConfig has no field {key!r}")
+        kind = type(fields[key].default)
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
 
 
 def _cpu_model() -> str:

@@ -3,7 +3,7 @@
     import moecarve
     report = moecarve.carve(model, moecarve.CarveConfig.from_string("S2A2E8"), windows)
     moecarve.save(model, "out/carved", tokenizer=tok, report=report)
-    model = moecarve.load("out/carved")
+    model = moecarve.load("out/carved", kernels="auto")  # or moecarve.use_kernels(model) in memory
 """
 
 from .calibration import load_windows
@@ -15,6 +15,7 @@ from .eval.perplexity import eval_perplexity
 from .eval.tasks import TaskConfig, run_tasks
 from .finetune import FinetuneConfig, FinetuneReport, finetune
 from .io.save import load, save
+from .modules.fast import use_kernels
 from .stream import carve_streamed
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "load_windows",
     "run_tasks",
     "save",
+    "use_kernels",
 ]
 __version__ = "0.1.0"

@@ -31,16 +31,24 @@ class CarveConfig:
         n_shared: N_s, always-on experts, fused into one MLP of N_s * m neurons.
         n_active: A, routed experts selected per token.
         k_act: K_a, neurons marked active per token when measuring activation rates.
-        method: the carving recipe: "cmoe" reproduces the paper exactly; "fitted" groups neurons by
-            their |h| profiles, fits a probe router in closed form and refits down_proj by ridge
-            regression (see moecarve.carving.methods). The options below apply to "fitted" only.
-        router: "analytic" (built from representative neurons, as the paper) or "linear".
-        kmeans_iters: balanced k-means iterations over the activation markers.
+        method: the carving recipe. "fitted" (the default, training-free): |h|-profile grouping,
+            a router that tracks the oracle's choice, and a ridge refit of down_proj (see
+            moecarve.carving.methods). "cmoe": the paper's algorithm exactly. Options marked
+            "cmoe" or "fitted" below apply to that method only.
+        router: "cmoe": "analytic" (built from representative neurons, as the paper) or "linear"
+            (a softmax over a linear gate, which the Qwen2-MoE export needs).
+        kmeans_iters: "cmoe": balanced k-means iterations over the activation markers.
         bias_gamma: step of the load-balancing bias update while fine-tuning.
         seed: seeds calibration sampling and any randomised step.
         profile_iters: "fitted": balanced k-means iterations over the neurons' |h| profiles.
         probes_per_expert: "fitted": neurons per routed expert whose |h| feeds the router
             (0: a linear router on x alone).
+        shadow_bits: "fitted": 2-8 routes with the shadow router, a `shadow_bits`-bit copy of the
+            routed experts' input rows that scores each expert by its estimated |h| mass
+            (near-oracle routing for a low-bit pass over the routed experts' input rows, about
+            1/6 of the dense FFN's bytes at 4 bits vs bf16; see moecarve.modules.moe.ShadowRouter).
+            0 routes with the cheaper probe router instead (closed-form scores on x and a few
+            probe neurons: faster, lower quality).
         refit: "fitted": refit down_proj by ridge regression on the routed activations.
         holdout: "fitted": fraction of calibration tokens held out to choose the ridge strengths.
     """
@@ -49,13 +57,14 @@ class CarveConfig:
     n_shared: int = 2
     n_active: int = 2
     k_act: int = 10
-    method: str = "cmoe"
+    method: str = "fitted"
     router: str = "analytic"
     kmeans_iters: int = 1
     bias_gamma: float = 1e-3
     seed: int = 0
     profile_iters: int = 10
     probes_per_expert: int = 2
+    shadow_bits: int = 4
     refit: bool = True
     holdout: float = 0.25
 
@@ -79,12 +88,19 @@ class CarveConfig:
             raise ConfigError(f"profile_iters must be >= 1, got {self.profile_iters}")
         if self.probes_per_expert < 0:
             raise ConfigError(f"probes_per_expert must be >= 0, got {self.probes_per_expert}")
+        if self.shadow_bits and not 2 <= self.shadow_bits <= 8:
+            raise ConfigError(f"shadow_bits must be 0 (probe router) or 2..8, got {self.shadow_bits}")
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.router not in ROUTERS:
             raise ConfigError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.method == "fitted" and self.router != "analytic":
+            raise ConfigError(
+                f"router={self.router!r} is a choice of method 'cmoe' (method 'fitted' builds its own router); "
+                "use method='cmoe' (CLI: --method cmoe) with it"
+            )
 
     @property
     def name(self) -> str:

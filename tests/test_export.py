@@ -25,7 +25,7 @@ from tests.conftest import CALIB_TXT, REFERENCE_LM, random_windows, tiny_model
 
 def carved(arch: str, spec: str = "S2A2E8", router: str = "linear", seed: int = 0):
     model = tiny_model(arch, seed=seed)
-    carve(model, CarveConfig.from_string(spec, router=router), random_windows(2, 32), device="cpu", progress=False)
+    carve(model, CarveConfig.from_string(spec, method="cmoe", router=router), random_windows(2, 32), device="cpu", progress=False)
     return model
 
 
@@ -38,9 +38,11 @@ def max_logit_diff(a, b, ids) -> float:
 
 
 def test_router_choice_is_validated():
-    assert CarveConfig(router="linear").router == "linear"
+    assert CarveConfig(method="cmoe", router="linear").router == "linear"
     with pytest.raises(ConfigError, match="unknown router"):
-        CarveConfig(router="mlp")
+        CarveConfig(method="cmoe", router="mlp")
+    with pytest.raises(ConfigError, match="method 'cmoe'"):
+        CarveConfig(method="fitted", router="linear")  # the fitted method builds its own router
 
 
 def test_combine_weights_equal_logits_weigh_one_and_sum_to_top_k():
@@ -77,7 +79,7 @@ def test_fitted_router_module_computes_the_fitting_objective():
     from moecarve.carving.methods import build_moe, moe_spec
 
     ffn, x = _ffn_and_inputs()
-    cfg = CarveConfig.from_string("S2A2E8", router="linear")
+    cfg = CarveConfig.from_string("S2A2E8", method="cmoe", router="linear")
     g, spec = _grouping(ffn, x, cfg), moe_spec(ffn, cfg)
     moe = build_moe(ffn, g, spec, fit_linear_router(ffn, g, x, spec, steps=20))
     assert moe.spec.router == "linear" and moe.spec.norm_topk_prob
@@ -96,7 +98,7 @@ def test_optimisation_never_ends_worse_than_the_least_squares_start():
     from moecarve.carving.methods import moe_spec
 
     ffn, x = _ffn_and_inputs()
-    cfg = CarveConfig.from_string("S1A1E8", router="linear")
+    cfg = CarveConfig.from_string("S1A1E8", method="cmoe", router="linear")
     g = _grouping(ffn, x, cfg)
     y = expert_outputs(ffn, g, x)
     start = fit_linear_router(ffn, g, x, moe_spec(ffn, cfg), steps=0)
@@ -193,7 +195,7 @@ needs_reference = pytest.mark.skipif(not REFERENCE_LM.exists(), reason="needs ..
 def test_reference_model_cli_carve_export_matches(tmp_path, capsys):
     out, exp = tmp_path / "c", tmp_path / "c-qwen2_moe"
     args = ["carve", str(REFERENCE_LM), "--out", str(out), "--samples", "2", "--seqlen", "128", "--calib", str(CALIB_TXT),
-            "--config", "S2A2E8", "--router", "linear", "--export", "qwen2_moe"]  # fmt: skip
+            "--config", "S2A2E8", "--method", "cmoe", "--router", "linear", "--export", "qwen2_moe"]  # fmt: skip
     assert main(args) == 0
     assert "vllm serve" in capsys.readouterr().out
     ref = transformers.AutoModelForCausalLM.from_pretrained(REFERENCE_LM)
@@ -218,6 +220,6 @@ def test_reference_model_cli_carve_export_matches(tmp_path, capsys):
 def test_cli_refuses_export_of_an_analytic_carve_before_any_work(tmp_path, capsys):
     args = ["carve", str(REFERENCE_LM), "--out", str(tmp_path / "c"), "--export", "qwen2_moe"]
     assert main(args) == 2
-    assert "--router linear" in capsys.readouterr().err
+    assert "--method cmoe --router linear" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "q")]) == 2

@@ -16,9 +16,10 @@ import sys
 import pytest
 import torch
 
+from moecarve.kernels import cpu as cpu_kernels
 from moecarve.kernels import moe_decode_cpu, route
-from moecarve.modules.fast import moe_tensors, use_kernels
-from moecarve.modules.moe import CarvedMoE, MoESpec
+from moecarve.modules.fast import KERNEL_ROUTERS, moe_tensors, use_kernels
+from moecarve.modules.moe import ROUTERS, CarvedMoE, MoESpec
 
 IN_INTERPRETER = os.environ.get("MOECARVE_TRITON_CHILD") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -29,20 +30,26 @@ def random_moe(
     *, S: int = 1, E: int = 7, A: int = 1, m: int = 24, act: str = "silu", gated: bool = True,
     in_bias: bool = False, out_bias: bool = False, router: str = "analytic", norm_topk_prob: bool = False,
     hot: int | None = None, cold: tuple[int, ...] = (), dtype: torch.dtype = torch.float32, seed: int = 0,
+    d: int = D, probes: int = 0,
 ) -> CarvedMoE:  # fmt: skip
     """A CarvedMoE with random weights (S shared, E routed of size m, top-A) whose outputs are O(1).
 
     hot: expert every token picks first (a large router bias); cold: experts no token picks.
+    probes: the fitted router's probe neurons. Int8 buffers (the shadow router's codes) get random codes.
     """
+    extra = {"shadow_bits": 4} if router == "shadow" else {}
     spec = MoESpec(
-        hidden_size=D, expert_size=m, n_shared=S, n_routed=E, top_k=A, act=act, gated=gated,
-        in_bias=in_bias, out_bias=out_bias, router=router, norm_topk_prob=norm_topk_prob,
+        hidden_size=d, expert_size=m, n_shared=S, n_routed=E, top_k=A, act=act, gated=gated,
+        in_bias=in_bias, out_bias=out_bias, router=router, norm_topk_prob=norm_topk_prob, router_probes=probes, **extra,
     )  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     moe = CarvedMoE(spec)
     with torch.no_grad():
         for p in moe.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        for b in moe.buffers():
+            if b.dtype == torch.int8:
+                b.copy_(torch.randint(-7, 8, b.shape, generator=g))
         moe.router.scale.copy_(torch.randn(E, generator=g) * 0.5)  # exercise the combine weights
         moe.router.bias.copy_(torch.randn(E, generator=g) * 1e-3)
         if hot is not None:
@@ -67,6 +74,15 @@ CASES = {
     "one_hot_expert": dict(hot=3),
     "cold_experts": dict(A=2, cold=(0, 2, 5)),
 }
+# routers the kernels do not compute: routed by the module's own router, experts by the kernels
+OWN_ROUTER_CASES = {
+    "fitted": dict(router="fitted", probes=2, A=2),
+    "fitted_no_probes": dict(router="fitted", S=0),
+    "fitted_bias": dict(router="fitted", probes=1, in_bias=True, out_bias=True, A=3),
+    "fitted_plain": dict(router="fitted", probes=2, gated=False, act="gelu", A=2),
+}
+if "shadow" in ROUTERS:
+    OWN_ROUTER_CASES["shadow"] = dict(router="shadow", A=2)
 
 
 def reference(moe: CarvedMoE, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +111,69 @@ def test_cpu_path_matches_reference(case: str, T: int) -> None:
     torch.testing.assert_close(fast(moe, x, "cpu"), reference(moe, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["gathered", "union"])
+@pytest.mark.parametrize("T", [2, 3, 5, 17, 64])
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_paths_match_reference(case: str, T: int, path: str) -> None:
+    """Both T > 1 paths, forced, on every layer kind: odd T, all tokens on one expert (one_hot_expert),
+    experts no token picks (cold_experts, also inside the union's span), A = 1 and A = E (a_all)."""
+    moe = random_moe(**CASES[case])
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+    torch.testing.assert_close(moe_decode_cpu(x, moe_tensors(moe), path), reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8, 33, 64])
+@pytest.mark.parametrize("case", OWN_ROUTER_CASES)
+def test_cpu_path_own_router(case: str, T: int) -> None:
+    """Fitted (and shadow) routers: the module routes, the CPU path computes the experts."""
+    moe = random_moe(**OWN_ROUTER_CASES[case])
+    x = torch.randn(1, T, D, generator=torch.Generator().manual_seed(T))
+    for path in ("gathered", "union"):
+        out = moe_decode_cpu(x[0], moe_tensors(moe), path)
+        torch.testing.assert_close(out, reference(moe, x)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast(moe, x, "cpu"), reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_rule_picks_each_path(monkeypatch) -> None:
+    """`use_union` on its own terms, and moe_decode_cpu(path="auto") following it."""
+    moe = random_moe(S=1, E=7, A=2, m=1024, cold=(1, 2, 3, 4, 5))  # experts of ~800 KB: reading them dominates
+    t = moe_tensors(moe)
+    assert cpu_kernels.use_union(8, 2, 7, 7, t)  # every expert hit: one GEMM beats seven pairs
+    assert not cpu_kernels.use_union(8, 2, 2, 7, t)  # two hit at the ends: the span reads 3.5x the bytes
+    assert not cpu_kernels.use_union(64, 1, 7, 7, t)  # compute bound: 64 x 7 expert rows vs 64 x 1
+    assert cpu_kernels.use_union(8, 1, 2, 7, moe_tensors(random_moe(E=7, m=8)))  # tiny experts: op overhead rules
+
+    ran = []
+    for name in ("_union", "_gathered"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, name=name: ran.append(name) or real(*a))
+
+    def run(moe: CarvedMoE, T: int) -> str:
+        ran.clear()
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+        torch.testing.assert_close(moe_decode_cpu(x, moe_tensors(moe)), reference(moe, x), atol=1e-5, rtol=1e-5)
+        return ran[0] if ran else "batch-1"
+
+    assert run(moe, 1) == "batch-1"
+    assert run(moe, 8) == "_gathered"  # every token picks experts 0 and 6 (the others are cold)
+    assert run(random_moe(S=1, E=7, A=6, m=1024), 8) == "_union"  # A = E: every expert hit
+    assert run(random_moe(S=1, E=7, A=1, m=1024, hot=3), 9) == "_union"  # all tokens on one expert: span 1
+
+
+def test_union_reads_weights_in_place(monkeypatch) -> None:
+    """The union path slices the stacked weights (views), it never copies them."""
+    moe = random_moe(S=1, E=7, A=6, m=64)
+    t = moe_tensors(moe)
+    seen = []
+    real_linear, real_bmm = torch.nn.functional.linear, torch.bmm
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: seen.append(w) or real_linear(x, w, b))
+    monkeypatch.setattr(torch, "bmm", lambda a, b: seen.append(a) or real_bmm(a, b))
+    moe_decode_cpu(torch.randn(5, D), t, "union")
+    weights = [w for w in seen if w.numel() >= t.in_proj[0].numel()]  # not the router's few rows
+    storages = {p.untyped_storage().data_ptr() for p in (t.in_proj, t.out_proj, t.shared_in)}
+    assert len(weights) == 3 and all(w.untyped_storage().data_ptr() in storages for w in weights)
+
+
 @pytest.mark.parametrize("T", [1, 3, 17, 64])
 def test_cpu_function_any_T(T: int) -> None:
     """moe_decode_cpu itself is right for any T (the module binding only uses it for small T)."""
@@ -113,11 +192,14 @@ def test_route_matches_module_routers() -> None:
         torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("T", [1, 4, 9])
 def test_cpu_path_bfloat16(T: int) -> None:
     moe = random_moe(S=1, A=2, dtype=torch.bfloat16)
     x = torch.randn(T, D).bfloat16()
-    torch.testing.assert_close(fast(moe, x, "cpu"), reference(moe, x), atol=7e-2, rtol=2e-2)  # a few bf16 ulps
+    ref = reference(moe, x)
+    torch.testing.assert_close(fast(moe, x, "cpu"), ref, atol=7e-2, rtol=2e-2)  # a few bf16 ulps
+    for path in ("gathered", "union"):
+        torch.testing.assert_close(moe_decode_cpu(x, moe_tensors(moe), path), ref, atol=7e-2, rtol=2e-2)
 
 
 def test_large_T_falls_back_to_reference() -> None:
@@ -127,16 +209,22 @@ def test_large_T_falls_back_to_reference() -> None:
 
 
 def test_use_kernels_walks_switches_and_copies() -> None:
-    model = torch.nn.Sequential(random_moe(), torch.nn.Linear(D, D), random_moe(A=2))
-    assert use_kernels(model, "cpu") == 2
-    assert all(m.fast_forward is not None for m in (model[0], model[2]))
+    model = torch.nn.Sequential(random_moe(), torch.nn.Linear(D, D), random_moe(A=2), random_moe(router="fitted"))
+    assert use_kernels(model, "cpu") == 3
+    assert all(m.fast_forward is not None for m in (model[0], model[2], model[3]))
     twin = copy.deepcopy(model)  # the hook is a module-level function: the copy runs its own weights
     with torch.no_grad():
         twin[0].experts.in_proj.mul_(2)
     x = torch.randn(1, D)
     with torch.no_grad():
         assert not torch.allclose(twin[0](x), model[0](x))
-    assert use_kernels(model, "torch") == 2
+    assert torch.equal(twin[3].router.weight, model[3].router.weight)
+    with torch.no_grad():  # the copy routes with its own router: force another expert than the original's
+        other = (int(model[3].router(x)[1]) + 1) % 7
+        twin[3].router.bias[other] = 10.0
+        assert not torch.allclose(twin[3](x), model[3](x))
+        torch.testing.assert_close(twin[3](x), reference(twin[3], x), atol=1e-5, rtol=1e-5)
+    assert use_kernels(model, "torch") == 3
     assert model[0].fast_forward is None
     assert "fast_forward" not in model.state_dict()
     with pytest.raises(ValueError, match="unknown kernel backend"):
@@ -206,6 +294,17 @@ TRI_CASES = [(c, 1) for c in CASES] + [(c, 5) for c in ("s2a2", "a_all", "gated_
 @pytest.mark.parametrize("case,T", TRI_CASES)
 def test_tri_decode_matches_reference(case: str, T: int) -> None:
     moe = random_moe(**CASES[case])
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+    torch.testing.assert_close(fast(moe, x, "triton"), reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case,T", [("fitted", 1), ("fitted_bias", 5), ("fitted_plain", 40)]
+                         + ([("shadow", 3)] if "shadow" in OWN_ROUTER_CASES else []))  # fmt: skip
+def test_tri_own_router_matches_reference(case: str, T: int) -> None:
+    """Routers outside KERNEL_ROUTERS: the module routes, the decode (T <= 32) / prefill kernels run the experts."""
+    moe = random_moe(**OWN_ROUTER_CASES[case])
+    assert moe.spec.router not in KERNEL_ROUTERS
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
     torch.testing.assert_close(fast(moe, x, "triton"), reference(moe, x), atol=1e-5, rtol=1e-5)
 
@@ -346,3 +445,66 @@ def test_gpu_auto_backend_is_graph_capturable_and_compiles() -> None:
         torch.testing.assert_close(out, ref, atol=7e-2, rtol=2e-2)  # a few bf16 ulps
         compiled = torch.compile(moe, fullgraph=True)
         torch.testing.assert_close(compiled(x), ref, atol=7e-2, rtol=2e-2)  # a few bf16 ulps
+
+
+# ------------------------------------------------------------------------------- loading with kernels
+
+
+def _carve_kwargs() -> dict[str, dict]:
+    from moecarve.config import CarveConfig
+
+    fitted_probe = {"method": "fitted"}
+    if "shadow_bits" in CarveConfig.__dataclass_fields__:  # the probe router, not the shadow one
+        fitted_probe["shadow_bits"] = 0
+    return {"default": {}, "cmoe": {"method": "cmoe"}, "fitted_probe": fitted_probe}
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="parent process only")
+@pytest.mark.parametrize("method", _carve_kwargs())
+def test_load_with_kernels_same_logits(tmp_path, method: str) -> None:
+    """moecarve.load(dir, kernels=...) binds the fast paths; logits equal the reference forward's."""
+    import moecarve
+    from tests.conftest import random_windows, tiny_model
+
+    model = tiny_model("llama")
+    cfg = moecarve.CarveConfig.from_string("S1A1E4", **_carve_kwargs()[method])
+    moecarve.carve(model, cfg, random_windows(4, 32), progress=False)
+    moecarve.save(model, tmp_path / "c")
+    plain = moecarve.load(tmp_path / "c")
+    fast_model = moecarve.load(tmp_path / "c", kernels="cpu")
+    moes = [m for m in fast_model.modules() if type(m).__name__ == "CarvedMoE"]
+    assert moes and all(m.fast_forward is not None for m in moes)
+    assert all(m.fast_forward is None for m in plain.modules() if type(m).__name__ == "CarvedMoE")
+    ids = random_windows(2, 20, seed=3)
+    with torch.no_grad():
+        for batch in (ids[:1, :1], ids[:1, :7], ids[:, :16], ids):  # T = 1, 7, 32, 40 tokens per layer
+            torch.testing.assert_close(fast_model(batch).logits, plain(batch).logits, atol=1e-5, rtol=1e-5)
+        gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)  # decode steps: T = 1 and 2 per layer
+        assert torch.equal(fast_model.generate(ids[:, :6], **gen), plain.generate(ids[:, :6], **gen))
+    with pytest.raises(ValueError, match="unknown kernels"):
+        moecarve.load(tmp_path / "c", kernels="gpu-magic")
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="parent process only")
+def test_eval_cli_kernels_flag(tmp_path, reference_tokenizer) -> None:
+    """`moecarve eval DIR --kernels cpu` gives the reference perplexity (64-token forwards: CPU path)."""
+    import json
+
+    import moecarve
+    from moecarve.cli import main
+    from tests.conftest import TEST_TXT, random_windows, tiny_model
+
+    if not TEST_TXT.exists():
+        pytest.skip("../shared/corpus/test.txt is not available")
+    model = tiny_model("llama", vocab_size=len(reference_tokenizer))
+    windows = random_windows(4, 32, vocab=len(reference_tokenizer))
+    moecarve.carve(model, moecarve.CarveConfig.from_string("S1A1E4"), windows, progress=False)
+    moecarve.save(model, tmp_path / "c", tokenizer=reference_tokenizer)
+    ppl = {}
+    for kernels in ("none", "cpu"):
+        out = tmp_path / f"{kernels}.json"
+        args = ["eval", str(tmp_path / "c"), "--ppl", str(TEST_TXT), "--seqlen", "16", "--max-chars", "2000",
+                "--batch-size", "4", "--device", "cpu", "--kernels", kernels, "--json", str(out)]  # fmt: skip
+        assert main(args) == 0
+        ppl[kernels] = json.loads(out.read_text())["perplexity"]["perplexity"]
+    assert ppl["cpu"] == pytest.approx(ppl["none"], rel=1e-5)

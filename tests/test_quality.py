@@ -13,7 +13,7 @@ from moecarve.carving.oracle import NeuronOracleFFN, OracleRouter, expert_mass, 
 from moecarve.carving.profile_grouping import group_by_profiles
 from moecarve.carving.reconstruct import keep_mask, refit_down
 from moecarve.config import CarveConfig, ConfigError
-from moecarve.modules.moe import AnalyticRouter, FittedRouter
+from moecarve.modules.moe import AnalyticRouter, FittedRouter, ShadowRouter, quantize_rows
 from tests.conftest import random_windows, tiny_model
 
 
@@ -71,7 +71,7 @@ def test_profile_grouping_recovers_planted_blocks_and_is_balanced():
 def test_fitted_router_matches_the_oracle_where_it_must():
     ffn, _ = planted_ffn()
     x, _ = planted_tokens(1024, 4, 16, seed=1)
-    moe, report = carve_ffn(ffn, x, CarveConfig.from_string("S0A1E4", method="fitted", refit=False))
+    moe, report = carve_ffn(ffn, x, CarveConfig.from_string("S0A1E4", method="fitted", shadow_bits=0, refit=False))
     assert isinstance(moe.router, FittedRouter)
     x_new, which = planted_tokens(512, 4, 16, seed=2)  # fresh tokens
     _, idx = moe.router(x_new)
@@ -124,7 +124,7 @@ def test_neuron_oracle_keeps_everything_at_full_fraction_and_drops_at_half():
 def test_cmoe_method_is_untouched():
     ffn = random_ffn()
     x = torch.randn(256, 32, generator=torch.Generator().manual_seed(6))
-    moe, report = carve_ffn(ffn, x, CarveConfig.from_string("S2A2E8", k_act=4))
+    moe, report = carve_ffn(ffn, x, CarveConfig.from_string("S2A2E8", method="cmoe", k_act=4))
     assert isinstance(moe.router, AnalyticRouter)
     assert report.router_recall is None and report.refit_error is None
 
@@ -133,7 +133,7 @@ def test_cmoe_method_is_untouched():
 def test_fitted_carve_saves_and_reloads(arch, tmp_path):
     model = tiny_model(arch)
     ids = random_windows(1, 16)
-    cfg = CarveConfig.from_string("S1A2E8", method="fitted")
+    cfg = CarveConfig.from_string("S1A2E8", method="fitted", shadow_bits=0)
     report = carve(model, cfg, random_windows(4, 64), device="cpu", progress=False)
     assert all(0.0 <= r.router_recall <= 1.0 for r in report.layers)
     entries = [e for e in model.config.moecarve["modules"].values() if e["type"] == "moe"]
@@ -141,3 +141,65 @@ def test_fitted_carve_saves_and_reloads(arch, tmp_path):
     moecarve.save(model, tmp_path / arch, report=report)
     loaded = moecarve.load(tmp_path / arch)
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_quantize_rows_is_within_half_a_step():
+    w = torch.randn(6, 10, 32, generator=torch.Generator().manual_seed(7))
+    for bits in (2, 4, 8):
+        codes, scale = quantize_rows(w, bits)
+        assert codes.dtype == torch.int8 and scale.shape == (6, 10)
+        assert codes.abs().max() <= 2 ** (bits - 1) - 1
+        err = (codes.float() * scale.unsqueeze(-1) - w).abs()
+        assert (err <= scale.unsqueeze(-1) / 2 + 1e-6).all()
+
+
+def test_shadow_router_matches_the_oracle_where_it_must():
+    ffn, _ = planted_ffn()
+    x, _ = planted_tokens(1024, 4, 16, seed=1)
+    moe, report = carve_ffn(ffn, x, CarveConfig.from_string("S0A1E4", method="fitted", shadow_bits=4, refit=False))
+    assert isinstance(moe.router, ShadowRouter) and moe.router.codes.dtype == torch.int8
+    x_new, _ = planted_tokens(512, 4, 16, seed=2)
+    _, idx = moe.router(x_new)
+    oracle = oracle_indices(expert_mass(ffn.hidden(x_new).abs(), moe_groups(moe, ffn)), 1)
+    assert router_recall(idx, oracle, 4) == 1.0 and report.router_recall == 1.0
+
+
+def test_shadow_router_tracks_the_oracle_on_random_weights_as_bits_grow():
+    ffn = random_ffn(d=64, inter=256)
+    x = torch.randn(1024, 64, generator=torch.Generator().manual_seed(8))
+    recalls = {}
+    for bits in (2, 8):
+        moe, report = carve_ffn(ffn, x, CarveConfig.from_string("S0A4E16", method="fitted", shadow_bits=bits, refit=False))
+        recalls[bits] = report.router_recall
+    assert recalls[8] > 0.97 and recalls[8] > recalls[2]  # 8 bits: the oracle up to rounding
+
+
+def test_shadow_router_with_every_expert_on_equals_dense():
+    ffn = random_ffn()
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(9))
+    moe, _ = carve_ffn(ffn, x, CarveConfig.from_string("S1A7E8", method="fitted", shadow_bits=4, refit=False))
+    torch.testing.assert_close(moe(x), ffn(x), atol=1e-5, rtol=1e-4)
+
+
+def test_shadow_bits_are_validated():
+    for bad in (1, 9, -1):
+        with pytest.raises(ConfigError, match="shadow_bits"):
+            CarveConfig.from_string("S2A2E8", method="fitted", shadow_bits=bad)
+
+
+def test_shadow_carve_saves_and_reloads_with_and_without_moecarve(tmp_path):
+    import transformers
+
+    model = tiny_model("llama")
+    ids = random_windows(1, 16)
+    report = carve(model, CarveConfig.from_string("S1A2E8", method="fitted", shadow_bits=4), random_windows(4, 64),
+                   device="cpu", progress=False)  # fmt: skip
+    entries = [e for e in model.config.moecarve["modules"].values() if e["type"] == "moe"]
+    assert all(e["router"] == "shadow" and e["shadow_bits"] == 4 for e in entries)
+    moecarve.save(model, tmp_path / "shadow", report=report)
+    expected = model(ids).logits
+    loaded = moecarve.load(tmp_path / "shadow")
+    assert next(m for m in loaded.modules() if isinstance(m, ShadowRouter)).codes.dtype == torch.int8
+    torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-6, rtol=1e-6)
+    remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "shadow", trust_remote_code=True)
+    torch.testing.assert_close(remote(ids).logits, expected, atol=1e-6, rtol=1e-6)

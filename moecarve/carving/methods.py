@@ -19,7 +19,7 @@ import torch
 
 from ..config import CarveConfig
 from ..errors import MoecarveError
-from ..modules.moe import CarvedMoE, MoESpec
+from ..modules.moe import CarvedMoE, MoESpec, quantize_rows
 from .ffn import DenseFFN
 from .fitted_router import fit_router
 from .grouping import Grouping, group_neurons
@@ -74,11 +74,17 @@ def moe_spec(ffn: DenseFFN, cfg: CarveConfig) -> MoESpec:
     )
 
 
-def _in_rows(ffn: DenseFFN, idx: torch.Tensor) -> torch.Tensor:
-    """The input-projection rows of neurons idx [..., m] -> [..., 2m, d] (gate rows first) or [..., m, d]."""
+def _copy_in_rows(dest: torch.Tensor, ffn: DenseFFN, idx: torch.Tensor) -> None:
+    """dest [2m, d] (gate rows first) or [m, d] <- the input-projection rows of neurons idx [m].
+
+    Written into dest's halves directly: no [2m, d] temporary for a torch.cat.
+    """
     if ffn.gated:
-        return torch.cat([ffn.gate[idx], ffn.up[idx]], dim=-2)
-    return ffn.up[idx]
+        m = idx.shape[0]
+        dest[:m].copy_(ffn.gate[idx])
+        dest[m:].copy_(ffn.up[idx])
+    else:
+        dest.copy_(ffn.up[idx])
 
 
 def _in_bias(ffn: DenseFFN, idx: torch.Tensor) -> torch.Tensor:
@@ -90,19 +96,24 @@ def _in_bias(ffn: DenseFFN, idx: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def build_moe(ffn: DenseFFN, grouping: Grouping, spec: MoESpec, router: dict[str, torch.Tensor]) -> CarvedMoE:
-    """Assemble a CarvedMoE from slices of the dense weights: no weight is changed, only moved."""
+    """Assemble a CarvedMoE from slices of the dense weights: no weight is changed, only moved.
+
+    Copied one expert at a time, so besides the carved module (as large as the dense FFN) only
+    one expert's rows [m, d] exist as temporaries at once.
+    """
     dev, dt = ffn.up.device, ffn.up.dtype
     with torch.device("meta"):
         moe = CarvedMoE(spec)
-    moe = moe.to_empty(device=dev).to(dt)
+    moe = moe.to(dt).to_empty(device=dev)  # allocated once, directly in the compute dtype
     groups = grouping.experts.to(dev)  # [E, m]
-    moe.experts.in_proj.copy_(_in_rows(ffn, groups))
-    moe.experts.out_proj.copy_(ffn.down[:, groups].permute(1, 0, 2))  # [d, E, m] -> [E, d, m]
+    for e, group in enumerate(groups):
+        _copy_in_rows(moe.experts.in_proj[e], ffn, group)  # [2m, d]
+        moe.experts.out_proj[e].copy_(ffn.down[:, group])  # [d, m]
     if moe.experts.in_bias is not None:
         moe.experts.in_bias.copy_(_in_bias(ffn, groups))
     if moe.shared is not None:
         shared = grouping.shared.to(dev)
-        moe.shared.in_proj.copy_(_in_rows(ffn, shared))
+        _copy_in_rows(moe.shared.in_proj, ffn, shared)
         moe.shared.out_proj.copy_(ffn.down[:, shared])
         if moe.shared.in_bias is not None:
             moe.shared.in_bias.copy_(_in_bias(ffn, shared))
@@ -115,6 +126,20 @@ def build_moe(ffn: DenseFFN, grouping: Grouping, spec: MoESpec, router: dict[str
         if value is not None:
             getattr(r, name).copy_(value)
     return moe
+
+
+def shadow_router(ffn: DenseFFN, grouping: Grouping, bits: int) -> dict[str, torch.Tensor | None]:
+    """The shadow router's tensors: the routed experts' input rows [E, 2m, d] quantised per row to `bits`."""
+    groups = grouping.experts.to(ffn.up.device)  # [E, m]
+    E, m = groups.shape
+    rows = torch.empty(2 * m if ffn.gated else m, ffn.hidden_size, dtype=ffn.up.dtype, device=ffn.up.device)
+    codes = torch.empty(E, *rows.shape, dtype=torch.int8, device=rows.device)  # [E, 2m, d]
+    row_scale = torch.empty(E, rows.shape[0], device=rows.device)  # [E, 2m]
+    for e, group in enumerate(groups):  # one expert's rows at a time: no [E, 2m, d] float temporary
+        _copy_in_rows(rows, ffn, group)
+        codes[e], row_scale[e] = quantize_rows(rows, bits)
+    in_bias = _in_bias(ffn, groups) if ffn.has_in_bias else None
+    return {"codes": codes, "row_scale": row_scale, "in_bias": in_bias}
 
 
 @torch.no_grad()
@@ -164,19 +189,25 @@ def carve_ffn_fitted(
     spec = moe_spec(ffn, cfg)
     if cfg.probes_per_expert > spec.expert_size:
         raise CarveError(f"probes_per_expert={cfg.probes_per_expert} exceeds the expert size {spec.expert_size}")
-    spec = replace(spec, router="fitted", router_probes=cfg.probes_per_expert * spec.n_routed)
     xf = x.float()
     h = ffn.hidden(xf if ffn.up.dtype == torch.float32 else x).float()  # [T, I]
     grouping = group_by_profiles(h, cfg.n_shared, cfg.n_routed, cfg.profile_iters, cfg.seed)
-    fitted = fit_router(ffn, grouping, xf, h, cfg.n_active, cfg.probes_per_expert, cfg.holdout)
-    moe = build_moe(ffn, grouping, spec, fitted.tensors)
+    if cfg.shadow_bits:
+        spec = replace(spec, router="shadow", shadow_bits=cfg.shadow_bits)
+        router = shadow_router(ffn, grouping, cfg.shadow_bits)
+    else:
+        spec = replace(spec, router="fitted", router_probes=cfg.probes_per_expert * spec.n_routed)
+        router = fit_router(ffn, grouping, xf, h, cfg.n_active, cfg.probes_per_expert, cfg.holdout).tensors
+    moe = build_moe(ffn, grouping, spec, router)
     _, idx = moe.router(x.to(ffn.up.dtype))  # [T, A] the router's own picks
     oracle = oracle_indices(expert_mass(h.abs(), grouping.experts), cfg.n_active)
     refit_error = None
     if cfg.refit:
+        del moe  # rebuilt below with the refitted down_proj: not held through the refit's [I, I] solves
         keep = keep_mask(ffn.intermediate_size, grouping.shared, grouping.experts, idx)
         refit = refit_down(h, keep, ffn.down, cfg.holdout)
-        moe = build_moe(replace(ffn, down=refit.down.to(ffn.down.dtype)), grouping, spec, fitted.tensors)
+        del keep
+        moe = build_moe(replace(ffn, down=refit.down.to(ffn.down.dtype)), grouping, spec, router)
         refit_error = [refit.heldout_before, refit.heldout_after]
     mean = h.abs().mean(dim=0).cpu()
     report = LayerReport(

@@ -37,12 +37,15 @@ def register(sub) -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (clipped to the model's max positions)")
     p.add_argument("--k-act", type=int, default=10, help="neurons marked active per token for activation rates")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", choices=list(METHODS), default="cmoe",
-                   help="cmoe: the paper's algorithm exactly; fitted: |h|-profile grouping, a closed-form router "
-                   "and a ridge refit of down_proj (training-free, better quality, slower to carve)")
+    p.add_argument("--method", choices=list(METHODS), default="fitted",
+                   help="fitted (default): |h|-profile grouping, a shadow router that tracks the oracle's choice and "
+                   "a ridge refit of down_proj (training-free); cmoe: the paper's algorithm exactly")
+    p.add_argument("--shadow-bits", type=int, default=4,
+                   help="fitted: bits of the shadow router's copy of the experts' input rows (2-8); 0: the cheaper "
+                   "probe router (faster, lower quality)")
     p.add_argument("--router", choices=list(ROUTERS), default="analytic",
-                   help="analytic: CMoE's training-free router; linear: a softmax-over-linear-gate router fitted on the "
-                   "calibration tokens (needed by --export)")  # fmt: skip
+                   help="cmoe only: analytic, CMoE's training-free router; linear, a softmax-over-linear-gate router "
+                   "fitted on the calibration tokens (needed by --export)")  # fmt: skip
     p.add_argument("--export", dest="export_fmt", default=None, choices=sorted(FORMATS), metavar="FORMAT",
                    help=f"also export the carved model as a standard HF MoE model ({', '.join(sorted(FORMATS))}) to "
                    "--export-out")  # fmt: skip
@@ -61,7 +64,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    cfg = CarveConfig.from_string(args.config, k_act=args.k_act, seed=args.seed, router=args.router, method=args.method)  # fails before loading
+    cfg = CarveConfig.from_string(args.config, k_act=args.k_act, seed=args.seed, router=args.router,
+                                  method=args.method, shadow_bits=args.shadow_bits)  # fmt: skip  # fails before loading
     check_output(args.out, args.overwrite)
     check_export_args(args)
     calib_cfg = CalibConfig(source=args.calib, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed)
@@ -102,9 +106,9 @@ def check_export_args(args) -> None:
     """--export needs the linear router and a free output folder: fail before any work."""
     if args.export_fmt is None:
         return
-    if args.router != "linear":
-        raise ExportError(f"--export {args.export_fmt} needs --router linear (the analytic router has no "
-                          "standard-architecture equivalent)")  # fmt: skip
+    if args.method != "cmoe" or args.router != "linear":
+        raise ExportError(f"--export {args.export_fmt} needs --method cmoe --router linear (the other routers "
+                          "have no standard-architecture equivalent)")  # fmt: skip
     args.export_out = args.export_out or f"{str(args.out).rstrip('/')}-{args.export_fmt}"
     check_output(args.export_out, args.overwrite)
 

@@ -12,6 +12,7 @@ from ..eval.data import load_eval_text
 from ..eval.perplexity import PerplexityResult, eval_perplexity, eval_windows
 from ..eval.tasks import STANDARD_TASKS, TaskConfig, run_tasks
 from ..io.loading import load_any, resolve_device
+from ..modules.fast import BACKENDS
 from .common import add_model_args, console, table
 
 
@@ -41,6 +42,9 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="examples per task (quick runs)")
     p.add_argument("--include-path", default=None, help="a folder of extra lm_eval task YAMLs")
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--kernels", default="none", choices=("none", *BACKENDS),
+                   help="carved folders: run the MoE layers through moecarve's fast paths (same results to "
+                   "float rounding; auto = CPU path on CPU, Triton on CUDA)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     add_model_args(p)
     p.set_defaults(func=run)
@@ -69,7 +73,7 @@ def run(args) -> int:
         label = f"perplexity ({ppl.source}, seq {ppl.seqlen}, {ppl.n_windows} windows, layer-wise)"
         rows.append([label, f"{ppl.perplexity:.4f}"])
     if (args.ppl is not None and layerwise is None) or task_cfg is not None:
-        model, tok = load_any(args.model, args.dtype, args.device)
+        model, tok = load_any(args.model, args.dtype, args.device, kernels=args.kernels)
         if args.ppl is not None and layerwise is None:
             with console.status("perplexity"):
                 ppl = eval_perplexity(model, tok, args.ppl, args.seqlen, args.max_chars, args.batch_size, text=text)

@@ -1,8 +1,10 @@
 """The one table of per-MoE-family knowledge for condensing.
 
-Where each MoE layer keeps its router, routed experts and shared experts, and how its routing
-weights are computed. Nothing else in moecarve.condense names an MoE class. Every family is read
-into the same `MoEView` of tensors (views of the module's weights, no copies).
+Where each MoE layer keeps its router, routed experts and shared experts, how its routing
+weights are computed, and whether (and where) its config can make a layer dense, so that a
+condensed model saves in its source architecture. Nothing else in moecarve.condense names an MoE
+class or config field. Every family is read into the same `MoEView` of tensors (views of the
+module's weights, no copies).
 
 Shapes: d hidden size, E routed experts, m neurons per routed expert, n neurons of the shared
 experts (fused), T tokens, A experts per token. Gated in-projections stack gate rows first.
@@ -10,6 +12,7 @@ experts (fused), T tokens, A experts per token. Gated in-projections stack gate 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +22,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..errors import MoecarveError
+from ..modules.condensed import CondensedMLP, CondensedSpec
 from ..modules.moe import CarvedMoE
 
 
@@ -51,16 +55,37 @@ class MoEView:
 
 
 @dataclass(frozen=True)
+class DenseLayers:
+    """How a family's own config makes chosen decoder layers dense, so that a condensed model can be
+    saved in its source architecture (plain transformers, no moecarve code).
+
+    mlp_class: the family's dense MLP class, looked up in the MoE class's Python module; it must have
+        gate_proj / up_proj / down_proj nn.Linear of config.intermediate_size neurons, no bias.
+    attr: the config attribute that lists or counts the dense layers.
+    why_not(config, layers) -> why the config cannot mark exactly these decoder layers dense, or None.
+    mark(config, layers): record them as dense in the config (what the model's __init__ reads).
+    """
+
+    mlp_class: str
+    attr: str
+    why_not: Callable[[object, list[int]], str | None]
+    mark: Callable[[object, list[int]], None]
+
+
+@dataclass(frozen=True)
 class Family:
-    """How one MoE layer class is read and routed.
+    """How one MoE layer class is read and routed, and how its config expresses dense layers.
 
     read(module, config) -> MoEView.
     route(module, x [T, d]) -> (weights [T, A] float32, indices [T, A] int64): what the router picks.
+    dense: None when the config has no way to make a layer dense (condensed models of this family
+        are saved in moecarve's format).
     """
 
     name: str
     read: Callable[[nn.Module, object], MoEView]
     route: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    dense: DenseLayers | None = None
 
 
 def _read_carved(mod: CarvedMoE, config) -> MoEView:
@@ -112,19 +137,47 @@ def _route_stacked(mod: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return w.float(), idx
 
 
-_NO_SHARED = Family("transformers MoE without shared experts", _stacked_reader(None, None), _route_stacked)
-_DEEPSEEK = Family("DeepSeek-V2/V3", _stacked_reader("shared_experts", None), _route_stacked)
+def _mlp_only_layers(mlp_class: str) -> DenseLayers:
+    """Qwen2/3-MoE: any decoder index listed in config.mlp_only_layers is dense."""
+
+    def mark(config, layers: list[int]) -> None:
+        config.mlp_only_layers = sorted(set(config.mlp_only_layers or []) | set(layers))
+
+    return DenseLayers(mlp_class, "mlp_only_layers", lambda config, layers: None, mark)
+
+
+def _first_k_dense(mlp_class: str) -> DenseLayers:
+    """DeepSeek-V2/V3: exactly the first config.first_k_dense_replace decoder layers are dense."""
+
+    def why_not(config, layers: list[int]) -> str | None:
+        if getattr(config, "mlp_bias", False):
+            return "its dense layers have biases (mlp_bias) the condensed layers lack"
+        k = config.first_k_dense_replace or 0
+        if sorted(layers) != list(range(k, k + len(layers))):
+            return (f"only its first first_k_dense_replace layers can be dense (now {k}); "
+                    f"the condensed layers {sorted(layers)} are not layers {k}..{k + len(layers) - 1}")  # fmt: skip
+        return None
+
+    def mark(config, layers: list[int]) -> None:
+        config.first_k_dense_replace = (config.first_k_dense_replace or 0) + len(layers)
+
+    return DenseLayers(mlp_class, "first_k_dense_replace", why_not, mark)
+
+
+_NO_SHARED = _stacked_reader(None, None)
+_DEEPSEEK = _stacked_reader("shared_experts", None)
 
 # MoE layer class name -> family
 FAMILIES: dict[str, Family] = {
     "CarvedMoE": Family("moecarve carved", _read_carved, _route_carved),
-    "Qwen2MoeSparseMoeBlock": Family("Qwen2-MoE", _stacked_reader("shared_expert", "shared_expert_gate"), _route_stacked),
-    "DeepseekV2Moe": _DEEPSEEK,
-    "DeepseekV3MoE": _DEEPSEEK,
-    "MixtralSparseMoeBlock": _NO_SHARED,
-    "OlmoeSparseMoeBlock": _NO_SHARED,
-    "Qwen3MoeSparseMoeBlock": _NO_SHARED,
-}
+    "Qwen2MoeSparseMoeBlock": Family("Qwen2-MoE", _stacked_reader("shared_expert", "shared_expert_gate"), _route_stacked,
+                                     _mlp_only_layers("Qwen2MoeMLP")),
+    "DeepseekV2Moe": Family("DeepSeek-V2", _DEEPSEEK, _route_stacked, _first_k_dense("DeepseekV2MLP")),
+    "DeepseekV3MoE": Family("DeepSeek-V3", _DEEPSEEK, _route_stacked, _first_k_dense("DeepseekV3MLP")),
+    "MixtralSparseMoeBlock": Family("Mixtral", _NO_SHARED, _route_stacked),
+    "OlmoeSparseMoeBlock": Family("OLMoE", _NO_SHARED, _route_stacked),
+    "Qwen3MoeSparseMoeBlock": Family("Qwen3-MoE", _NO_SHARED, _route_stacked, _mlp_only_layers("Qwen3MoeMLP")),
+}  # fmt: skip
 
 
 def family_of(module: nn.Module) -> Family | None:
@@ -170,3 +223,35 @@ def expert_output(view: MoEView, e: int, x: torch.Tensor) -> torch.Tensor:
     b = None if view.experts_in_bias is None else view.experts_in_bias[e]
     h = _mlp(x, view.experts_in[e], b, ACT2FN[view.act], view.gated)
     return F.linear(h, view.experts_out[e])
+
+
+# -- saving condensed layers in the source architecture -------------------------------------------
+
+
+def native_dense_reason(family: Family, config, layers: list[int], specs: list[CondensedSpec]) -> str | None:
+    """Why `config` cannot express condensed layers `layers` (decoder indices) with shapes `specs`
+    as its own dense layers; None when it can."""
+    if family.dense is None:
+        return f"{family.name} configs cannot make a layer dense"
+    for layer, s in zip(layers, specs):
+        if s.gated_neurons:
+            return f"{family.name}'s dense layers have no shared-expert gate (sigmoid(g . x)) to hold layer {layer}'s"
+        if not s.gated or s.in_bias or s.out_bias:
+            return f"{family.name}'s dense layers are gated MLPs without biases, unlike condensed layer {layer}"
+        if s.intermediate_size != config.intermediate_size:
+            return (f"condensed layer {layer} has {s.intermediate_size} neurons but {family.name}'s dense layers "
+                    f"have intermediate_size = {config.intermediate_size}")  # fmt: skip
+    return family.dense.why_not(config, layers)
+
+
+@torch.no_grad()
+def native_dense_mlp(family: Family, moe: nn.Module, config, condensed: CondensedMLP) -> nn.Module:
+    """The family's own dense MLP holding `condensed`'s weights (native_dense_reason must be None):
+    gate_proj = in_proj[:n], up_proj = in_proj[n:], down_proj = out_proj."""
+    cls = getattr(sys.modules[type(moe).__module__], family.dense.mlp_class)
+    mlp = cls(config).to(device=condensed.in_proj.device, dtype=condensed.in_proj.dtype)
+    gate, up = condensed.in_proj.chunk(2)
+    mlp.gate_proj.weight.copy_(gate)
+    mlp.up_proj.weight.copy_(up)
+    mlp.down_proj.weight.copy_(condensed.out_proj)
+    return mlp.eval()

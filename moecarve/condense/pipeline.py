@@ -3,11 +3,18 @@
 One sequential pass over the original model records, per MoE layer, its inputs and outputs on the
 calibration windows, computes the experts' mean routing weights (step 1), chooses the always-on
 experts greedily (step 2) and builds that layer's condensed candidate (step 4). The greedy layer
-search (step 3, layers.py) then picks which candidates replace their MoE layers. Training-free.
+search (step 3, layers.py) then picks which candidates replace their MoE layers. Optionally the
+condensed layers alone are then fine-tuned by next-token loss (step 5, tune.py).
+
+Where the source architecture's config can hold the condensed layers as its own dense layers
+(families.DenseLayers: same width, no shared-expert gate, allowed positions), they are installed
+as the family's dense MLP and the config is updated, so the model saves as a plain transformers
+model; otherwise as moecarve modules (moecarve's format). The report says which, and why.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,9 +26,12 @@ from tqdm.auto import tqdm
 from ..carve import MOECARVE_FORMAT
 from .config import CondenseConfig, CondenseError
 from .experts import ExpertChoice, build_condensed, choose_experts, mean_routing_weights
-from .families import family_of, moe_layers
+from .families import family_of, moe_layers, native_dense_mlp, native_dense_reason
 from .layers import search_layers
 from .propagate import decoder_layers, first_layer_inputs, run_layer
+from .tune import TuneReport, tune_condensed
+
+MOECARVE = "moecarve"  # CondenseReport.format of models saved with moecarve's modules
 
 
 @dataclass
@@ -49,10 +59,17 @@ class CondenseReport:
     params_after: int = 0
     bytes_before: int = 0  # parameters + buffers
     bytes_after: int = 0
+    format: str = MOECARVE  # how the model saves: "moecarve", or its own model_type (e.g. "qwen3_moe")
+    format_reason: str = ""  # one line: why that format
+    finetune: TuneReport | None = None  # the fine-tune of the condensed layers, when config.finetune_steps > 0
 
     @property
     def layers(self) -> list[int]:
         return [s.layer for s in self.steps]
+
+    @property
+    def paths(self) -> list[str]:
+        return [s.path for s in self.steps]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -158,40 +175,97 @@ def plan(model: nn.Module, config: CondenseConfig, calibration: torch.Tensor, pr
     )  # fmt: skip
 
 
+def native_format_reason(model: nn.Module, plan: CondensePlan, layers: list[int]) -> str | None:
+    """Why the condensed `layers` of `plan` cannot be saved in the model's own architecture; None if they can."""
+    if (getattr(model.config, "moecarve", None) or {}).get("modules"):
+        return "the model already holds moecarve modules (a carved or condensed model)"
+    families = {family_of(model.get_submodule(plan.candidates[i][0])) for i in layers}
+    if len(families) != 1:
+        return "its condensed layers come from different MoE families"
+    specs = [plan.candidates[i][1].spec for i in layers]
+    return native_dense_reason(families.pop(), model.config, layers, specs)
+
+
+def _install_native(model: nn.Module, plan: CondensePlan, layers: list[int]) -> str:
+    """Replace the MoE modules of `layers` by the family's dense MLP and mark them dense in the config."""
+    fam = None
+    for i in layers:
+        path, mod = plan.candidates[i]
+        moe = model.get_submodule(path)
+        fam = family_of(moe)
+        model.set_submodule(path, native_dense_mlp(fam, moe, model.config, mod))
+    fam.dense.mark(model.config, layers)
+    return f"{fam.name}'s config holds the condensed layers as its own dense layers ({fam.dense.attr})"
+
+
+def _install_moecarve(model: nn.Module, plan: CondensePlan, layers: list[int]) -> None:
+    """Install copies of the CondensedMLP candidates and record them in model.config.moecarve."""
+    meta = dict(getattr(model.config, "moecarve", None) or {})
+    modules = dict(meta.get("modules", {}))
+    for i in layers:
+        path, mod = plan.candidates[i]
+        model.set_submodule(path, copy.deepcopy(mod))  # the plan's candidates stay untouched (fine-tuning)
+        modules[path] = mod.spec.to_dict()
+    meta.update(format=MOECARVE_FORMAT, modules=modules, condense={**plan.config.to_dict(), "layers": layers})
+    model.config.moecarve = meta
+
+
 def apply(model: nn.Module, plan: CondensePlan, n_layers: int | None = None) -> CondenseReport:
-    """Install the first n_layers (default: all) of the plan's chosen layers into `model`, in place,
-    and record them in model.config.moecarve so that moecarve.save / load round-trip them."""
+    """Install the first n_layers (default: all) of the plan's chosen layers into `model`, in place.
+
+    They become the source family's own dense layers where its config can express them (see
+    CondenseReport.format), else CondensedMLP modules recorded in model.config.moecarve; either way
+    save_condensed and reloading round-trip them. Training-free (no fine-tuning here).
+    """
     n = len(plan.order) if n_layers is None else n_layers
     if not 0 <= n <= len(plan.order):
         raise CondenseError(f"the plan chose {len(plan.order)} layers; cannot apply {n}")
+    layers = plan.order[:n]
     params_before, bytes_before = model_bytes(model)
-    meta = dict(getattr(model.config, "moecarve", None) or {})
-    modules = dict(meta.get("modules", {}))
     report = CondenseReport(config=plan.config, seconds=plan.seconds, n_windows=plan.n_windows, seqlen=plan.seqlen,
                             params_before=params_before, bytes_before=bytes_before)  # fmt: skip
-    for k, layer in enumerate(plan.order[:n]):
-        path, mod = plan.candidates[layer]
-        model.set_submodule(path, mod)
-        modules[path] = mod.spec.to_dict()
+    for k, layer in enumerate(layers):
         ch = plan.choices[layer]
+        path = plan.candidates[layer][0]
         report.steps.append(LayerStep(layer, path, list(ch.experts), list(ch.weights), list(ch.js), plan.js_model[k]))
-    meta.update(format=MOECARVE_FORMAT, modules=modules, condense={**plan.config.to_dict(), "layers": plan.order[:n]})
-    model.config.moecarve = meta
+    reason = native_format_reason(model, plan, layers) if layers else "nothing condensed"
+    if reason is None:
+        report.format, report.format_reason = model.config.model_type, _install_native(model, plan, layers)
+    else:
+        _install_moecarve(model, plan, layers)
+        report.format, report.format_reason = MOECARVE, f"not expressible in {model.config.model_type}: {reason}"
     report.params_after, report.bytes_after = model_bytes(model)
     return report
 
 
-def condense(model: nn.Module, config: CondenseConfig, calibration: torch.Tensor, progress: bool = True) -> CondenseReport:
-    """Condense config.n_layers MoE layers of `model` into dense layers, in place (CD-MoE, training-free).
+def finetune_condensed(model: nn.Module, report: CondenseReport, windows: torch.Tensor, config: CondenseConfig | None = None,
+                       progress: bool = True) -> TuneReport:  # fmt: skip
+    """Step 5: train the layers `report` condensed (only them) on token windows [n, seqlen].
+
+    The finetune_* settings and seed come from `config` (default: report.config), e.g. to fine-tune
+    after a training-free condense. Records the TuneReport in report.finetune and returns it.
+    """
+    report.finetune = tune_condensed(model, report.paths, windows, config or report.config, progress)
+    return report.finetune
+
+
+def condense(model: nn.Module, config: CondenseConfig, calibration: torch.Tensor, progress: bool = True,
+             finetune_windows: torch.Tensor | None = None) -> CondenseReport:  # fmt: skip
+    """Condense config.n_layers MoE layers of `model` into dense layers, in place (CD-MoE).
 
     Args:
         model: a causal LM whose MoE layers are in families.FAMILIES (moecarve carved models,
-            Qwen2-MoE, DeepSeek-V2/V3, Mixtral, OLMoE, Qwen3-MoE).
-        config: CondenseConfig(n_layers=L, n_experts=R, beam=1).
+            Qwen2-MoE, DeepSeek-V2/V3; Mixtral, OLMoE, Qwen3-MoE with n_experts >= 1).
+        config: CondenseConfig(n_layers=L, n_experts=R, beam=1, finetune_steps=0, ...).
         calibration: token windows [n_samples, seqlen] (see moecarve.load_windows).
+        finetune_windows: token windows [n, seqlen'] the condensed layers are fine-tuned on when
+            config.finetune_steps > 0 (default: `calibration`).
     Returns:
         a CondenseReport: chosen layers in order, experts kept per layer, JS after each step,
-        parameters and bytes before/after, search time.
+        parameters and bytes before/after, search time, save format, and the fine-tune's losses.
     """
-    return apply(model, plan(model, config, calibration, progress))
-
+    report = apply(model, plan(model, config, calibration, progress))
+    if config.finetune_steps:
+        windows = calibration if finetune_windows is None else finetune_windows
+        finetune_condensed(model, report, windows, progress=progress)
+    return report

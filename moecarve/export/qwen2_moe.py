@@ -87,7 +87,7 @@ def check_moe(i: int, moe: CarvedMoE, hidden_act: str) -> None:
     if s.router != "linear":
         raise ExportError(
             f"layer {i} uses the {s.router!r} router, which Qwen2-MoE's softmax-over-a-linear-gate router "
-            "cannot express; carve with --router linear (CarveConfig(router='linear'))"
+            "cannot express; carve with --method cmoe --router linear (CarveConfig(method='cmoe', router='linear'))"
         )
     if not s.gated or s.in_bias or s.out_bias:
         raise ExportError(f"layer {i}: Qwen2-MoE experts are bias-free gated MLPs (gated={s.gated}, "

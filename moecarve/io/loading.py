@@ -37,8 +37,11 @@ def is_carved(path: str | Path) -> bool:
     return cfg.exists() and "moecarve" in json.loads(cfg.read_text())
 
 
-def load_any(name_or_path: str, dtype="auto", device="auto"):
-    """(model, tokenizer) for a local folder (dense or carved) or a hub id (needs the network)."""
+def load_any(name_or_path: str, dtype="auto", device="auto", kernels: str | None = None):
+    """(model, tokenizer) for a local folder (dense or carved) or a hub id (needs the network).
+
+    kernels: fast paths for a carved folder's MoE layers (see moecarve.load); ignored for dense models.
+    """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = Path(name_or_path)
@@ -48,7 +51,7 @@ def load_any(name_or_path: str, dtype="auto", device="auto"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if is_carved(path):
-            model = load(path, dtype=dt)
+            model = load(path, dtype=dt, kernels=kernels)
         else:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dt)
     except OSError as e:

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from ..errors import MoecarveError
+from ..modules.fast import BACKENDS, use_kernels
 from ..modules.moe import carved_model_class
 from .atomic import atomic_dir
 from .remote import write_modeling_file
@@ -81,19 +82,27 @@ def load(
     path: str | Path,
     dtype: torch.dtype | str | None = None,
     device_map: str | dict | None = None,
+    kernels: str | None = None,
     **kwargs,
 ) -> nn.Module:
     """Load a carved folder with moecarve's own modules (no trust_remote_code needed).
 
     dtype / device_map / further kwargs go to `from_pretrained`, so accelerate device maps
     ("auto", CPU and disk offload) work as for any transformers model.
+    kernels: None / "none" runs the reference forward; "auto", "cpu", "triton" or "torch" binds
+    the fast inference paths (`moecarve.use_kernels(model, kernels)`, moecarve.modules.fast):
+    same outputs to float rounding, faster decode on CPU and GPU.
     """
+    if kernels not in (None, "none", *BACKENDS):
+        raise ValueError(f"unknown kernels {kernels!r}; choose none, {', '.join(BACKENDS)}")
     config = read_config(path)
     base = getattr(transformers, config.moecarve["base_class"])
     cls = carved_model_class(base)
     model = cls.from_pretrained(path, config=config, dtype=dtype, device_map=device_map, **kwargs)
     _realign(model)
     model.eval()
+    if kernels not in (None, "none"):
+        use_kernels(model, kernels)
     return model
 
 

@@ -1,7 +1,8 @@
 """Fast forwards for carved MoE layers, as pure tensor functions (no nn.Module, no transformers).
 
-  tensors.py        MoETensors (a layer's weights) and `route` (the routers' maths)
-  cpu.py            `moe_decode_cpu`: batch-1 / small-T decode on CPU
+  tensors.py        MoETensors (a layer's weights) and `route` (the routers' maths, or the
+                    module's own router for the others, e.g. "fitted")
+  cpu.py            `moe_decode_cpu`: decode and small batches (T <= 64) on CPU
   triton_decode.py  `moe_decode_triton`: fused router + gathered SwiGLU GEMV for GPU decode
                     (imported lazily: it needs triton)
 

@@ -6,6 +6,10 @@ sees the current weights.
 
 Shapes: T tokens, d hidden, E routed experts, m neurons per expert, n = N_s * m shared neurons,
 A experts per token. Gated MLPs stack gate rows then up rows ([.., 2m, d]); plain MLPs keep [.., m, d].
+
+Routers: "analytic" and "linear" are implemented here (and fused in the Triton decode kernel);
+any other router (e.g. "fitted") is passed as `router_fn`, the module's own router, which `route`
+then calls: the expert computation is the same whatever chose the experts.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ class MoETensors:
     act_name: str  # its transformers ACT2FN name (what the Triton kernels switch on)
     gated: bool
     top_k: int  # A
-    router: str  # "analytic" | "linear"
-    router_gate: torch.Tensor  # [E, d] analytic representative gate rows, or the linear gate
+    router: str  # "analytic" | "linear" | another name, routed by router_fn
+    router_gate: torch.Tensor | None  # [E, d] analytic representative gate rows, or the linear gate
     router_up: torch.Tensor | None  # [E, d] analytic representative up rows (gated MLPs)
     router_scale: torch.Tensor  # [E]
     router_bias: torch.Tensor  # [E] float32 load-balancing bias
@@ -37,6 +41,8 @@ class MoETensors:
     shared_in_bias: torch.Tensor | None = None  # [2n]
     out_bias: torch.Tensor | None = None  # [d]
     router_packed: torch.Tensor | None = None  # [2E, d] float32 gate rows then up rows (optional cache)
+    # routers not implemented here: x [T, d] -> (weights [T, A] x.dtype, idx [T, A] int64)
+    router_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def n_routed(self) -> int:
@@ -73,7 +79,10 @@ def route(x: torch.Tensor, t: MoETensors) -> tuple[torch.Tensor, torch.Tensor]:
 
     Same maths as the module's routers: softmax in float32, top-A of probs + bias, analytic
     weight 1 + p * scale, linear weight p (renormalised over the top-A if asked) * (1 + scale).
+    Other routers: t.router_fn(x).
     """
+    if t.router_fn is not None:
+        return t.router_fn(x)
     probs = router_logits(x, t).softmax(dim=-1)  # [T, E]
     idx = torch.topk(probs + t.router_bias, t.top_k, dim=-1).indices  # [T, A]
     p = probs.gather(1, idx)

@@ -7,16 +7,19 @@ module-level function (no closure over the module) it survives deepcopy and pick
 
 Backends (T = tokens in the call):
   torch   the reference forward (sorted tokens + torch._grouped_mm); removes any fast path.
-  cpu     kernels.cpu for T <= CPU_MAX_TOKENS, else the reference (any device; reads expert ids
-          on the host, which is free on CPU only).
+  cpu     kernels.cpu for T <= CPU_MAX_TOKENS (gathered experts, or one masked dense GEMM over
+          the picked experts' span, by a bytes-read rule), else the reference (any device; reads
+          expert ids on the host, which is free on CPU only).
   triton  kernels.triton_decode for T <= 32, kernels.triton_prefill above (CUDA, or CPU tensors
           under TRITON_INTERPRET=1).
   auto    per call: CPU tensors -> cpu; CUDA tensors -> Triton decode for T <= 32, and for larger
           T the reference where torch._grouped_mm runs (bf16 on sm90+), else Triton prefill.
-Every path falls back to the reference for unsupported activations and whenever autograd is
-recording (run inference under torch.no_grad / inference_mode, as generate() does). The CPU path
-calls .tolist(), so under torch.compile it splits the graph; the Triton paths are single custom
-ops and trace whole.
+Routers: the analytic and linear routers run inside the kernels (fused in Triton decode); any other
+router (the "fitted" one) is called as the module's own `router` and its choice fed to the same
+expert kernels. Every path falls back to the reference for unsupported activations and whenever
+autograd is recording (run inference under torch.no_grad / inference_mode, as generate() does).
+The CPU path calls .tolist(), so under torch.compile it splits the graph; the Triton paths are
+single custom ops and trace whole.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from ..kernels.tensors import MoETensors
 from .moe import _grouped_mm_ok
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
-KERNEL_ROUTERS = ("analytic", "linear")
+KERNEL_ROUTERS = ("analytic", "linear")  # routers the kernels compute; others run as the module's router
 
 
 def is_carved_moe(module: nn.Module) -> bool:
@@ -63,14 +66,16 @@ def _router_pack(r: nn.Module) -> torch.Tensor | None:
 
 def moe_tensors(moe: nn.Module, pack_router: bool = False) -> MoETensors:
     """The module's parameters as a MoETensors (the same tensors, not copies; `pack_router` adds
-    the cached [2E, d] float32 router stack, a few KB)."""
+    the cached [2E, d] float32 router stack, a few KB). Routers outside KERNEL_ROUTERS (e.g.
+    "fitted") are passed as `router_fn`, the module's router itself."""
     ex, r, sh, spec = moe.experts, moe.router, moe.shared, moe.spec
     analytic = spec.router == "analytic"
+    own = spec.router not in KERNEL_ROUTERS
     return MoETensors(
         in_proj=ex.in_proj, out_proj=ex.out_proj, act=FUNCTIONAL_ACTS.get(spec.act, ex.act), act_name=spec.act,
         gated=ex.gated, router_packed=_router_pack(r) if pack_router and analytic else None,
-        top_k=r.top_k, router=spec.router,
-        router_gate=r.gate if analytic else r.weight, router_up=r.up if analytic else None,
+        top_k=r.top_k, router=spec.router, router_fn=r if own else None,
+        router_gate=r.gate if analytic else getattr(r, "weight", None), router_up=r.up if analytic else None,
         router_scale=r.scale, router_bias=r.bias, norm_topk_prob=getattr(r, "norm_topk_prob", False),
         in_bias=ex.in_bias,
         shared_in=None if sh is None else sh.in_proj, shared_out=None if sh is None else sh.out_proj,
@@ -90,6 +95,8 @@ def _cached_tensors(moe: nn.Module) -> MoETensors:
     t.router_bias = r.bias
     if t.router == "analytic":
         t.router_packed = _router_pack(r)
+    elif t.router_fn is not None:
+        t.router_fn = r
     return t
 
 
@@ -133,6 +140,9 @@ def _triton_call(moe: nn.Module, hidden_states: torch.Tensor, prefill: str) -> t
     if T == 0 or not decode.supports(t) or _recording(x, moe):
         return None
     if T <= decode.MAX_DECODE_TOKENS:
+        if t.router_fn is not None:  # e.g. "fitted": the module routes, the kernels run the experts
+            weights, idx = t.router_fn(x)
+            return decode.experts_triton(x, idx, weights, t).view(hidden_states.shape)
         return decode.moe_decode_triton(x, t).view(hidden_states.shape)
     if prefill == "auto" and _grouped_mm_ok(x):
         return None
@@ -167,8 +177,7 @@ def use_kernels(model: nn.Module, backend: str = "auto") -> int:
             raise RuntimeError("backend 'triton' needs a working triton install (pip install 'moecarve[gpu]')")
     n = 0
     for module in model.modules():
-        # the kernels implement the analytic and linear routers; others keep the reference forward
-        if is_carved_moe(module) and module.spec.router in KERNEL_ROUTERS:
+        if is_carved_moe(module):
             module.fast_forward = _FORWARDS[backend]
             module.__dict__.pop("_moecarve_tensors", None)  # rebuilt from the current parameters
             n += 1

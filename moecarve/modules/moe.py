@@ -32,9 +32,10 @@ class MoESpec:
     gated: bool = True
     in_bias: bool = False
     out_bias: bool = False
-    router: str = "analytic"  # "analytic" | "linear"
+    router: str = "analytic"  # "analytic" | "linear" | "fitted" | "shadow"
     norm_topk_prob: bool = False  # linear router: renormalise the top-k probabilities
     router_probes: int = 0  # fitted router: probe neurons whose |h| feeds the scores
+    shadow_bits: int = 0  # shadow router: bits of its quantised copy of the experts' input rows
 
     def to_dict(self) -> dict:
         return {"type": "moe", **asdict(self)}
@@ -176,8 +177,60 @@ ROUTERS = {"analytic": AnalyticRouter, "linear": LinearRouter}
 ROUTERS["fitted"] = FittedRouter
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
+class ShadowRouter(nn.Module):
+    """Routes by a low-bit copy ("shadow") of the routed experts' own input rows.
+
+    score_e(x) = sum_j |h~_j(x)| over expert e's m neurons, where h~ = act(g~ x) * (u~ x) uses the
+    gate/up rows quantised symmetrically per row to `shadow_bits` bits: int8 `codes` [E, 2m, d]
+    times `row_scale` [E, 2m]. That is the oracle's ranking signal (each expert's |h| mass) at a
+    fraction of the bytes of the dense rows (4 bits: 1/4 of bf16, 1/8 of float32), so top-A of it
+    almost always picks the experts the full-precision oracle would.
+    selected = top-A of (score + bias); combine weight = 1 + softmax(score)_e * scale_e.
+    """
+
+    def __init__(self, spec: MoESpec):
+        super().__init__()
+        E, m, d = spec.n_routed, spec.expert_size, spec.hidden_size
+        rows = 2 * m if spec.gated else m
+        self.top_k, self.gated = spec.top_k, spec.gated
+        self.register_buffer("codes", torch.zeros(E, rows, d, dtype=torch.int8))  # [E, 2m, d]
+        self.row_scale = nn.Parameter(torch.empty(E, rows), requires_grad=False)  # [E, 2m]
+        self.in_bias = nn.Parameter(torch.empty(E, rows), requires_grad=False) if spec.in_bias else None
+        self.scale = nn.Parameter(torch.zeros(E))
+        self.register_buffer("bias", torch.zeros(E, dtype=torch.float32))
+        self.act = ACT2FN[spec.act]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E] float32
+        E, rows, d = self.codes.shape
+        h = F.linear(x, self.codes.view(E * rows, d).to(x.dtype)).view(-1, E, rows)  # [T, E, 2m]
+        h = h * self.row_scale.to(x.dtype)
+        if self.in_bias is not None:
+            h = h + self.in_bias.to(x.dtype)
+        return glu(h, self.act, self.gated).abs().sum(dim=-1).float()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, d] -> (weights [T, A] in x.dtype, indices [T, A] int64)."""
+        scores = self.logits(x)
+        idx = torch.topk(scores + self.bias, self.top_k, dim=-1).indices
+        weights = 1.0 + scores.softmax(dim=-1).gather(1, idx) * self.scale.float()[idx]
+        return weights.to(x.dtype), idx
+
+
+def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantisation of w [..., d] -> (int8 codes [..., d], float scales [...])."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.float().abs().amax(dim=-1).clamp_min(1e-12) / qmax
+    codes = torch.round(w.float() / scale.unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
+    return codes, scale
+
+
+ROUTERS["shadow"] = ShadowRouter
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor | None = None) -> bool:
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    if w is not None and any(n * x.element_size() % 16 for n in w.shape[-2:]):  # its strides must be 16-byte multiples
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
@@ -192,7 +245,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor, offs:
     `expert` [N] is each row's expert (non-decreasing), `offs` [E] the cumulative row counts.
     Uses torch._grouped_mm where the device supports it, else a gathered batched matmul.
     """
-    if _grouped_mm_ok(x) and x.shape[0] > 0:
+    if _grouped_mm_ok(x, w) and x.shape[0] > 0:
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
     return torch.bmm(w[expert], x.unsqueeze(-1)).squeeze(-1)
 

@@ -1,8 +1,11 @@
 """Read a Hugging Face checkpoint one tensor at a time, without loading whole files.
 
-safetensors files are opened memory-mapped (`safe_open`): asking for one tensor reads only its
-bytes. Pickle checkpoints (`pytorch_model*.bin`) can run code when unpickled, so they are read
-only when explicitly allowed (and then memory-mapped with `torch.load(mmap=True)`).
+safetensors tensors are read with plain file reads straight into their own tensor, at the byte
+offsets of the file's header: one copy in memory, nothing else resident. (A memory map, as
+`safe_open` uses, would keep every page read so far resident - counted in the RSS - until it
+is closed, so reading a layer through it costs the layer twice.) Pickle checkpoints
+(`pytorch_model*.bin`) can run code when unpickled, so they are read only when explicitly
+allowed (and then memory-mapped with `torch.load(mmap=True)`, copied, and unmapped by close()).
 Every structural problem (no weights, a missing shard) is found when the checkpoint is opened,
 before any work starts.
 """
@@ -14,14 +17,21 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import MoecarveError
+from .shards import Entry, read_header
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+
+# safetensors dtype names -> torch dtypes (the ones torch can hold)
+SAFE_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
 
 
 class CheckpointError(MoecarveError, FileNotFoundError):
@@ -67,18 +77,21 @@ class Checkpoint:
                     "loaded; convert them to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust them"
                 )
             weight_map, self.pickle = bins, True
-        if not weight_map:  # a single file: read its tensor names now (header only)
+        # safetensors: where each tensor lies, from the headers (read now: a bad file fails early)
+        self._entries: dict[str, Entry] = {}
+        if not self.pickle:
+            files = sorted(set(weight_map.values())) if weight_map else [SAFE_SINGLE]
+            self._entries = {e.name: e for f in files for e in read_header(self.folder / f)}
+        if not weight_map:  # a single file: its tensor names come from its own header
             single = BIN_SINGLE if self.pickle else SAFE_SINGLE
-            weight_map = {name: single for name in self._open(single).keys()}
+            names = self._open(single).keys() if self.pickle else self._entries
+            weight_map = {name: single for name in names}
         self.weight_map: dict[str, str] = weight_map
 
     def _open(self, file: str):
+        """The memory-mapped state dict of a pickle checkpoint file."""
         if file not in self._handles:
-            path = self.folder / file
-            if self.pickle:
-                self._handles[file] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            else:
-                self._handles[file] = safe_open(str(path), framework="pt", device="cpu")
+            self._handles[file] = torch.load(self.folder / file, map_location="cpu", mmap=True, weights_only=True)
         return self._handles[file]
 
     def __contains__(self, name: str) -> bool:
@@ -95,20 +108,45 @@ class Checkpoint:
         """One tensor, read from disk (CPU), cast to `dtype` when given; KeyError when absent."""
         if name not in self.weight_map:
             raise KeyError(f"{self.folder}: the checkpoint has no tensor {name!r}")
-        handle = self._open(self.weight_map[name])
-        t = handle[name] if self.pickle else handle.get_tensor(name)
-        # always a private copy: a view of the memory map would keep the file's pages resident
-        return t.clone() if dtype is None or t.dtype == dtype else t.to(dtype)
+        if self.pickle:
+            t = self._open(self.weight_map[name])[name]
+            # a private copy: a view of the memory map would keep the file's pages resident
+            return t.clone() if dtype is None or t.dtype == dtype else t.to(dtype)
+        t = read_tensor(self._entries[name])
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
     def close(self) -> None:
-        """Drop the open memory maps, so that the pages read so far stop counting as resident."""
+        """Drop the open memory maps (pickle only), so that the pages read so far stop counting as resident."""
         self._handles.clear()
+
+
+def read_tensor(entry: Entry) -> torch.Tensor:
+    """The tensor `entry` of a safetensors file, read into fresh memory (CPU, its stored dtype).
+
+    Reads straight into the tensor's storage (readinto), so the bytes exist once; nothing stays
+    mapped. Raises CheckpointError on a truncated file.
+    """
+    if entry.dtype not in SAFE_DTYPES:
+        raise CheckpointError(f"{entry.file}: tensor {entry.name!r} has dtype {entry.dtype}, which torch cannot hold")
+    t = torch.empty(entry.shape, dtype=SAFE_DTYPES[entry.dtype])
+    if t.numel() * t.element_size() != entry.nbytes:
+        raise CheckpointError(f"{entry.file}: tensor {entry.name!r} has {entry.nbytes} bytes for shape {entry.shape}")
+    if not entry.nbytes:
+        return t
+    view = memoryview(t.view(-1).view(torch.uint8).numpy())  # safetensors is little-endian, as torch's CPUs
+    with open(entry.file, "rb") as f:
+        f.seek(entry.start)
+        done = 0
+        while done < entry.nbytes:
+            n = f.readinto(view[done:])
+            if not n:
+                raise CheckpointError(f"{entry.file} is truncated: tensor {entry.name!r} ends past the end of the file")
+            done += n
+    return t
 
 
 def checkpoint_numel(folder: str | Path) -> int | None:
     """Elements in a local folder's safetensors (headers only), or None when it has none."""
-    from .shards import read_header
-
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         return None

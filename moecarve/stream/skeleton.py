@@ -138,6 +138,17 @@ class StreamedModel:
             if not name.startswith(self._prefix + "."):
                 set_tensor(self.model, name, b.to(self.device))
 
+    def empty_outside(self) -> None:
+        """Free the modules outside the decoder stack again (back to meta; computed buffers stay).
+
+        Tied duplicates (a tied LM head) are emptied too, else they would keep the embeddings alive.
+        """
+        prefix = self._prefix + "."
+        for name, t in list(self.model.state_dict(keep_vars=True).items()):
+            if not name.startswith(prefix):
+                set_tensor(self.model, name, torch.empty_like(t, device="meta"))
+        self.model.tie_weights()  # tied parameters stay one parameter (parameter counts see it once)
+
     @contextmanager
     def layer(self, i: int):
         """Decoder layer i, read from disk onto the device for the block, emptied afterwards."""
