@@ -23,7 +23,7 @@ print(f"windows {tuple(ev.shape)}", flush=True)
 names = sys.argv[2].split(",")
 for name in names:
     m = fresh()
-    carve(m, CarveConfig.from_string(name, router="linear"), win, device="cpu", progress=False)
+    carve(m, CarveConfig.from_string(name, method="cmoe", router="linear"), win, device="cpu", progress=False)
     out = f"{root}/{name}-qwen2_moe"
     export(m, "qwen2_moe", out, tokenizer=tok, overwrite=True)
     q = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -41,5 +41,5 @@ for name in names:
           f"max |dlogit| {dmax:.3g}", flush=True)
 for name in names:
     m = fresh()
-    carve(m, CarveConfig.from_string(name, router="analytic"), win, device="cpu", progress=False)
+    carve(m, CarveConfig.from_string(name, method="cmoe", router="analytic"), win, device="cpu", progress=False)
     print(f"{name} analytic: ppl {perplexity(m, ev, batch_size=4):.4f}", flush=True)

@@ -22,8 +22,21 @@ class ConfigError(MoecarveError, ValueError):
     """A configuration that cannot work, found before any work starts."""
 
 
+class DictConfig:
+    """JSON round trip for the frozen config dataclasses; from_dict ignores keys it does not know
+    (a folder written by a newer moecarve still loads)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
 @dataclass(frozen=True)
-class CarveConfig:
+class CarveConfig(DictConfig):
     """How to carve every FFN of a model into an MoE layer.
 
     Attributes:
@@ -134,14 +147,6 @@ class CarveConfig:
                 f"{intermediate_size}; choose N among {divisors or 'its divisors'}"
             )
         return intermediate_size // self.n_experts
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CarveConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     def replace(self, **changes) -> "CarveConfig":
         return replace(self, **changes)

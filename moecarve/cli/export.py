@@ -15,7 +15,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "export",
         help="write a carved model in a standard Hugging Face MoE architecture (loads without moecarve)",
-        description="Convert a carved folder (moecarve carve --router linear) into a standard transformers "
+        description="Convert a carved folder (moecarve carve --method cmoe --router linear) into a standard transformers "
         "MoE checkpoint that AutoModelForCausalLM.from_pretrained loads without trust_remote_code and vLLM "
         "serves. The conversion is exact; settings it cannot reproduce exactly are refused.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

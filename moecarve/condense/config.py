@@ -3,8 +3,9 @@ optional fine-tune of the condensed layers afterwards."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
+from ..config import DictConfig
 from ..errors import MoecarveError
 
 
@@ -16,7 +17,7 @@ class CondenseError(MoecarveError, ValueError):
 
 
 @dataclass(frozen=True)
-class CondenseConfig:
+class CondenseConfig(DictConfig):
     """What to condense (CD-MoE).
 
     Attributes:
@@ -67,10 +68,3 @@ class CondenseConfig:
             if not ok:
                 raise CondenseError(msg)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CondenseConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})

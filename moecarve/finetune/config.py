@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..config import ConfigError, DictConfig
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(DictConfig):
     """A short LoRA fine-tune that recovers the quality lost by carving (CMoE, section 4).
 
     Attributes:
@@ -78,10 +78,3 @@ class FinetuneConfig:
     def lora_scaling(self) -> float:
         return self.lora_alpha / self.lora_r
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FinetuneConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})

@@ -134,6 +134,15 @@ class LinearRouter(nn.Module):
         return w.to(x.dtype), idx
 
 
+def select_by_scores(
+    scores: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, top_k: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-A of (scores + bias) [T, E]; combine weight 1 + softmax(scores)_e * scale_e (1 while scale is 0)."""
+    idx = torch.topk(scores + bias, top_k, dim=-1).indices  # [T, A]
+    weights = 1.0 + scores.softmax(dim=-1).gather(1, idx) * scale.float()[idx]
+    return weights.to(dtype), idx
+
+
 class FittedRouter(nn.Module):
     """A router fitted in closed form on calibration activations (moecarve.carving.fitted_router).
 
@@ -167,10 +176,7 @@ class FittedRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d] -> (weights [T, A] in x.dtype, indices [T, A] int64)."""
-        scores = self.logits(x)  # [T, E]
-        idx = torch.topk(scores + self.bias, self.top_k, dim=-1).indices
-        weights = 1.0 + scores.softmax(dim=-1).gather(1, idx) * self.scale.float()[idx]
-        return weights.to(x.dtype), idx
+        return select_by_scores(self.logits(x), self.bias, self.scale, self.top_k, x.dtype)
 
 
 ROUTERS = {"analytic": AnalyticRouter, "linear": LinearRouter}
@@ -210,10 +216,7 @@ class ShadowRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d] -> (weights [T, A] in x.dtype, indices [T, A] int64)."""
-        scores = self.logits(x)
-        idx = torch.topk(scores + self.bias, self.top_k, dim=-1).indices
-        weights = 1.0 + scores.softmax(dim=-1).gather(1, idx) * self.scale.float()[idx]
-        return weights.to(x.dtype), idx
+        return select_by_scores(self.logits(x), self.bias, self.scale, self.top_k, x.dtype)
 
 
 def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
