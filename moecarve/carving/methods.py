@@ -187,7 +187,7 @@ def carve_ffn_fitted(
     """
     t0 = time.perf_counter() if t0 is None else t0
     spec = moe_spec(ffn, cfg)
-    if cfg.probes_per_expert > spec.expert_size:
+    if not cfg.shadow_bits and cfg.probes_per_expert > spec.expert_size:  # probes only feed the probe router
         raise CarveError(f"probes_per_expert={cfg.probes_per_expert} exceeds the expert size {spec.expert_size}")
     xf = x.float()
     h = ffn.hidden(xf if ffn.up.dtype == torch.float32 else x).float()  # [T, I]
