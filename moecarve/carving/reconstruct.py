@@ -39,10 +39,23 @@ def keep_mask(inter: int, shared: torch.Tensor, experts: torch.Tensor, idx: torc
 
 
 def _solve(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, lam: float) -> torch.Tensor:
-    """W = W_0 + (Y - H W_0^T)^T H (H^T H + lam' I)^{-1}, given gram = H^T H [I, I], cross = (Y - H W_0^T)^T H [d, I]."""
-    g = gram.clone()
-    g.diagonal().add_(lam * float(gram.diagonal().mean().clamp_min(1e-12)))
-    return w0 + torch.linalg.solve(g, cross.t()).t()  # g symmetric
+    """W = W_0 + (Y - H W_0^T)^T H (H^T H + lam' I)^{-1}, given gram = H^T H [I, I], cross = (Y - H W_0^T)^T H [d, I].
+
+    The ridge is added to gram's diagonal in place and the diagonal restored exactly afterwards:
+    besides gram, only the Cholesky factor [I, I] exists (a clone plus an LU copy would make two more,
+    which dominate a streamed carve's peak memory at large I).
+    """
+    diag = gram.diagonal()
+    saved = diag.clone()
+    diag.add_(lam * float(saved.mean().clamp_min(1e-12)))
+    try:
+        factor, info = torch.linalg.cholesky_ex(gram)  # gram + lam' I is positive definite
+        if int(info) == 0:
+            return w0 + torch.cholesky_solve(cross.t(), factor).t()
+        del factor  # numerically indefinite: fall back to a pivoted LU solve
+        return w0 + torch.linalg.solve(gram, cross.t()).t()
+    finally:
+        diag.copy_(saved)
 
 
 def _rel_err(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> float:
@@ -71,6 +84,7 @@ def refit_down(h: torch.Tensor, keep: torch.Tensor, down: torch.Tensor, holdout:
         after = errs[best]
         if after >= before:  # never make the held-out error worse than hard zeroing
             return Refit(down=w0, ridge=float("inf"), heldout_before=before, heldout_after=before)
+    gram = cross = None  # free the fit-part matrices before the full ones are built
     gram = hk.t() @ hk
     cross = (y - hk @ w0.t()).t() @ hk
     return Refit(down=_solve(gram, cross, w0, best), ridge=best, heldout_before=before, heldout_after=after)
