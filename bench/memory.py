@@ -2,7 +2,7 @@
 
 Builds a random LLaMA-architecture model (default 12 layers, hidden 1536, intermediate 4096,
 float32, ~1.4 GB on disk), then carves it on the CPU at S2A2E8 with 4x512 calibration tokens,
-each method and mode in a fresh subprocess (one thread), and prints peak RSS (VmHWM of
+each method and mode in a fresh subprocess (one thread by default), and prints peak RSS (VmHWM of
 /proc/self/status; not ru_maxrss, which a child inherits from its parent across exec) and time.
 "peak" is the whole process; "peak - imports" subtracts the RSS after importing torch,
 transformers and moecarve (the same for any model size).
@@ -11,7 +11,12 @@ Modes: "in-memory" (from_pretrained + carve + save), "streamed" (carve_streamed,
 "streamed-untuned" (carve_streamed(tune_allocator=False): glibc's default malloc settings).
 
     python bench/memory.py [--layers 12 --hidden 1536 --intermediate 4096 --methods cmoe,fitted
-                            --modes in-memory,streamed --repeat 1 --workdir /tmp/x]
+                            --modes in-memory,streamed --repeat 1 --samples 4 --seqlen 512
+                            --threads 1 --workdir /tmp/x]
+
+One 7B-shaped layer with the issue's GPU calibration (8x2048 tokens), streamed only:
+    python bench/memory.py --layers 1 --hidden 4096 --intermediate 11008 --samples 8 --seqlen 2048 \
+                           --methods fitted --modes streamed --threads 2
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ from moecarve import CarveConfig, carve, save
 from moecarve.stream import carve_streamed
 transformers.LlamaForCausalLM  # import the model code before measuring the baseline
 method, mode, src, out = sys.argv[1:5]
+samples, seqlen, threads = map(int, sys.argv[5:8])
+torch.set_num_threads(threads)
 base = hwm()
 cfg = CarveConfig.from_string("S2A2E8", method=method)
-windows = torch.randint(0, 8192, (4, 512), generator=torch.Generator().manual_seed(0))
+windows = torch.randint(0, 8192, (samples, seqlen), generator=torch.Generator().manual_seed(0))
 t0 = time.perf_counter()
 if mode == "in-memory":
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -59,19 +66,20 @@ def build_model(folder: Path, layers: int, hidden: int, intermediate: int) -> in
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=intermediate,
                                    num_hidden_layers=layers, num_attention_heads=hidden // 128,
-                                   num_key_value_heads=hidden // 128, max_position_embeddings=1024,
+                                   num_key_value_heads=hidden // 128, max_position_embeddings=4096,
                                    tie_word_embeddings=True)  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(folder)
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def run_child(method: str, mode: str, work: Path) -> dict:
-    """One carve into work/METHOD-MODE in a fresh process (OMP_NUM_THREADS=1); returns its JSON line."""
+def run_child(method: str, mode: str, work: Path, args: argparse.Namespace) -> dict:
+    """One carve into work/METHOD-MODE in a fresh process (OMP_NUM_THREADS=threads); returns its JSON line."""
     out = work / f"{method}-{mode}"
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", _CHILD, method, mode, str(work / "dense"), str(out)],
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    child_args = [method, mode, str(work / "dense"), str(out), str(args.samples), str(args.seqlen), str(args.threads)]
+    res = subprocess.run([sys.executable, "-c", _CHILD, *child_args],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env)  # fmt: skip
     if res.returncode:
         sys.exit(f"{method} {mode} failed:\n{res.stderr[-3000:]}")
@@ -104,6 +112,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--samples", type=int, default=4, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each carve")
     p.add_argument("--methods", default="cmoe,fitted", help="carving methods, comma-separated")
     p.add_argument("--modes", default="in-memory,streamed", help="in-memory, streamed, streamed-untuned; comma-separated")
     p.add_argument("--repeat", type=int, default=1, help="runs of each mode (alternating order); times: the fastest")
@@ -113,13 +124,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         size = build_model(work / "dense", args.layers, args.hidden, args.intermediate)
-        print(f"model: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, float32, {size / 1e9:.2f} GB on disk")
+        print(f"model: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, float32, {size / 1e9:.2f} GB on disk; "
+              f"calibration {args.samples}x{args.seqlen} tokens, {args.threads} thread(s)")  # fmt: skip
         rows, identical = [], {}
         modes = args.modes.split(",")
         for method in args.methods.split(","):
             for rep in range(args.repeat):
                 order = modes if rep % 2 == 0 else modes[::-1]  # alternate, so that load drift hits both modes
-                rows += [{**run_child(method, mode, work), "run": rep + 1} for mode in order]
+                rows += [{**run_child(method, mode, work, args), "run": rep + 1} for mode in order]
                 if "in-memory" in modes:
                     for m in modes:
                         if m != "in-memory":

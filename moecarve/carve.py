@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -110,19 +112,28 @@ def validate(model: nn.Module, cfg: CarveConfig, calibration: torch.Tensor) -> N
 
 @torch.no_grad()
 def carve_layer(
-    model: nn.Module, i: int, inputs: LayerInputs, config: CarveConfig, device: torch.device
+    model: nn.Module,
+    i: int,
+    inputs: LayerInputs,
+    config: CarveConfig,
+    device: torch.device,
+    park: Callable[[list[torch.Tensor]], AbstractContextManager] | None = None,
 ) -> tuple[dict[str, nn.Module], LayerReport]:
     """Carve decoder layer i (already on `device`) in place and advance `inputs` past it.
 
     Records the layer's FFN inputs, carves the FFN, installs the carved module, then propagates
     the windows through the carved layer so that `inputs.hidden` holds its outputs. The one step
     shared by in-memory and streamed carving, so both give bit-identical results.
+
+    park: called with the FFN's tensors, a context manager that may free the rest of the layer
+    (attention, norms) while the FFN is carved and must restore it (the streamed carve's).
     """
     layer = adapters.decoder_layers(model)[i]
     _, x = run_layer(layer, inputs, device, capture=adapters.ffn_input_module(model.config, layer))
     ffn = adapters.read_ffn(model.config, layer)
-    moe, report = carve_ffn(ffn, x.to(ffn.up.dtype), config, layer=i)
-    del x, ffn
+    with park(ffn.tensors()) if park is not None else nullcontext():
+        moe, report = carve_ffn(ffn, x.to(ffn.up.dtype), config, layer=i)
+        del x, ffn
     installed = adapters.install(model, i, moe)
     inputs.hidden, _ = run_layer(adapters.decoder_layers(model)[i], inputs, device)
     if not torch.isfinite(inputs.hidden).all():

@@ -11,7 +11,8 @@ from moecarve.carving.ffn import DenseFFN
 from moecarve.carving.methods import carve_ffn
 from moecarve.carving.oracle import NeuronOracleFFN, OracleRouter, expert_mass, oracle_indices, router_recall
 from moecarve.carving.profile_grouping import group_by_profiles
-from moecarve.carving.reconstruct import keep_mask, refit_down
+from moecarve.carving.cholesky import InPlaceCholesky
+from moecarve.carving.reconstruct import Selection, keep_mask, refit_down
 from moecarve.config import CarveConfig, ConfigError
 from moecarve.modules.moe import AnalyticRouter, FittedRouter, ShadowRouter, quantize_rows
 from tests.conftest import random_windows, tiny_model
@@ -87,6 +88,23 @@ def moe_groups(moe, ffn: DenseFFN) -> torch.Tensor:
     return torch.cdist(rows.reshape(-1, rows.shape[-1]), ffn.gate).argmin(dim=-1).view(-1, m)
 
 
+def test_mean_mass_by_column_blocks_equals_the_whole_tensor_mean():
+    """group_by_profiles never holds |h| [T, I] whole: its mean and routed profiles are column slices of it."""
+    from moecarve.carving.profile_grouping import mass_profiles, mean_mass
+
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(700, 600, generator=g) * torch.rand(600, generator=g)
+    down = torch.randn(24, 600, generator=g)
+    for weights in (None, down):
+        whole = h.abs() if weights is None else h.abs() * weights.norm(dim=0)
+        torch.testing.assert_close(mean_mass(h, weights), whole.mean(dim=0), rtol=1e-6, atol=0)
+        cols = torch.tensor([5, 2, 599, 300])
+        assert torch.equal(mass_profiles(h, weights, cols), whole[:, cols])
+    h_before = h.clone()
+    mass_profiles(h, None, cols), mean_mass(h)
+    assert torch.equal(h, h_before)  # h itself is never modified
+
+
 def test_refit_lowers_the_reconstruction_error():
     ffn = random_ffn()
     g = torch.Generator().manual_seed(3)
@@ -101,9 +119,62 @@ def test_refit_lowers_the_reconstruction_error():
     def err(w):
         return float(((h * keep) @ w.t() - y).pow(2).sum() / y.pow(2).sum())
 
-    refit = refit_down(h, keep, ffn.down, holdout=0.25)
+    refit = refit_down(h, Selection(torch.zeros(0, dtype=torch.long), experts, idx), ffn.down, holdout=0.25)
     assert refit.heldout_after < refit.heldout_before  # better on tokens the fit did not see
     assert err(refit.down) < err(ffn.down)  # and on the calibration tokens (ridge towards W_0 cannot do worse)
+
+
+def test_refit_is_the_closed_form_ridge_solution():
+    """With no hold-out, W = W_0 + C (G + lam' I)^{-1}, lam' = 1.0 * mean diag G, solved directly in float64."""
+    ffn = random_ffn()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1300, 32, generator=g)  # several token chunks, the last one partial
+    h = ffn.hidden(x)
+    shared = torch.arange(0, 64, 8)  # 8 shared neurons
+    rest = torch.tensor([i for i in range(64) if i % 8])
+    experts = rest[torch.randperm(56, generator=g)].view(7, 8).sort(dim=1).values
+    idx = torch.randint(7, (1300, 2), generator=g)
+    keep = keep_mask(64, shared, experts, idx)
+    hk = (h * keep).double()
+    w0 = ffn.down.double()
+    gram = hk.t() @ hk
+    cross = (h.double() @ w0.t() - hk @ w0.t()).t() @ hk
+    lam = float(gram.diagonal().mean())
+    want = w0 + torch.linalg.solve(gram + lam * torch.eye(64, dtype=torch.float64), cross.t()).t()
+    refit = refit_down(h, Selection(shared, experts, idx), ffn.down, holdout=0.0)
+    torch.testing.assert_close(refit.down.double(), want, atol=1e-5, rtol=1e-4)
+    assert refit.ridge == 1.0
+
+
+@pytest.mark.parametrize("n,block", [(7, 3), (64, 64), (200, 48)])
+def test_in_place_cholesky_solves_and_restores_the_matrix(n, block):
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(3 * n, n, generator=g)
+    gram = a.t() @ a
+    gram = (gram + gram.t()) / 2  # exactly symmetric, so that restore() must give it back bit for bit
+    original = gram.clone()
+    system = InPlaceCholesky(gram, block=block)
+    for shift in (1e-2, 3.0):
+        b = torch.randn(5, n, generator=g)
+        x = b.clone().t()  # a strided [n, 5] view: solve_ writes through it
+        assert system.factor(shift)
+        assert not torch.equal(gram, original)  # the factor really lives in gram's lower triangle
+        system.solve_(x)
+        want = torch.linalg.solve(original.double() + shift * torch.eye(n, dtype=torch.float64), b.double().t())
+        torch.testing.assert_close(x.double(), want, atol=1e-4, rtol=1e-3)
+        system.restore()
+        assert torch.equal(gram, original)
+
+
+def test_in_place_cholesky_reports_an_indefinite_matrix_and_leaves_it_intact():
+    gram = torch.diag(torch.tensor([2.0, 1.0, -5.0, 3.0]))
+    original = gram.clone()
+    system = InPlaceCholesky(gram, block=2)
+    assert not system.factor(0.0)
+    assert torch.equal(gram, original)
+    with pytest.raises(RuntimeError, match="factor"):
+        system.solve_(torch.ones(4, 1))
+    assert system.factor(6.0)  # shifted past the negative eigenvalue
 
 
 def test_oracle_routing_with_every_expert_on_equals_dense():

@@ -40,6 +40,10 @@ class DenseFFN:
     def has_in_bias(self) -> bool:
         return self.up_bias is not None or self.gate_bias is not None
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The weights and biases present (views of the model's parameters)."""
+        return [t for t in (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias) if t is not None]
+
     def act_fn(self, x: torch.Tensor) -> torch.Tensor:
         return ACT2FN[self.act](x)
 
@@ -49,6 +53,14 @@ class DenseFFN:
         if not self.gated:
             return self.act_fn(u)
         return self.act_fn(F.linear(x, self.gate, self.gate_bias)) * u
+
+    def hidden_float(self, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        """hidden(x) as float32 [T, I], `chunk` tokens at a time: one [T, I] output plus [chunk, I]
+        temporaries, instead of the three [T, I] intermediates (gate, up, act) of one call."""
+        out = torch.empty(x.shape[0], self.intermediate_size, dtype=torch.float32, device=x.device)
+        for s in range(0, x.shape[0], chunk):
+            out[s : s + chunk] = self.hidden(x[s : s + chunk])
+        return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, d]
         return F.linear(self.hidden(x), self.down, self.down_bias)

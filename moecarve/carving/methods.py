@@ -16,16 +16,17 @@ import time
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch import nn
 
 from ..config import CarveConfig
 from ..errors import MoecarveError
-from ..modules.moe import CarvedMoE, MoESpec, quantize_rows
+from ..modules.moe import ROUTERS, CarvedMoE, MoESpec, quantize_rows
 from .ffn import DenseFFN
 from .fitted_router import fit_router
 from .grouping import Grouping, group_neurons
 from .oracle import expert_mass, oracle_indices, router_recall
 from .profile_grouping import group_by_profiles
-from .reconstruct import keep_mask, refit_down
+from .reconstruct import CHUNK, Selection, refit_down
 from .router import analytic_router, router_load
 from .stats import activation_markers, activation_rates, rate_histogram
 
@@ -95,16 +96,38 @@ def _in_bias(ffn: DenseFFN, idx: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def build_moe(ffn: DenseFFN, grouping: Grouping, spec: MoESpec, router: dict[str, torch.Tensor]) -> CarvedMoE:
+def build_router(spec: MoESpec, tensors: dict[str, torch.Tensor | None], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The router module of `spec` holding `tensors` (scale and bias start at zero)."""
+    with torch.device("meta"):
+        router = ROUTERS[spec.router](spec)
+    router = router.to(dtype).to_empty(device=device)
+    router.scale.zero_()
+    router.bias.zero_()
+    for name, value in tensors.items():
+        if value is not None:
+            getattr(router, name).copy_(value)
+    return router
+
+
+@torch.no_grad()
+def build_moe(
+    ffn: DenseFFN, grouping: Grouping, spec: MoESpec, router: dict[str, torch.Tensor | None] | nn.Module
+) -> CarvedMoE:
     """Assemble a CarvedMoE from slices of the dense weights: no weight is changed, only moved.
 
-    Copied one expert at a time, so besides the carved module (as large as the dense FFN) only
-    one expert's rows [m, d] exist as temporaries at once.
+    router: its tensors (see build_router) or the router module itself. Copied one expert at a
+    time, so besides the carved module (as large as the dense FFN) only one expert's rows [m, d]
+    exist as temporaries at once.
     """
     dev, dt = ffn.up.device, ffn.up.dtype
     with torch.device("meta"):
         moe = CarvedMoE(spec)
-    moe = moe.to(dt).to_empty(device=dev)  # allocated once, directly in the compute dtype
+    moe.router = router if isinstance(router, nn.Module) else build_router(spec, router, dev, dt)
+    for part in (moe.experts, moe.shared):  # allocated once, directly in the compute dtype
+        if part is not None:
+            part.to(dt).to_empty(device=dev)
+    if moe.out_bias is not None:
+        moe.out_bias = nn.Parameter(torch.empty(spec.hidden_size, dtype=dt, device=dev))
     groups = grouping.experts.to(dev)  # [E, m]
     for e, group in enumerate(groups):
         _copy_in_rows(moe.experts.in_proj[e], ffn, group)  # [2m, d]
@@ -119,12 +142,6 @@ def build_moe(ffn: DenseFFN, grouping: Grouping, spec: MoESpec, router: dict[str
             moe.shared.in_bias.copy_(_in_bias(ffn, shared))
     if moe.out_bias is not None:
         moe.out_bias.copy_(ffn.down_bias)
-    r = moe.router
-    r.scale.zero_()
-    r.bias.zero_()
-    for name, value in router.items():
-        if value is not None:
-            getattr(r, name).copy_(value)
     return moe
 
 
@@ -190,26 +207,30 @@ def carve_ffn_fitted(
     if not cfg.shadow_bits and cfg.probes_per_expert > spec.expert_size:  # probes only feed the probe router
         raise CarveError(f"probes_per_expert={cfg.probes_per_expert} exceeds the expert size {spec.expert_size}")
     xf = x.float()
-    h = ffn.hidden(xf if ffn.up.dtype == torch.float32 else x).float()  # [T, I]
+    h = ffn.hidden_float(xf if ffn.up.dtype == torch.float32 else x)  # [T, I]
     grouping = group_by_profiles(h, cfg.n_shared, cfg.n_routed, cfg.profile_iters, cfg.seed)
     if cfg.shadow_bits:
         spec = replace(spec, router="shadow", shadow_bits=cfg.shadow_bits)
-        router = shadow_router(ffn, grouping, cfg.shadow_bits)
+        tensors = shadow_router(ffn, grouping, cfg.shadow_bits)
     else:
         spec = replace(spec, router="fitted", router_probes=cfg.probes_per_expert * spec.n_routed)
-        router = fit_router(ffn, grouping, xf, h, cfg.n_active, cfg.probes_per_expert, cfg.holdout).tensors
-    moe = build_moe(ffn, grouping, spec, router)
-    _, idx = moe.router(x.to(ffn.up.dtype))  # [T, A] the router's own picks
-    oracle = oracle_indices(expert_mass(h.abs(), grouping.experts), cfg.n_active)
+        tensors = fit_router(ffn, grouping, xf, h, cfg.n_active, cfg.probes_per_expert, cfg.holdout).tensors
+    router = build_router(spec, tensors, ffn.up.device, ffn.up.dtype)
+    del tensors
+    # Token chunks bound every [T, ...] temporary below (a streamed carve's peak memory).
+    xin = x.to(ffn.up.dtype)
+    idx = torch.cat([router(xin[s : s + CHUNK])[1] for s in range(0, x.shape[0], CHUNK)])  # [T, A] the router's own picks
+    mass = torch.cat([expert_mass(hc.abs(), grouping.experts) for hc in h.split(CHUNK)])  # [T, E]
+    oracle = oracle_indices(mass, cfg.n_active)
+    mean = sum(hc.abs().sum(dim=0) for hc in h.split(CHUNK)).div_(h.shape[0]).cpu()  # [I] mean |h|
     refit_error = None
     if cfg.refit:
-        del moe  # rebuilt below with the refitted down_proj: not held through the refit's [I, I] solves
-        keep = keep_mask(ffn.intermediate_size, grouping.shared, grouping.experts, idx)
-        refit = refit_down(h, keep, ffn.down, cfg.holdout)
-        del keep
-        moe = build_moe(replace(ffn, down=refit.down.to(ffn.down.dtype)), grouping, spec, router)
+        refit = refit_down(h, Selection(grouping.shared, grouping.experts, idx), ffn.down, cfg.holdout)
+        ffn = replace(ffn, down=refit.down.to(ffn.down.dtype))
         refit_error = [refit.heldout_before, refit.heldout_after]
-    mean = h.abs().mean(dim=0).cpu()
+        del refit
+    del h  # before build_moe allocates the carved weights
+    moe = build_moe(ffn, grouping, spec, router)
     report = LayerReport(
         layer=layer,
         seconds=time.perf_counter() - t0,

@@ -15,24 +15,35 @@ import torch.nn.functional as F
 from .grouping import Grouping, balanced_assignment
 
 
-def mass_profiles(h: torch.Tensor, down: torch.Tensor | None = None) -> torch.Tensor:
-    """|h| [T, I], optionally weighted by each neuron's down_proj column norm (its output scale)."""
-    a = h.abs().float()
+def mass_profiles(h: torch.Tensor, down: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """|h| [T, I] (or its `columns` [T, n]), optionally weighted by each neuron's down_proj column
+    norm (its output scale). A new float32 tensor: the caller's scratch copy."""
+    a = (h.abs() if columns is None else h[:, columns.to(h.device)].abs_()).float()  # indexing copies: abs_ is safe
     if down is not None:
-        a = a * down.float().norm(dim=0)
+        norm = down.float().norm(dim=0)
+        a.mul_(norm if columns is None else norm[columns.to(norm.device)])
     return a
+
+
+def mean_mass(h: torch.Tensor, down: torch.Tensor | None = None, width: int = 256) -> torch.Tensor:
+    """Mean of mass_profiles(h, down) over tokens [I], `width` columns at a time: no [T, I] copy.
+
+    Column blocks (not token chunks) keep each column's reduction as in one whole-tensor mean.
+    """
+    cols = torch.arange(h.shape[1], device=h.device)
+    return torch.cat([mass_profiles(h, down, c).mean(dim=0) for c in cols.split(width)])
 
 
 def balanced_profile_kmeans(profiles: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Tensor:
     """Balanced k-means of n neurons on their profiles [T, n] -> labels [n] in [0, k), k groups of n/k.
 
-    Centroids start at k distinct neurons picked by farthest-point seeding (deterministic given the
+    The profiles are L2-normalised per column in place (they are the caller's scratch copy). Centroids start at k distinct neurons picked by farthest-point seeding (deterministic given the
     seed); each iteration assigns neurons to centroids exactly (max total cosine similarity under the
     equal-size constraint) and moves each centroid to its members' normalised mean.
     """
     n = profiles.shape[1]
     m = n // k
-    z = F.normalize(profiles.float(), dim=0)  # [T, n] unit columns
+    z = profiles.div_(profiles.norm(dim=0).clamp_min(1e-12))  # [T, n] unit columns, as F.normalize
     if k == 1:
         return torch.zeros(n, dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
@@ -63,14 +74,13 @@ def group_by_profiles(
     h: [T, I] activations on the calibration tokens. Representatives (used by no fitted router)
     are each group's member with the largest mean |h|.
     """
-    a = mass_profiles(h, down)  # [T, I]
-    inter = a.shape[1]
+    inter = h.shape[1]
     m = inter // (n_shared + n_routed)
-    mean = a.mean(dim=0)
+    mean = mean_mass(h, down)  # [I]
     order = torch.argsort(mean, descending=True, stable=True).cpu()
     shared = order[: n_shared * m].sort().values
     rest = order[n_shared * m :].sort().values
-    labels = balanced_profile_kmeans(a[:, rest.to(a.device)], n_routed, iters, seed)
+    labels = balanced_profile_kmeans(mass_profiles(h, down, rest), n_routed, iters, seed)  # on [T, I - S*m]
     experts = torch.stack([rest[labels == j] for j in range(n_routed)])  # [E, m], rows ascending
     reps = torch.stack([row[mean.cpu()[row].argmax()] for row in experts])
     return Grouping(shared=shared, experts=experts, representatives=reps)

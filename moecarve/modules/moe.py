@@ -209,9 +209,9 @@ class ShadowRouter(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E] float32
         E, rows, d = self.codes.shape
         h = F.linear(x, self.codes.view(E * rows, d).to(x.dtype)).view(-1, E, rows)  # [T, E, 2m]
-        h = h * self.row_scale.to(x.dtype)
+        h.mul_(self.row_scale.to(x.dtype))  # in place: linear's backward does not need its output
         if self.in_bias is not None:
-            h = h + self.in_bias.to(x.dtype)
+            h.add_(self.in_bias.to(x.dtype))
         return glu(h, self.act, self.gated).abs().sum(dim=-1).float()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,8 @@
 Only one decoder layer and the calibration activations are in memory at once (the embeddings
 only while the windows are embedded). For each layer: read its tensors from the checkpoint, carve
 it with `moecarve.carve.carve_layer` (the very step the in-memory carve runs, so the output is
-bit-identical), write the carved layer to disk, free it, and hand the freed memory back to the OS
+bit-identical; while its FFN is carved the rest of the layer waits on disk, StreamedModel.parked),
+write the carved layer to disk, free it, and hand the freed memory back to the OS
 (moecarve.stream.memory: glibc would otherwise keep it resident).
 
 Resumable state lives in the sibling folder `OUT.partial/` while the carve runs:
@@ -18,6 +19,7 @@ On success the final folder `OUT` is assembled atomically (sharded like save_pre
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -179,7 +181,8 @@ def _carve_layers(src: StreamedModel, cfg, calibration, part: Path, state: dict,
     for i in bar:
         t_layer = time.perf_counter()
         with src.layer(i):
-            installed, layer_report = carve_layer(model, i, inputs, cfg, device)  # as moecarve.carve does
+            park = functools.partial(src.parked, i)  # the attention waits on disk while the FFN is carved
+            installed, layer_report = carve_layer(model, i, inputs, cfg, device, park=park)  # as moecarve.carve does
             prefix = f"{src._prefix}.{i}."
             _save_atomic({prefix + k: v for k, v in layers[i].state_dict().items()}, part / layer_file(i))
             n_params, active = count_params(layers[i])

@@ -160,6 +160,27 @@ class StreamedModel:
         finally:
             empty_module(layer)
 
+    @contextmanager
+    def parked(self, i: int, keep: list[torch.Tensor]):
+        """For the block, free layer i's tensors except those sharing storage with `keep` (the FFN
+        being carved), then read them back from disk: the carve's peak then holds the FFN, not the
+        whole layer. On an exception nothing is read back (the layer is emptied anyway)."""
+        layer = self.layers[i]
+        prefix = f"{self._prefix}.{i}."
+        held = {t.untyped_storage().data_ptr() for t in keep}
+        state = layer.state_dict(keep_vars=True)
+        parked = [
+            name for name, t in state.items()
+            if t.device.type != "meta" and t.untyped_storage().data_ptr() not in held and self._key(prefix + name) in self.checkpoint
+        ]  # fmt: skip
+        for name in parked:
+            set_tensor(layer, name, torch.empty_like(state[name], device="meta"))
+        del state  # the last references to the parked tensors
+        yield
+        for name in parked:
+            set_tensor(layer, name, self.read(prefix + name).to(self.device))
+        self.checkpoint.close()
+
 
 class InMemoryLayers:
     """The same interface over a model already in memory: each layer visits the device in turn."""
