@@ -25,7 +25,7 @@ from .ffn import DenseFFN
 from .fitted_router import fit_router
 from .grouping import Grouping, group_neurons
 from .oracle import expert_mass, oracle_indices, router_recall
-from .profile_grouping import group_by_profiles
+from .profile_grouping import group_by_profiles, mean_mass
 from .reconstruct import CHUNK, Selection, refit_down
 from .router import analytic_router, router_load
 from .stats import activation_markers, activation_rates, rate_histogram
@@ -222,7 +222,7 @@ def carve_ffn_fitted(
     idx = torch.cat([router(xin[s : s + CHUNK])[1] for s in range(0, x.shape[0], CHUNK)])  # [T, A] the router's own picks
     mass = torch.cat([expert_mass(hc.abs(), grouping.experts) for hc in h.split(CHUNK)])  # [T, E]
     oracle = oracle_indices(mass, cfg.n_active)
-    mean = sum(hc.abs().sum(dim=0) for hc in h.split(CHUNK)).div_(h.shape[0]).cpu()  # [I] mean |h|
+    mean = mean_mass(h).cpu()  # [I] mean |h|, as group_by_profiles ranks the neurons
     refit_error = None
     if cfg.refit:
         refit = refit_down(h, Selection(grouping.shared, grouping.experts, idx), ffn.down, cfg.holdout)

@@ -37,7 +37,8 @@ def mean_mass(h: torch.Tensor, down: torch.Tensor | None = None, width: int = 25
 def balanced_profile_kmeans(profiles: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Tensor:
     """Balanced k-means of n neurons on their profiles [T, n] -> labels [n] in [0, k), k groups of n/k.
 
-    The profiles are L2-normalised per column in place (they are the caller's scratch copy). Centroids start at k distinct neurons picked by farthest-point seeding (deterministic given the
+    The profiles are L2-normalised per column in place (they are the caller's scratch copy).
+    Centroids start at k distinct neurons picked by farthest-point seeding (deterministic given the
     seed); each iteration assigns neurons to centroids exactly (max total cosine similarity under the
     equal-size constraint) and moves each centroid to its members' normalised mean.
     """

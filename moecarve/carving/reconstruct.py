@@ -35,6 +35,11 @@ class Refit:
     heldout_before: float  # relative squared error on held-out tokens with W_0
     heldout_after: float  # the same with the refitted W
 
+    @staticmethod
+    def vetoed(w0: torch.Tensor, before: float) -> "Refit":
+        """No refit: W_0 kept (ridge inf), the held-out error as it was."""
+        return Refit(down=w0, ridge=float("inf"), heldout_before=before, heldout_after=before)
+
 
 def keep_mask(inter: int, shared: torch.Tensor, experts: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """bool [T, I]: the shared neurons [S] plus the neurons of each token's selected experts (experts [E, m], idx [T, A])."""
@@ -70,6 +75,11 @@ class Selection:
         buf = hc.masked_fill(keep, 0.0)  # h * ~keep
         res = buf @ w0.t()
         return torch.mul(hc, keep, out=buf), res
+
+
+def _ridge_unit(gram: torch.Tensor) -> float:
+    """The scale lam is relative to: the mean diagonal of G."""
+    return float(gram.diagonal().mean().clamp_min(1e-12))
 
 
 def _chunks(start: int, stop: int, size: int = CHUNK) -> list[slice]:
@@ -110,10 +120,10 @@ def refit_down(h: torch.Tensor, selection: Selection, down: torch.Tensor, holdou
         y2 = max(y2, 1e-30)
         before = sum(float(rc.pow(2).sum()) for rc in res) / y2
         system = InPlaceCholesky(gram)
-        shift = float(gram.diagonal().mean().clamp_min(1e-12))
+        unit = _ridge_unit(gram)
         errs = {}
         for lam in RIDGE_GRID:
-            if not system.factor(lam * shift):
+            if not system.factor(lam * unit):
                 continue  # not positive definite in float32 at this lam: skip it
             err = 0.0
             for r, rc in zip(held, res):  # H_k W^T - Y = H_k (G + lam I)^{-1} C^T - R
@@ -124,13 +134,13 @@ def refit_down(h: torch.Tensor, selection: Selection, down: torch.Tensor, holdou
         system.restore()
         del system, res
         if not errs or min(errs.values()) >= before:  # never make the held-out error worse than hard zeroing
-            return Refit(down=w0, ridge=float("inf"), heldout_before=before, heldout_after=before)
+            return Refit.vetoed(w0, before)
         best = min(errs, key=errs.get)
         after = errs[best]
         _accumulate(h, selection, w0, held, gram, cross)  # G and C of all tokens
     system = InPlaceCholesky(gram)
-    if not system.factor(best * float(gram.diagonal().mean().clamp_min(1e-12))):
-        return Refit(down=w0, ridge=float("inf"), heldout_before=before, heldout_after=before)
+    if not system.factor(best * _ridge_unit(gram)):
+        return Refit.vetoed(w0, before)
     system.solve_(cross.t())  # C^T <- (G + lam I)^{-1} C^T: cross now holds W - W_0
     del system, gram
     return Refit(down=cross.add_(w0), ridge=best, heldout_before=before, heldout_after=after)

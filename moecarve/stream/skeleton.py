@@ -9,6 +9,7 @@ decoder layer is read when asked for and emptied again (back to meta) afterwards
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,10 +36,12 @@ def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[leaf] = value
 
 
-def empty_module(module: nn.Module) -> None:
-    """Free every saved tensor of `module` (back to meta); non-persistent buffers are kept."""
-    for name, t in module.state_dict(keep_vars=True).items():
-        set_tensor(module, name, torch.empty_like(t, device="meta"))
+def empty_module(module: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Free the saved tensors `names` of `module` (default: all of them) back to meta;
+    non-persistent buffers are kept."""
+    state = module.state_dict(keep_vars=True)
+    for name in state if names is None else names:
+        set_tensor(module, name, torch.empty_like(state[name], device="meta"))
 
 
 def layers_prefix(model: nn.Module) -> str:
@@ -118,22 +121,23 @@ class StreamedModel:
         t = self.checkpoint.get(self._key(name))
         return t.to(self.dtype) if t.is_floating_point() else t
 
-    def _load(self, module: nn.Module, prefix: str) -> None:
+    def _load(self, module: nn.Module, prefix: str, names: set[str] | None = None) -> None:
+        """Read `module`'s saved tensors `names` (default: all) from the checkpoint onto the device,
+        then unmap the checkpoint (read pages would otherwise add up to the whole file)."""
         for name, old in module.state_dict(keep_vars=True).items():
             key = prefix + name
+            if names is not None and name not in names:
+                continue
             if self._key(key) in self.checkpoint:
                 set_tensor(module, name, self.read(key).to(self.device))
             elif old.device.type != "meta":  # a persistent buffer the checkpoint does not hold
                 set_tensor(module, name, old.to(self.device))
+        self.checkpoint.close()
 
     def load_outside(self) -> None:
         """Materialise the modules outside the decoder stack (embeddings, final norm, LM head)."""
-        keep = set(outside_state_names(self.model))
-        for name, _ in list(self.model.state_dict(keep_vars=True).items()):
-            if name in keep:
-                set_tensor(self.model, name, self.read(name).to(self.device))
+        self._load(self.model, "", set(outside_state_names(self.model)))
         self.model.tie_weights()  # re-point tied LM heads at the loaded embeddings
-        self.checkpoint.close()
         for name, b in list(self.model.named_buffers()):  # computed buffers (rotary) follow the device
             if not name.startswith(self._prefix + "."):
                 set_tensor(self.model, name, b.to(self.device))
@@ -144,9 +148,7 @@ class StreamedModel:
         Tied duplicates (a tied LM head) are emptied too, else they would keep the embeddings alive.
         """
         prefix = self._prefix + "."
-        for name, t in list(self.model.state_dict(keep_vars=True).items()):
-            if not name.startswith(prefix):
-                set_tensor(self.model, name, torch.empty_like(t, device="meta"))
+        empty_module(self.model, [n for n in self.model.state_dict(keep_vars=True) if not n.startswith(prefix)])
         self.model.tie_weights()  # tied parameters stay one parameter (parameter counts see it once)
 
     @contextmanager
@@ -154,7 +156,6 @@ class StreamedModel:
         """Decoder layer i, read from disk onto the device for the block, emptied afterwards."""
         layer = self.layers[i]
         self._load(layer, f"{self._prefix}.{i}.")
-        self.checkpoint.close()  # unmap: read pages would otherwise add up to the whole file
         try:
             yield layer
         finally:
@@ -168,18 +169,13 @@ class StreamedModel:
         layer = self.layers[i]
         prefix = f"{self._prefix}.{i}."
         held = {t.untyped_storage().data_ptr() for t in keep}
-        state = layer.state_dict(keep_vars=True)
-        parked = [
-            name for name, t in state.items()
+        parked = {
+            name for name, t in layer.state_dict(keep_vars=True).items()
             if t.device.type != "meta" and t.untyped_storage().data_ptr() not in held and self._key(prefix + name) in self.checkpoint
-        ]  # fmt: skip
-        for name in parked:
-            set_tensor(layer, name, torch.empty_like(state[name], device="meta"))
-        del state  # the last references to the parked tensors
+        }  # fmt: skip
+        empty_module(layer, parked)
         yield
-        for name in parked:
-            set_tensor(layer, name, self.read(prefix + name).to(self.device))
-        self.checkpoint.close()
+        self._load(layer, prefix, parked)
 
 
 class InMemoryLayers:
