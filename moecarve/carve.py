@@ -53,9 +53,12 @@ class CarveReport:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CarveReport":
-        layers = [LayerReport(**r) for r in d.get("layers", [])]
+        config = CarveConfig.from_dict(d["config"])
+        # reports written before LayerReport named its statistic: "fitted" always measured mean |h|
+        legacy = {"statistic": "mean |h|" if config.method == "fitted" else "activation rate"}
+        layers = [LayerReport(**{**legacy, **r}) for r in d.get("layers", [])]
         keep = {k: d[k] for k in ("seconds", "n_windows", "seqlen", "params_dense", "params_total", "params_active") if k in d}
-        return cls(config=CarveConfig.from_dict(d["config"]), layers=layers, **keep)
+        return cls(config=config, layers=layers, **keep)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -43,13 +43,17 @@ class LayerReport:
     seconds: float
     expert_size: int
     n_tokens: int
-    rate_histogram: dict
-    shared_rate: float  # mean activation rate of the shared neurons
-    routed_rate: float  # mean activation rate of the routed neurons
+    rate_histogram: dict  # histogram of the per-neuron `statistic`
+    shared_rate: float  # mean `statistic` of the shared neurons
+    routed_rate: float  # mean `statistic` of the routed neurons
     load: list[int] = field(default_factory=list)  # calibration tokens per routed expert
     # "fitted" only (None for "cmoe"):
     router_recall: float | None = None  # overlap of the router's top-A with the oracle's, calibration tokens
     refit_error: list[float] | None = None  # relative output error on held-out tokens [before, after] the refit
+    # what rate_histogram / shared_rate / routed_rate measure: "activation rate" (cmoe: how often a
+    # neuron is among a token's top-K_a) or "mean |h|" (fitted: mean activation magnitude)
+    statistic: str = "activation rate"
+    router: str = ""  # the router kind the carved module uses (analytic, linear, shadow, fitted)
 
     @property
     def load_imbalance(self) -> float:
@@ -189,6 +193,7 @@ def carve_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0) 
         shared_rate=float(rates_cpu[grouping.shared].mean()) if grouping.shared.numel() else 0.0,
         routed_rate=float(rates_cpu[grouping.experts.reshape(-1)].mean()),
         load=router_load(idx, spec.n_routed).cpu().tolist(),
+        router=spec.router,
     )
     return moe, report
 
@@ -242,5 +247,7 @@ def carve_ffn_fitted(
         load=router_load(idx, spec.n_routed).cpu().tolist(),
         router_recall=router_recall(idx, oracle.to(idx.device), spec.n_routed),
         refit_error=refit_error,
+        statistic="mean |h|",
+        router=spec.router,
     )
     return moe, report
