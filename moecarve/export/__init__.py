@@ -4,7 +4,8 @@
     export("out/carved", "qwen2_moe", "out/carved-qwen2moe")   # or a carved model in memory
 
 The exported folder loads with `AutoModelForCausalLM.from_pretrained(OUT)` and is an architecture
-vLLM supports (`vllm serve OUT`). Each format lives in its own module with `to_<format>(model)`.
+vLLM supports (`vllm serve OUT`); it carries a model card (README.md) naming the source model.
+Each format lives in its own module with `to_<format>(model)`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from ..io.atomic import atomic_dir, check_output
+from ..io.card import CardInfo, plain_card, provenance
+from ..io.save import CARD_FILE, ordinary_permissions
 from .errors import ExportError
 from .qwen2_moe import to_qwen2_moe
 
@@ -43,12 +46,15 @@ def export(
     overwrite: bool = False,
     dtype: torch.dtype | str | None = None,
     max_shard_size: str | int = "5GB",
+    card: CardInfo | dict | None = None,
 ) -> Path:
     """Write a carved model (in memory, or a folder saved by moecarve.save) as format `fmt` to `out`.
 
     The folder is written atomically: safetensors weights, config.json without any moecarve entry,
-    generation config, the tokenizer (from `tokenizer`, or copied from the carved folder) and
-    moecarve_export.json (provenance). `dtype`: cast the weights ("auto"/None keeps the source's).
+    generation config, the tokenizer (from `tokenizer`, or copied from the carved folder),
+    moecarve_export.json (the carve and its provenance) and a model card (README.md; `card`: what
+    it should say beyond the carve, see moecarve.io.card.CardInfo). `dtype`: cast the weights
+    ("auto"/None keeps the source's).
     """
     check_format(fmt)
     check_output(out, overwrite)  # fail before loading anything
@@ -68,20 +74,37 @@ def export(
         from ..io.loading import resolve_dtype
 
         converted = converted.to(resolve_dtype(dtype, torch.device("cpu")))
-    info = {"format": fmt, "source": source, "moecarve": getattr(model.config, "moecarve", None)}
+    meta = getattr(model.config, "moecarve", None) or {}
+    details = CardInfo.of(card)
+    prov = provenance(model.config, details.source, details.revision)  # the dense source, when recorded
+    info = {"format": fmt, "source": source, "moecarve": meta, "provenance": prov}
     with atomic_dir(out, overwrite) as tmp:
         converted.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
+        (tmp / CARD_FILE).write_text(export_card(Path(out).name, fmt, meta, source, details, prov))
+        ordinary_permissions(tmp)
     return Path(out)
 
 
+def export_card(name: str, fmt: str, meta: dict, carved: str | None, info: CardInfo, prov: dict) -> str:
+    """README.md of an exported folder: what it was carved from and how, in the target format."""
+    carve = meta.get("carve") or {}
+    config = f"S{carve['n_shared']}A{carve['n_active']}E{carve['n_experts']}" if carve else ""
+    rows = [("carved folder", f"`{carved}`" if carved else ""),
+            ("configuration", f"{config}, method {carve.get('method')}, router {carve.get('router')}" if carve else "")]  # fmt: skip
+    intro = (f"A carved Mixture-of-Experts model (moecarve: CMoE, arXiv 2502.04416, without pre-training) exported "
+             f"exactly to the standard `{fmt}` architecture: plain transformers loads it without remote code, and "
+             f"`vllm serve {name}` serves it.")  # fmt: skip
+    return plain_card(name, intro, rows, ["moe", "mixture-of-experts", "moecarve", "cmoe", fmt], info, prov)
+
+
 def _tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from ..io.save import load_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return load_tokenizer(path)
     except (OSError, ValueError):  # a carved folder saved without a tokenizer
         return None
 

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -39,8 +39,8 @@ from ..carving.methods import LayerReport
 from ..config import CarveConfig
 from ..errors import MoecarveError
 from ..io.atomic import atomic_dir, check_output
-from ..io.remote import write_modeling_file
-from ..io.save import REPORT_FILE, base_class_name
+from ..io.card import CardInfo
+from ..io.save import base_class_name, finish_folder, record_provenance
 from .memory import map_large_allocations, release_freed_memory
 from .shards import parse_size, write_shards
 from .skeleton import StreamedModel, empty_module, outside_state_names
@@ -123,6 +123,7 @@ def carve_streamed(
     max_shard_size: str | int = "5GB",
     progress: bool = True,
     tune_allocator: bool = True,
+    card: CardInfo | dict | None = None,
 ) -> CarveReport:
     """Carve the model folder `model_path` layer by layer into the carved folder `out`.
 
@@ -143,6 +144,8 @@ def carve_streamed(
             so that freed tensors leave the RSS at once: it keeps the peak at what one layer
             needs (otherwise 100-200 MiB more at hidden 1536, growing with the layers) for
             ~15% more time on a "cmoe" carve (page faults). False leaves the allocator as it is.
+        card: what the model card should say beyond the config and report (see moecarve.save);
+            its source defaults to `model_path`.
     Returns:
         the CarveReport, also saved as carve_report.json in `out`.
     """
@@ -160,7 +163,9 @@ def carve_streamed(
     try:
         report = _carve_layers(src, config, calibration, part, state, device, activations_device, progress)
         report.seconds = state["seconds"] + (time.perf_counter() - t0)
-        _finish(src, config, report, state, part, out, tokenizer, overwrite, max_shard_size)
+        info = CardInfo.of(card)
+        info = info if info.source else replace(info, source=str(model_path))
+        _finish(src, config, report, state, part, out, tokenizer, overwrite, max_shard_size, info)
     except BaseException:
         if not keep_partial:
             shutil.rmtree(part, ignore_errors=True)
@@ -226,20 +231,16 @@ def _first_inputs(src: StreamedModel, calibration, part: Path, start: int, devic
     return inputs
 
 
-def _finish(src: StreamedModel, cfg, report, state, part: Path, out, tokenizer, overwrite, max_shard_size) -> None:
-    """Assemble the final folder as moecarve.io.save.save writes it."""
+def _finish(src: StreamedModel, cfg, report, state, part: Path, out, tokenizer, overwrite, max_shard_size, card: CardInfo) -> None:
+    """Assemble the final folder as moecarve.io.save.save writes it (same config.json, card and files)."""
     model = src.model
     config = model.config
-    base = base_class_name(model)
-    config.moecarve = {"format": MOECARVE_FORMAT, "carve": cfg.to_dict(), "modules": state["modules"], "base_class": base}
+    config.moecarve = {"format": MOECARVE_FORMAT, "carve": cfg.to_dict(), "modules": state["modules"]}
+    record_provenance(config, base_class_name(model), card)
     config.dtype = src.dtype
     sources = [part / OUTSIDE_FILE] + [part / layer_file(i) for i in range(len(src.layers))]
     with atomic_dir(out, overwrite) as tmp:
-        config.auto_map = write_modeling_file(tmp, base)
-        config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
         write_shards(sources, tmp, max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / REPORT_FILE).write_text(report.to_json())
+        finish_folder(tmp, config, Path(out).name, tokenizer, report, card)

@@ -14,14 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import transformers
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from .. import adapters
 from ..capture import on_device
-from ..modules.moe import carved_model_class
+from ..io.remote import carved_class
+from ..io.save import model_config
 from .checkpoint import Checkpoint
 
 
@@ -64,12 +64,11 @@ def outside_state_names(model: nn.Module) -> list[str]:
 
 def build_skeleton(folder: str | Path, dtype: torch.dtype) -> nn.Module:
     """The model of `folder` (dense or carved) with every parameter on the meta device, eval mode."""
-    config = AutoConfig.from_pretrained(folder)
+    config = model_config(folder)
     meta = getattr(config, "moecarve", None)
     with init_empty_weights():
         if meta:
-            cls = carved_model_class(getattr(transformers, meta["base_class"]))
-            model = cls._from_config(config, dtype=dtype)
+            model = carved_class(meta["base_class"])._from_config(config, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
