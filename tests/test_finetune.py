@@ -187,3 +187,88 @@ def test_cli_finetune_and_resume(tmp_path, reference_tokenizer):
     loaded = moecarve.load(tmp_path / "ft")
     assert loaded.config.moecarve["carve"]["n_active"] == 2
     assert main(args + ["--lora-r", "0", "--overwrite"]) == 2  # a bad config: one line, exit 2
+
+
+# -- PEFT: LoRA on the stacked experts, adapters saved alone ---------------------------------------
+
+
+def carved_e8() -> torch.nn.Module:
+    """A tiny llama carved at S1A2E8: experts' in_proj [7, 32, 64] (2m != d, so a transposed layout would show)."""
+    model = tiny_model("llama")
+    moecarve.carve(model, moecarve.CarveConfig.from_string("S1A2E8"), random_windows(4, 32), progress=False)
+    return model
+
+
+def test_peft_lora_config_reaches_the_stacked_experts():
+    """PEFT's own LoRA (target_parameters) on in_proj/out_proj of every carved layer: it trains, and
+    merge_and_unload gives the unmerged model's logits."""
+    from peft import get_peft_model
+    from peft.tuners.lora import ParamWrapper
+
+    from moecarve.finetune import lora_config
+    from moecarve.finetune.lora import expert_parameters
+
+    model, ids = carved_e8(), random_windows(2, 16, seed=3)
+    base = logits(model, ids)
+    cfg = lora_config(model, r=4, alpha=8)
+    assert sorted(cfg.target_parameters) == sorted(expert_parameters(model)) and len(cfg.target_parameters) == 8
+    peft_model = get_peft_model(model, cfg)
+    wrapped = [m for m in peft_model.modules() if isinstance(m, ParamWrapper)]
+    assert {m.parameter_name for m in wrapped} == {"in_proj", "out_proj"} and len(wrapped) == 8
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert all(m.lora_B["default"].weight.abs().sum() > 0 for m in wrapped)  # the expert factors learned
+    unmerged = logits(peft_model, ids)
+    assert (unmerged - base).abs().max() > 1e-4
+    merged = peft_model.merge_and_unload()
+    assert not any(isinstance(m, ParamWrapper) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, ids), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_saved_alone_applies_to_the_carved_folder(tmp_path):
+    """finetune(merge=False) -> save_adapter (PEFT files + router state) -> load_adapter on the carved
+    folder gives the fine-tuned model; PEFT alone applies the LoRA factors."""
+    import json
+
+    from peft import PeftModel
+
+    from moecarve.finetune import load_adapter, save_adapter
+    from moecarve.finetune.adapter import ROUTER_FILE
+
+    model, ids = carved_e8(), random_windows(2, 24, seed=5)
+    moecarve.save(model, tmp_path / "carved")
+    cfg = FinetuneConfig(epochs=2, batch_size=2, lr=5e-3, lora_r=4, lora_alpha=8.0, lora_dropout=0.1)
+    finetune(model, cfg, random_windows(4, 24, seed=2), merge=False, progress=False)
+    unmerged = logits(model, ids)
+    save_adapter(model, tmp_path / "adapter", cfg, base_model=str(tmp_path / "carved"))
+    names = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", ROUTER_FILE} <= names
+    adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 4 and adapter_cfg["lora_alpha"] == 8.0 and adapter_cfg["lora_dropout"] == 0.0
+    assert len(adapter_cfg["target_parameters"]) == 8 and len(adapter_cfg["target_modules"]) == 8  # q/k/v/o x 2 layers
+    assert adapter_cfg["base_model_name_or_path"] == str(tmp_path / "carved")
+    merge_lora(model)
+    merged = logits(model, ids)
+    applied = load_adapter(tmp_path / "carved", tmp_path / "adapter")
+    torch.testing.assert_close(logits(applied, ids), merged, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits(applied, ids), unmerged, atol=1e-5, rtol=1e-5)
+    # PEFT alone applies the LoRA factors; the routers' trained scale and bias need load_adapter
+    plain = PeftModel.from_pretrained(moecarve.load(tmp_path / "carved"), str(tmp_path / "adapter"))
+    moes_plain, moes_ft = carved_layers(plain).values(), carved_layers(model).values()
+    for a, b in zip(moes_plain, moes_ft):
+        with torch.no_grad():
+            a.router.scale.copy_(b.router.scale)
+            a.router.bias.copy_(b.router.bias)
+    torch.testing.assert_close(logits(plain, ids), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_save_adapter_needs_unmerged_adapters(tmp_path):
+    from moecarve.finetune import AdapterError, save_adapter
+
+    model = carved_tiny()
+    finetune(model, FinetuneConfig(max_steps=1, lora_dropout=0.0), random_windows(2, 16), progress=False)  # merged
+    with pytest.raises(AdapterError, match="merge=False"):
+        save_adapter(model, tmp_path / "a", FinetuneConfig())
+    assert not (tmp_path / "a").exists()

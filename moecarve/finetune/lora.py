@@ -1,12 +1,16 @@
 """LoRA adapters on a (carved) model, and merging them back into ordinary weights.
 
-Two kinds of adapter:
+Two kinds of adapter (moecarve.finetune's own training):
 - nn.Linear / Conv1D layers of the decoder (attention projections) get PEFT LoRA, injected in
   place into the model (the model object keeps its class; PEFT only wraps the linear layers).
 - Stacked expert weights (RoutedExperts.in_proj [E, 2m, d], out_proj [E, d, m]; SharedExpert
   in_proj [2n, d], out_proj [d, n]) get per-expert factors A [E, r, in], B [E, out, r] held
   stacked, applied as a torch parametrization: W' = W + (alpha / r) * B @ A. The forward code of
   CarvedMoE is untouched, and merging is removing the parametrization with its value kept.
+
+With PEFT alone, `lora_config(model)` puts PEFT's LoRA on the same weights: target_modules for the
+linear layers and target_parameters (PEFT's ParamWrapper, LoRA on an nn.Parameter) for the stacked
+expert weights, which PEFT reads as [E, out, in], the layout of transformers' own MoE experts.
 """
 
 from __future__ import annotations
@@ -67,21 +71,44 @@ def linear_targets(model: nn.Module) -> list[str]:
     ]
 
 
+def expert_parameters(model: nn.Module) -> list[str]:
+    """Full names of the stacked expert weights of every carved layer ("model.layers.0.mlp.experts.in_proj", ...);
+    a layer without shared experts (S0...) has only the routed ones."""
+    return [f"{path}.{w}" for path, moe in carved_layers(model).items() for w in EXPERT_WEIGHTS
+            if getattr(moe, w.split(".")[0], None) is not None]  # fmt: skip
+
+
 def add_expert_lora(model: nn.Module, r: int, scaling: float, seed: int = 0) -> list[str]:
     """Parametrize every stacked expert weight of every carved layer; returns their names."""
     g = torch.Generator().manual_seed(seed)
-    names = []
-    for path, moe in carved_layers(model).items():
-        for wname in EXPERT_WEIGHTS:
-            owner_name, attr = wname.split(".")
-            owner = getattr(moe, owner_name, None)
-            if owner is None:  # no shared experts (S0...)
-                continue
-            W = getattr(owner, attr)
-            lora = StackedLoRA(W.shape, r, scaling, generator=g).to(W.device)
-            parametrize.register_parametrization(owner, attr, lora)
-            names.append(f"{path}.{wname}")
+    names = expert_parameters(model)
+    for name in names:
+        owner_path, attr = name.rsplit(".", 1)
+        owner = model.get_submodule(owner_path)
+        W = getattr(owner, attr)
+        parametrize.register_parametrization(owner, attr, StackedLoRA(W.shape, r, scaling, generator=g).to(W.device))
     return names
+
+
+def peft_lora_config(r: int, alpha: float, modules: list[str], parameters: list[str], dropout: float = 0.0):
+    """A PEFT LoraConfig on exactly these linear layers and parameters (full names). PEFT's LoRA on
+    parameters refuses input dropout, so any dropout applies only where there are no parameters."""
+    from peft import LoraConfig
+
+    # an empty list, not None: None would make PEFT pick its default modules for the model type
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0 if parameters else dropout, target_modules=modules,
+                      target_parameters=parameters or None, bias="none")  # fmt: skip
+
+
+def lora_config(model: nn.Module, r: int = 8, alpha: float = 32.0, attention: bool = True, experts: bool = True):
+    """A PEFT LoraConfig for a carved model: LoRA on the decoder's linear layers (the attention
+    projections) and on every stacked expert weight, for `peft.get_peft_model(model, config)`.
+
+    Train it with any trainer; `merge_and_unload()` folds it in (the result saves with moecarve.save),
+    `save_pretrained(dir)` writes a PEFT adapter that `PeftModel.from_pretrained(moecarve.load(carved), dir)`
+    applies. Without dropout: PEFT's LoRA on parameters refuses it.
+    """
+    return peft_lora_config(r, alpha, linear_targets(model) if attention else [], expert_parameters(model) if experts else [])
 
 
 def add_linear_lora(model: nn.Module, r: int, alpha: float, dropout: float):
@@ -89,12 +116,12 @@ def add_linear_lora(model: nn.Module, r: int, alpha: float, dropout: float):
     returned PeftModel wrapper is not needed afterwards), or None when there is no such layer."""
     import warnings
 
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     targets = linear_targets(model)
     if not targets:
         return None
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    cfg = peft_lora_config(r, alpha, targets, [], dropout)
     with warnings.catch_warnings():  # GPT-2 Conv1D: PEFT warns that it sets fan_in_fan_out itself
         warnings.simplefilter("ignore")
         return get_peft_model(model, cfg)

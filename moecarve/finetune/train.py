@@ -3,7 +3,8 @@
 Base weights stay frozen. Trained: LoRA on the attention projections (PEFT), stacked LoRA on the
 expert weights, and each router's scale s (own learning rate). After every optimizer step the
 routers' load-balancing bias moves by +-gamma from that batch's expert counts (CMoE). The LoRA
-is merged into the weights at the end, so the model is again an ordinary carved model.
+is merged into the weights at the end, so the model is again an ordinary carved model, unless
+merge=False keeps the adapters apart (save_adapter writes them alone, in PEFT's format).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def finetune(
     eval_windows [k, L'] (held out) give perplexity and expert load before and after.
     checkpoint_dir: where resumable checkpoints go (every cfg.checkpoint_every steps and at the
     end); resume=True continues from the newest one there. merge=False leaves the adapters
-    unmerged (call merge_lora(model) later).
+    unmerged: save_adapter(model, dir, cfg) writes them alone (PEFT's format), merge_lora(model)
+    merges them later.
     """
     if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise FinetuneError(f"training windows must be [n >= 1, seqlen >= 2], got {tuple(windows.shape)}")
