@@ -151,6 +151,26 @@ def test_local_task_same_accuracy_dense_and_all_experts_active(tmp_path, referen
     assert 0.0 <= dense.accuracy <= 1.0
     assert carved.metrics["acc"] == dense.metrics["acc"]
     assert carved.metrics["acc_norm"] == dense.metrics["acc_norm"]
+    # what a reader needs besides acc: standard errors, sample counts, few-shot count, versions
+    p = dense.metrics["acc"]
+    assert dense.stderr["acc"] == pytest.approx(math.sqrt(p * (1 - p) / 11))  # lm_eval's sample stderr of a mean
+    assert set(dense.stderr) == {"acc", "acc_norm"} and dense.n_original == 12 and dense.num_fewshot == 0
+    assert dense.version is not None
+    from importlib.metadata import version
+
+    from moecarve.eval.tasks import task_report
+
+    doc = json.loads(json.dumps(task_report({TASK_NAME: dense}, cfg)))
+    assert doc["lm_eval_version"] == version("lm_eval") and doc["settings"]["num_fewshot"] == 0
+    assert doc["tasks"][TASK_NAME]["stderr"]["acc_norm"] == dense.stderr["acc_norm"]
+
+
+def test_harness_entries_keep_stderr_and_skip_missing_ones():
+    from moecarve.eval.tasks import _metrics
+
+    entry = {"alias": "x", "acc,none": 0.5, "acc_stderr,none": 0.1, "f1,none": 0.4, "f1_stderr,none": "N/A",
+             "acc,strict": 0.2}  # fmt: skip
+    assert _metrics(entry) == ({"acc": 0.5, "f1": 0.4}, {"acc": 0.1})
 
 
 # --- compare and inspect --plot ------------------------------------------------------------------------------
@@ -158,12 +178,14 @@ def test_local_task_same_accuracy_dense_and_all_experts_active(tmp_path, referen
 
 @needs_reference
 def test_compare_table_json_and_plot(tmp_path, reference_model, reference_tokenizer, carved_dir):
-    stem = tmp_path / "cmp"
+    out = tmp_path / "cmp"
     args = ["compare", str(REFERENCE_LM), str(carved_dir), "--ppl", str(TEST_TXT), "--seqlen", "128",
-            "--max-chars", "6000", "--gen-tokens", "4", "--device", "cpu", "--dtype", "float32", "--out", str(stem)]  # fmt: skip
+            "--max-chars", "6000", "--gen-tokens", "4", "--device", "cpu", "--dtype", "float32", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
-    doc = json.loads(stem.with_suffix(".json").read_text())
+    doc = json.loads((out / "compare.json").read_text())
     dense, carved = doc["models"]
+    assert (dense["method"], carved["method"]) == ("dense", "fitted, shadow 4-bit router")
+    assert dense["seqlen"] == carved["seqlen"] == 128
     assert doc["settings"]["max_chars"] == 6000
     # the dense row is the protocol's perplexity of the dense model on the same windows
     windows = eval_windows(reference_tokenizer, str(TEST_TXT), 128, 6000)
@@ -175,7 +197,90 @@ def test_compare_table_json_and_plot(tmp_path, reference_model, reference_tokeni
     assert carved["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-3)  # ... so it computes the dense model
     assert carved["delta_pct"] == pytest.approx(100 * (carved["perplexity"] / dense["perplexity"] - 1))
     assert all(r["tokens_per_s"] > 0 for r in doc["models"])
-    assert stem.with_suffix(".png").read_bytes()[:8] == PNG
+    assert (out / "compare.png").read_bytes()[:8] == PNG
+
+
+def test_compare_labels_are_unique_and_short(tmp_path):
+    from moecarve.eval.compare import unique_labels
+
+    for p in ("a/x/S2A2E8", "b/x/S2A2E8", "c/S1A1E8"):
+        (tmp_path / p).mkdir(parents=True)
+    paths = [str(tmp_path / p) for p in ("a/x/S2A2E8", "b/x/S2A2E8", "c/S1A1E8")]
+    assert unique_labels(paths) == ["a/x/S2A2E8", "b/x/S2A2E8", "S1A1E8"]
+    assert unique_labels(["org/model", str(tmp_path / "c" / "S1A1E8"), "org/model"]) == ["model", "S1A1E8", "model #2"]
+
+
+def test_method_names_the_carve_router_and_condense(tmp_path):
+    from types import SimpleNamespace
+
+    from moecarve.eval.compare import method_of
+
+    shadow = {"carve": {"method": "fitted"}, "modules": {"m": {"type": "moe", "router": "shadow", "shadow_bits": 4}}}
+    cmoe = {"carve": {"method": "cmoe"}, "modules": {"m": {"type": "moe", "router": "analytic"}}, "condense": {"layers": [1]}}
+    assert method_of(SimpleNamespace(moecarve=shadow), str(tmp_path)) == "fitted, shadow 4-bit router"
+    assert method_of(SimpleNamespace(moecarve=cmoe), str(tmp_path)) == "cmoe, analytic router + CD-MoE"
+    assert method_of(SimpleNamespace(), str(tmp_path)) == "dense"
+    (tmp_path / "condense_report.json").write_text("{}")  # a condensed model saved in its own architecture
+    assert method_of(SimpleNamespace(), str(tmp_path)) == "CD-MoE"
+
+
+@needs_reference
+def test_compare_rows_record_method_and_the_seqlen_used(tmp_path, reference_tokenizer):
+    """Two folders with one basename get distinct labels; the window asked for (4096) is clipped to
+    the models' 128 positions, and the rows say so."""
+    import moecarve
+    from moecarve.eval.compare import CompareConfig, compare, describe, write_json
+    from tests.conftest import random_windows, tiny_model
+
+    for kind in ("dense", "carved"):
+        model = tiny_model("llama", vocab_size=len(reference_tokenizer))
+        if kind == "dense":
+            model.save_pretrained(tmp_path / kind / "m")
+            reference_tokenizer.save_pretrained(tmp_path / kind / "m")
+        else:
+            moecarve.carve(model, moecarve.CarveConfig.from_string("S1A1E4"), random_windows(2, 32, vocab=8192), progress=False)
+            moecarve.save(model, tmp_path / kind / "m", tokenizer=reference_tokenizer)
+    cfg = CompareConfig(ppl=str(TEST_TXT), seqlen=4096, max_chars=3000, gen_tokens=0, device="cpu", dtype="float32")
+    rows = compare([str(tmp_path / "dense" / "m"), str(tmp_path / "carved" / "m")], cfg)
+    assert [r.name for r in rows] == ["dense/m", "carved/m"]
+    assert [r.method for r in rows] == ["dense", "fitted, shadow 4-bit router"]
+    assert [r.seqlen for r in rows] == [128, 128]
+    assert describe(cfg, rows) == "test.txt, seq 128, first 3,000 chars"
+    doc = json.loads(write_json(rows, cfg, tmp_path / "cmp.json").read_text())
+    assert doc["settings"]["seqlen"] == 4096 and [m["seqlen"] for m in doc["models"]] == [128, 128]
+
+
+def test_quality_plot_names_models_in_a_legend_not_on_the_points():
+    from moecarve.eval.plots import quality_figure
+
+    rows = [{"name": "a/S2A2E8", "method": "cmoe, analytic router", "params_active": 1e6, "perplexity": 10.0},
+            {"name": "b/S2A2E8", "method": "fitted, shadow 4-bit router", "params_active": 1e6, "perplexity": 10.1,
+             "tasks": {"piqa": 0.6}}]  # fmt: skip
+    fig = quality_figure(rows)
+    assert all(not ax.texts for ax in fig.axes)  # nothing drawn at the points that could overlap
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["a/S2A2E8 (cmoe, analytic router)", "b/S2A2E8 (fitted, shadow 4-bit router)"]
+
+
+def test_histograms_and_load_titles_name_the_statistic_and_router(tmp_path):
+    from moecarve import CarveConfig, CarveReport
+    from moecarve.carving.methods import LayerReport
+    from moecarve.eval.plots import plot_expert_load, plot_rate_histograms, statistic_title
+
+    def report(method: str, statistic: str, router: str) -> CarveReport:
+        layer = LayerReport(layer=0, seconds=0.0, expert_size=4, n_tokens=8, rate_histogram={"max": 5.3, "bins": 4, "counts": [1, 2, 3, 4]},
+                            shared_rate=3.0, routed_rate=1.0, load=[4, 4], statistic=statistic, router=router)  # fmt: skip
+        return CarveReport(config=CarveConfig.from_string("S2A2E8", method=method), layers=[layer])
+
+    assert statistic_title(report("fitted", "mean |h|", "shadow")) == "mean |h| of the FFN neurons (S2A2E8, fitted)"
+    assert statistic_title(report("cmoe", "activation rate", "analytic")) == "activation rate of the FFN neurons (S2A2E8, cmoe, k_act=10)"
+    # a report written before LayerReport named its statistic reads it from the method
+    old = report("fitted", "mean |h|", "shadow").to_dict()
+    for layer in old["layers"]:
+        del layer["statistic"]
+    assert statistic_title(CarveReport.from_dict(old)).startswith("mean |h|")
+    assert plot_rate_histograms(report("fitted", "mean |h|", "shadow"), tmp_path / "r.png").read_bytes()[:8] == PNG
+    assert plot_expert_load(report("fitted", "mean |h|", "shadow"), tmp_path / "l.png").read_bytes()[:8] == PNG
 
 
 def test_compare_needs_two_models():

@@ -2,7 +2,9 @@
 
 Each model is loaded, measured (perplexity, harness tasks, parameters, generation speed) and
 freed before the next, so only one model is in memory at a time. The first model is the
-reference for the Δ% column.
+reference for the Δ% column. Each row names its model by a label unique among the rows, says
+which method made it, and records the perplexity window actually used (clipped to the model's
+maximum positions).
 """
 
 from __future__ import annotations
@@ -55,9 +57,9 @@ class CompareConfig:
 class CompareRow:
     """One model's measurements (None: not measured or not applicable)."""
 
-    name: str
+    name: str  # a label unique among the compared models (see unique_labels)
     path: str
-    config: str  # the carve configuration, or "dense"
+    config: str  # the carve configuration, "condensed", or "dense"
     params_total: int
     params_active: int
     perplexity: float | None = None
@@ -65,10 +67,59 @@ class CompareRow:
     tasks: dict[str, float] = field(default_factory=dict)  # task -> acc
     carve_seconds: float | None = None
     tokens_per_s: float | None = None
+    method: str = "dense"  # what made it: "fitted, shadow 4-bit router", "cmoe, analytic router", "CD-MoE", ...
+    seqlen: int | None = None  # the perplexity window used: cfg.seqlen clipped to the model's max positions
 
 
-def evaluate_one(path: str, cfg: CompareConfig, text: str | None = None) -> CompareRow:
-    """Load one model (dense or carved folder), measure it, free it (text: cfg.ppl's text, if already read)."""
+def unique_labels(paths: list[str]) -> list[str]:
+    """Short labels that tell the paths apart: each one's last folder name, with as many parent
+    folders as it takes where names repeat ("a/S2A2E8", "b/S2A2E8"); "#k" for a path given twice."""
+    parts = [Path(p).resolve().parts if Path(p).exists() else tuple(str(p).rstrip("/").split("/")) for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        labels = ["/".join(pp[-d:]) for pp, d in zip(parts, depth)]
+        clashes = [i for i, lab in enumerate(labels) if depth[i] < len(parts[i])
+                   and any(labels[j] == lab and parts[j] != parts[i] for j in range(len(paths)))]  # fmt: skip
+        if not clashes:
+            break
+        for i in clashes:
+            depth[i] += 1
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(labels):
+        seen[lab] = seen.get(lab, 0) + 1
+        labels[i] = lab if seen[lab] == 1 else f"{lab} #{seen[lab]}"
+    return labels
+
+
+def method_of(config, path: str) -> str:
+    """What made a model, from its config's `moecarve` entry and a condense report beside it:
+    "fitted, shadow 4-bit router", "cmoe, analytic router", "... + CD-MoE", "CD-MoE", or "dense"."""
+    meta = getattr(config, "moecarve", None) or {}
+    parts = []
+    if carve := meta.get("carve"):
+        moes = [e for e in meta.get("modules", {}).values() if e.get("type", "moe") == "moe"]
+        router = moes[0].get("router", carve.get("router")) if moes else carve.get("router")
+        if router == "shadow":
+            router = f"shadow {moes[0].get('shadow_bits')}-bit"
+        parts.append(f"{carve.get('method', 'cmoe')}, {router} router")
+    if meta.get("condense") or (Path(path) / "condense_report.json").exists():
+        parts.append("CD-MoE")
+    return " + ".join(parts) or "dense"
+
+
+def describe(cfg: CompareConfig, rows: list[CompareRow]) -> str:
+    """The measurement settings in one line for titles: "test.txt, seq 1024, first 200,000 chars",
+    with the windows the rows really used ("seq 1024/2048" when models clip differently)."""
+    if cfg.ppl is None:
+        return ""
+    used = sorted({r.seqlen for r in rows if r.seqlen is not None}) or [cfg.seqlen]
+    chars = f", first {cfg.max_chars:,} chars" if cfg.max_chars else ""
+    return f"{Path(cfg.ppl).name}, seq {'/'.join(map(str, used))}{chars}"
+
+
+def evaluate_one(path: str, cfg: CompareConfig, text: str | None = None, name: str | None = None) -> CompareRow:
+    """Load one model (dense or carved folder), measure it, free it (text: cfg.ppl's text, if
+    already read; name: its label, default the folder name)."""
     from ..carve import count_params
     from ..io.loading import is_carved, load_any
     from ..io.save import load_report
@@ -78,13 +129,15 @@ def evaluate_one(path: str, cfg: CompareConfig, text: str | None = None) -> Comp
     try:
         total, active = count_params(model)
         report = load_report(path) if is_carved(path) else None
+        method = method_of(model.config, path)
+        config = report.config.name if report else "condensed" if "CD-MoE" in method else "dense"
         row = CompareRow(
-            name=Path(path).name or str(path), path=str(path), config=report.config.name if report else "dense",
+            name=name or Path(path).name or str(path), path=str(path), config=config, method=method,
             params_total=total, params_active=active, carve_seconds=report.seconds if report else None,
         )  # fmt: skip
         if cfg.ppl is not None:
             result = eval_perplexity(model, tok, cfg.ppl, cfg.seqlen, cfg.max_chars, cfg.batch_size, text=text)
-            row.perplexity = result.perplexity
+            row.perplexity, row.seqlen = result.perplexity, result.seqlen
         if cfg.tasks is not None:
             row.tasks = {t: r.accuracy for t, r in run_tasks(model, tok, cfg.tasks).items()}
         if cfg.gen_tokens:
@@ -103,8 +156,8 @@ def compare(
         raise CompareError("compare needs a dense model and at least one carved model")
     text = load_eval_text(cfg.ppl) if cfg.ppl is not None else None  # read once; fails before any model loads
     rows: list[CompareRow] = []
-    for p in paths:
-        row = evaluate_one(p, cfg, text)
+    for p, name in zip(paths, unique_labels(paths)):
+        row = evaluate_one(p, cfg, text, name)
         base = rows[0].perplexity if rows else row.perplexity
         if row.perplexity is not None and base:
             row.delta_pct = 100.0 * (row.perplexity - base) / base
@@ -115,7 +168,8 @@ def compare(
 
 
 def write_json(rows: list[CompareRow], cfg: CompareConfig, path: str | Path) -> Path:
-    """The rows and the settings that produced them, written atomically."""
+    """The rows and the settings that produced them, written atomically. settings.seqlen is the
+    window asked for; each row's seqlen is the one its perplexity used."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = asdict(cfg)

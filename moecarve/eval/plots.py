@@ -1,5 +1,9 @@
-"""PNG figures: quality vs active parameters (compare), activation-rate histograms and expert load
-(inspect). matplotlib runs on the Agg backend (files only, no display needed).
+"""PNG figures: quality vs active parameters (compare), histograms of the per-neuron statistic and
+expert load (inspect). matplotlib runs on the Agg backend (files only, no display needed).
+
+Labels say what is shown: the statistic each carve method measured ("activation rate" for cmoe,
+"mean |h|" for fitted), the router kind, and each compared model's method; compared models are
+named in a legend (one marker and colour each), so no label can overlap another.
 """
 
 from __future__ import annotations
@@ -24,31 +28,39 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_quality(rows: list[dict], path: str | Path, title: str = "quality vs active parameters") -> Path:
-    """Perplexity (log scale) and, when present, mean task accuracy against active parameters per token.
+MARKERS = "osD^vP*Xh<>p"
 
-    rows: compare rows with "name", "params_active", and optional "perplexity" and "tasks" ({task: acc}).
+
+def quality_figure(rows: list[dict], title: str = "quality vs active parameters"):
+    """The compare figure: perplexity (log scale) and, when present, mean task accuracy against
+    active parameters per token; each model one marker and colour, named with its method in a legend.
+
+    rows: compare rows with "name", "params_active", and optional "method", "perplexity" and "tasks" ({task: acc}).
     """
     with_tasks = any(r.get("tasks") for r in rows)
     fig, axes = plt.subplots(1, 2 if with_tasks else 1, figsize=(11 if with_tasks else 6, 4.2), squeeze=False)
-    ax = axes[0][0]
-    pts = [(r["params_active"] / 1e6, r["perplexity"], r["name"]) for r in rows if r.get("perplexity") is not None]
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o")
-    for x, y, name in pts:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set(xlabel="active parameters per token (M)", ylabel="perplexity (log)", yscale="log", title="perplexity")
-    ax.grid(True, which="both", alpha=0.3)
+    panels = [(axes[0][0], lambda r: r.get("perplexity"), "perplexity (log)", "perplexity")]
     if with_tasks:
-        ax = axes[0][1]
-        scored = [r for r in rows if r.get("tasks")]
-        pts = [(r["params_active"] / 1e6, sum(r["tasks"].values()) / len(r["tasks"]), r["name"]) for r in scored]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s", color="tab:green")
-        for x, y, name in pts:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set(xlabel="active parameters per token (M)", ylabel="mean accuracy", title="tasks (mean acc)")
-        ax.grid(True, alpha=0.3)
+        mean_acc = lambda r: sum(r["tasks"].values()) / len(r["tasks"]) if r.get("tasks") else None  # noqa: E731
+        panels.append((axes[0][1], mean_acc, "mean accuracy", "tasks (mean acc)"))
+    for k, r in enumerate(rows):
+        label = f"{r['name']} ({r['method']})" if r.get("method") else r["name"]
+        style = dict(marker=MARKERS[k % len(MARKERS)], color=f"C{k % 10}", linestyle="", markersize=7)
+        for ax, value, _, _ in panels:
+            if value(r) is not None:
+                ax.plot([r["params_active"] / 1e6], [value(r)], label=label if ax is panels[0][0] else None, **style)
+    for ax, _, ylabel, name in panels:
+        ax.set(xlabel="active parameters per token (M)", ylabel=ylabel, title=name)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_yscale("log")
     fig.suptitle(title)
-    return _save(fig, path)
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, max(1, len(rows))), fontsize=8, frameon=False)
+    return fig
+
+
+def plot_quality(rows: list[dict], path: str | Path, title: str = "quality vs active parameters") -> Path:
+    """Write quality_figure(rows, title) as a PNG."""
+    return _save(quality_figure(rows, title), path)
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -56,8 +68,18 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+def statistic_title(report) -> str:
+    """What the histograms show, with the settings it depends on: "activation rate of the FFN
+    neurons (S2A2E8, cmoe, k_act=10)" or "mean |h| of the FFN neurons (S2A2E8, fitted)"."""
+    statistic = report.layers[0].statistic if report.layers else "activation rate"
+    cfg = report.config
+    k_act = f", k_act={cfg.k_act}" if statistic == "activation rate" else ""
+    return f"{statistic} of the FFN neurons ({cfg.name}, {cfg.method}{k_act})"
+
+
 def plot_rate_histograms(report, path: str | Path) -> Path:
-    """One panel per layer: how many intermediate neurons have each activation rate (CMoE Fig. 3).
+    """One panel per layer: how many intermediate neurons have each value of the statistic the
+    carve measured (LayerReport.statistic: the activation rate for cmoe, CMoE Fig. 3; mean |h| for fitted).
 
     report: a CarveReport; each LayerReport.rate_histogram = {"max", "bins", "counts"} over [0, max].
     """
@@ -71,10 +93,10 @@ def plot_rate_histograms(report, path: str | Path) -> Path:
         ax.bar([i * width for i in range(h["bins"])], h["counts"], width=width, align="edge", color="tab:blue")
         ax.set_yscale("log")
         ax.set_title(f"layer {layer.layer}", fontsize=9)
-        ax.set_xlabel("activation rate", fontsize=8)
+        ax.set_xlabel(layer.statistic, fontsize=8)
         ax.set_ylabel("neurons", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"activation rates of the FFN neurons ({report.config.name}, k_act={report.config.k_act})")
+    fig.suptitle(statistic_title(report))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -94,6 +116,7 @@ def plot_expert_load(report, path: str | Path) -> Path:
         ax.set_xlabel("routed expert", fontsize=8)
         ax.set_ylabel("tokens", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"routed-expert load on the calibration tokens ({report.config.name})")
+    router = report.layers[0].router if report.layers else ""
+    fig.suptitle(f"routed-expert load on the calibration tokens ({report.config.name}" + (f", {router} router)" if router else ")"))
     fig.tight_layout()
     return _save(fig, path)
