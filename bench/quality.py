@@ -10,6 +10,7 @@ Perplexity on the first --eval-chars characters of test.txt, seq 512, float32, a
   fitted_norefit  |h|-profile grouping + fitted probe router, no down_proj refit
   fitted          |h|-profile grouping + fitted probe router + ridge refit of down_proj (shadow_bits=0)
   shadow          the default "fitted" method: grouping + 4-bit shadow router + ridge refit
+  threshold       the same, selecting by a per-layer threshold (A experts per token on average)
   fitted_oracle   the fitted carve with its router replaced by the oracle (refit kept)
   neuron_oracle   each token keeps its own top neurons by |h| at the same active fraction
 Also prints the fitted router's recall of the oracle's top-A (calibration tokens, mean over layers)
@@ -39,7 +40,7 @@ from moecarve.modules.moe import CarvedMoE
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 COLUMNS = ("cmoe", "fitted", "shadow", "profile_oracle", "neuron_oracle")
-OPTIONAL = ("fitted_norefit", "fitted_oracle")
+OPTIONAL = ("fitted_norefit", "fitted_oracle", "threshold")
 CONFIGS = "S3A3E8,S2A2E8,S1A1E8,S2A2E16,S0A16E64,S0A32E128"
 
 
@@ -70,14 +71,14 @@ def column(name: str, spec: str, args, calib, ev) -> tuple[float, float, float |
     else:
         if name == "cmoe":
             cfg = CarveConfig.from_string(spec, method="cmoe")
-        elif name == "shadow":
-            cfg = CarveConfig.from_string(spec, method="fitted", shadow_bits=4)
+        elif name in ("shadow", "threshold"):
+            cfg = CarveConfig.from_string(spec, method="fitted", shadow_bits=4, selection="topk" if name == "shadow" else name)
         else:
             cfg = CarveConfig.from_string(spec, method="fitted", shadow_bits=0, refit=name in ("fitted", "fitted_oracle"))
         report = carve(model, cfg, calib, device="cpu", progress=False)
         recs = [r.router_recall for r in report.layers if r.router_recall is not None]
         recall = sum(recs) / len(recs) if recs else None
-        if name in ("fitted", "shadow"):  # per-layer diagnostics: router recall, held-out FFN error before/after the refit
+        if name in ("fitted", "shadow", "threshold") and not cfg.static:  # per-layer diagnostics: router recall, held-out FFN error before/after the refit
             print(f"  {spec} fitted per layer: " + "  ".join(
                 f"L{r.layer} recall {r.router_recall:.3f} err {r.refit_error[0]:.3f}->{r.refit_error[1]:.3f}"
                 for r in report.layers), flush=True)  # fmt: skip
@@ -130,7 +131,7 @@ def main() -> None:
             ppl = per_layer(args.per_layer, method, args, calib, ev)
             print(f"per-layer damage {args.per_layer} {method}: " + " ".join(f"L{i}={p:.3f}" for i, p in enumerate(ppl)), flush=True)
     cols = [c for c in args.columns.split(",") if c]
-    timed = [c for c in cols if c in ("fitted", "shadow")]  # columns whose router recall and carve time we report
+    timed = [c for c in cols if c in ("fitted", "shadow", "threshold")]  # columns whose router recall and carve time we report
     extra = [f"{c} recall" for c in timed] + [f"{c} carve s" for c in timed]
     print("| config | " + " | ".join(cols + extra) + " |", flush=True)
     print("|---" * (len(cols) + len(extra) + 1) + "|", flush=True)

@@ -76,7 +76,8 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         if isinstance(mod, CarvedMoE):
             e = mod.experts
             per_expert = sum(p[0].numel() for p in (e.in_proj, e.out_proj, e.in_bias) if p is not None)
-            inactive += (mod.spec.n_routed - mod.spec.top_k) * per_expert
+            active = mod.spec.mean_active or mod.spec.top_k  # "threshold" selection: its calibrated mean
+            inactive += round((mod.spec.n_routed - active) * per_expert)
     return total, total - inactive
 
 

@@ -2,7 +2,9 @@
 
 A carving configuration is written S{N_s}A{A}E{N}: N experts in all, N_s of them shared
 (always on), A routed experts picked per token out of the N - N_s routed ones.
-S2A2E8 keeps 2 + 2 of 8 experts active: 50% of the FFN.
+S2A2E8 keeps 2 + 2 of 8 experts active: 50% of the FFN. Experts may be as small as one neuron
+(S0A384E1536 on a 1536-wide FFN: each token keeps its own 384 neurons), and A = 0 is static width
+pruning (S2A0E8: a dense MLP of the quarter of the neurons the method ranks highest).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ _CONFIG_RE = re.compile(r"^S(\d+)A(\d+)E(\d+)$", re.IGNORECASE)
 
 METHODS = ("cmoe", "fitted")
 ROUTERS = ("analytic", "linear")
+SELECTIONS = ("topk", "threshold")
 
 
 class ConfigError(MoecarveError, ValueError):
@@ -42,7 +45,8 @@ class CarveConfig(DictConfig):
     Attributes:
         n_experts: N, experts per layer (shared + routed); must divide the intermediate size.
         n_shared: N_s, always-on experts, fused into one MLP of N_s * m neurons.
-        n_active: A, routed experts selected per token.
+        n_active: A, routed experts selected per token; 0 with n_shared >= 1 is static width
+            pruning: each FFN becomes a dense MLP of its N_s * m top-ranked neurons.
         k_act: K_a, neurons marked active per token when measuring activation rates.
         method: the carving recipe. "fitted" (the default, training-free): |h|-profile grouping,
             a router that tracks the oracle's choice, and a ridge refit of down_proj (see
@@ -64,6 +68,9 @@ class CarveConfig(DictConfig):
             probe neurons: faster, lower quality).
         refit: "fitted": refit down_proj by ridge regression on the routed activations.
         holdout: "fitted": fraction of calibration tokens held out to choose the ridge strengths.
+        selection: "fitted" with the shadow router: "topk" (exactly A experts per token) or
+            "threshold" (every expert whose score exceeds a per-layer threshold calibrated so that
+            A experts are picked per token on average, at most 2A).
     """
 
     n_experts: int = 8
@@ -80,14 +87,17 @@ class CarveConfig(DictConfig):
     shadow_bits: int = 4
     refit: bool = True
     holdout: float = 0.25
+    selection: str = "topk"
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
             raise ConfigError(f"n_experts must be >= 1, got {self.n_experts}")
         if self.n_shared < 0:
             raise ConfigError(f"n_shared must be >= 0, got {self.n_shared}")
-        if self.n_active < 1:
-            raise ConfigError(f"n_active must be >= 1, got {self.n_active}")
+        if self.n_active < 0:
+            raise ConfigError(f"n_active must be >= 0, got {self.n_active}")
+        if self.n_active == 0 and self.n_shared < 1:
+            raise ConfigError(f"{self.name}: static pruning (A = 0) keeps the shared experts only; it needs N_s >= 1")
         if self.n_shared + self.n_active > self.n_experts:
             raise ConfigError(
                 f"{self.name}: shared + active experts ({self.n_shared} + {self.n_active}) "
@@ -109,6 +119,10 @@ class CarveConfig(DictConfig):
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.router not in ROUTERS:
             raise ConfigError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.selection == "threshold" and not (self.method == "fitted" and self.shadow_bits):
+            raise ConfigError("selection='threshold' is calibrated on the shadow router: use method 'fitted' with shadow_bits > 0")
         if self.method == "fitted" and self.router != "analytic":
             raise ConfigError(
                 f"router={self.router!r} is a choice of method 'cmoe' (method 'fitted' builds its own router); "
@@ -127,6 +141,11 @@ class CarveConfig(DictConfig):
     def active_fraction(self) -> float:
         return (self.n_shared + self.n_active) / self.n_experts
 
+    @property
+    def static(self) -> bool:
+        """Static width pruning (A = 0): no routed experts, no router."""
+        return self.n_active == 0
+
     @classmethod
     def from_string(cls, spec: str, **overrides) -> "CarveConfig":
         """Parse "S2A2E8" (case-insensitive) into a config; keyword overrides set the rest."""
@@ -138,10 +157,25 @@ class CarveConfig(DictConfig):
         n_shared, n_active, n_experts = (int(g) for g in m.groups())
         return cls(n_experts=n_experts, n_shared=n_shared, n_active=n_active, **overrides)
 
+    @classmethod
+    def from_granularity(
+        cls, intermediate_size: int, expert_size: int, active: float, shared: float = 0.0, **overrides
+    ) -> "CarveConfig":
+        """The S/A/E spec for experts of `expert_size` neurons with an `active` fraction of the FFN
+        per token, `shared` of it always on: E = I / m, N_s = round(shared * E),
+        A = round(active * E) - N_s. E.g. I = 1536, m = 4, active 0.25 -> S0A96E384."""
+        if expert_size < 1 or intermediate_size % expert_size:
+            raise ConfigError(f"expert size {expert_size} does not divide the intermediate size {intermediate_size}")
+        if not 0.0 < active <= 1.0 or not 0.0 <= shared <= active:
+            raise ConfigError(f"need 0 < active <= 1 and 0 <= shared <= active, got active={active}, shared={shared}")
+        n = intermediate_size // expert_size
+        n_shared = round(shared * n)
+        return cls(n_experts=n, n_shared=n_shared, n_active=round(active * n) - n_shared, **overrides)
+
     def expert_size(self, intermediate_size: int) -> int:
         """m = intermediate_size / N, or a ConfigError when N does not divide it."""
         if intermediate_size % self.n_experts:
-            divisors = [n for n in (4, 8, 16, 32, 64, 128) if intermediate_size % n == 0]
+            divisors = [n for n in (4, 8, 16, 32, 64, 128, intermediate_size) if intermediate_size % n == 0]
             raise ConfigError(
                 f"{self.name}: {self.n_experts} experts do not divide the intermediate size "
                 f"{intermediate_size}; choose N among {divisors or 'its divisors'}"

@@ -18,7 +18,9 @@ def test_unparseable(bad):
         CarveConfig.from_string(bad)
 
 
-@pytest.mark.parametrize("spec,msg", [("S4A5E8", "exceed"), ("S0A0E8", "n_active"), ("S1A1E0", "n_experts")])
+@pytest.mark.parametrize(
+    "spec,msg", [("S4A5E8", "exceed"), ("S0A0E8", "static pruning .* needs N_s >= 1"), ("S1A1E0", "n_experts")]
+)
 def test_invalid(spec, msg):
     with pytest.raises(ConfigError, match=msg):
         CarveConfig.from_string(spec)
@@ -36,3 +38,35 @@ def test_unknown_method_and_router():
         CarveConfig(method="magic")
     with pytest.raises(ConfigError, match="unknown router"):
         CarveConfig(router="magic")
+
+
+def test_static_pruning_and_single_neuron_configs_parse():
+    static = CarveConfig.from_string("S2A0E8")
+    assert static.static and static.n_routed == 6 and static.active_fraction == 0.25
+    fine = CarveConfig.from_string("S128A256E1536")
+    assert not fine.static and fine.expert_size(1536) == 1 and fine.active_fraction == 0.25
+
+
+@pytest.mark.parametrize(
+    "inter,m,active,shared,name",
+    [(1536, 1, 0.25, 0.0, "S0A384E1536"), (1536, 4, 0.25, 0.0, "S0A96E384"), (1536, 1, 0.25, 1 / 12, "S128A256E1536"),
+     (11008, 4, 0.25, 0.0, "S0A688E2752"), (1536, 192, 0.5, 0.25, "S2A2E8")],
+)  # fmt: skip
+def test_from_granularity(inter, m, active, shared, name):
+    cfg = CarveConfig.from_granularity(inter, m, active, shared)
+    assert cfg.name == name and cfg.expert_size(inter) == m
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(expert_size=5), "does not divide"), (dict(active=0.0), "0 < active"),
+                                    (dict(active=0.25, shared=0.5), "shared <= active")])  # fmt: skip
+def test_from_granularity_rejects(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        CarveConfig.from_granularity(1536, **{"expert_size": 4, "active": 0.25, **kw})
+
+
+def test_selection_is_validated():
+    assert CarveConfig(selection="threshold").selection == "threshold"
+    with pytest.raises(ConfigError, match="unknown selection"):
+        CarveConfig(selection="magic")
+    with pytest.raises(ConfigError, match="shadow router"):
+        CarveConfig(selection="threshold", shadow_bits=0)

@@ -35,7 +35,7 @@ def random_moe(
     """A CarvedMoE with random weights (S shared, E routed of size m, top-A) whose outputs are O(1).
 
     hot: expert every token picks first (a large router bias); cold: experts no token picks.
-    probes: the fitted router's probe neurons. Int8 buffers (the shadow router's codes) get random codes.
+    probes: the fitted router's probe neurons. The shadow router's codes are random.
     """
     extra = {"shadow_bits": 4} if router == "shadow" else {}
     spec = MoESpec(
@@ -47,9 +47,11 @@ def random_moe(
     with torch.no_grad():
         for p in moe.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-        for b in moe.buffers():
+        for b in moe.buffers():  # the shadow router's codes: 4-bit (two per byte) or int8
             if b.dtype == torch.int8:
                 b.copy_(torch.randint(-7, 8, b.shape, generator=g))
+            elif b.dtype == torch.uint8:
+                b.copy_(torch.randint(0, 256, b.shape, generator=g))
         moe.router.scale.copy_(torch.randn(E, generator=g) * 0.5)  # exercise the combine weights
         moe.router.bias.copy_(torch.randn(E, generator=g) * 1e-3)
         if hot is not None:
@@ -135,7 +137,9 @@ def test_cpu_path_own_router(case: str, T: int) -> None:
 
 
 def test_cpu_rule_picks_each_path(monkeypatch) -> None:
-    """`use_union` on its own terms, and moe_decode_cpu(path="auto") following it."""
+    """`use_union` on its own terms, and moe_decode_cpu(path="auto") following it where the C
+    kernels are not built."""
+    monkeypatch.setattr(cpu_kernels, "native_ok", lambda t: False)
     moe = random_moe(S=1, E=7, A=2, m=1024, cold=(1, 2, 3, 4, 5))  # experts of ~800 KB: reading them dominates
     t = moe_tensors(moe)
     assert cpu_kernels.use_union(8, 2, 7, 7, t)  # every expert hit: one GEMM beats seven pairs

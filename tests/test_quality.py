@@ -228,7 +228,7 @@ def test_shadow_router_matches_the_oracle_where_it_must():
     ffn, _ = planted_ffn()
     x, _ = planted_tokens(1024, 4, 16, seed=1)
     moe, report = carve_ffn(ffn, x, CarveConfig.from_string("S0A1E4", method="fitted", shadow_bits=4, refit=False))
-    assert isinstance(moe.router, ShadowRouter) and moe.router.codes.dtype == torch.int8
+    assert isinstance(moe.router, ShadowRouter) and moe.router.codes.dtype == torch.uint8  # two codes per byte
     x_new, _ = planted_tokens(512, 4, 16, seed=2)
     _, idx = moe.router(x_new)
     oracle = oracle_indices(expert_mass(ffn.hidden(x_new).abs(), moe_groups(moe, ffn)), 1)
@@ -270,7 +270,8 @@ def test_shadow_carve_saves_and_reloads_with_and_without_moecarve(tmp_path):
     moecarve.save(model, tmp_path / "shadow", report=report)
     expected = model(ids).logits
     loaded = moecarve.load(tmp_path / "shadow")
-    assert next(m for m in loaded.modules() if isinstance(m, ShadowRouter)).codes.dtype == torch.int8
+    router = next(m for m in loaded.modules() if isinstance(m, ShadowRouter))
+    assert router.codes.dtype == torch.uint8 and router.codes.shape[-1] == model.config.hidden_size // 2
     torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-6, rtol=1e-6)
     remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "shadow", trust_remote_code=True)
     torch.testing.assert_close(remote(ids).logits, expected, atol=1e-6, rtol=1e-6)

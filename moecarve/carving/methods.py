@@ -5,9 +5,13 @@ layers or model families: `moecarve.carve` feeds it one FFN at a time.
 
 Methods:
   "cmoe"    the paper: marker statistics, balanced k-means on markers, analytic router.
-  "fitted"  |h|-profile grouping (profile_grouping), a probe router fitted in closed form to the
-            experts' |h| mass (fitted_router), and a ridge refit of down_proj on the routed
-            activations (reconstruct). Training-free: closed-form solves on the calibration tokens.
+  "fitted"  |h|-profile grouping (profile_grouping), a router that tracks the oracle (the 4-bit
+            shadow router by default, else a probe router fitted in closed form: fitted_router),
+            and a ridge refit of down_proj on the routed activations (reconstruct).
+            Training-free: closed-form solves on the calibration tokens.
+A = 0 (static width pruning, `carve_ffn_static`): the N_s * m neurons the method ranks highest
+(activation rate for "cmoe", mean |h| for "fitted") as one dense MLP, down_proj refitted where the
+method refits.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from torch import nn
 
 from ..config import CarveConfig
 from ..errors import MoecarveError
-from ..modules.moe import ROUTERS, CarvedMoE, MoESpec, quantize_rows
+from ..modules.condensed import CondensedMLP, CondensedSpec
+from ..modules.moe import ROUTERS, CarvedMoE, MoESpec, pack_nibbles, packs_nibbles, quantize_rows
 from .ffn import DenseFFN
 from .fitted_router import fit_router
 from .grouping import Grouping, group_neurons
@@ -101,12 +106,15 @@ def _in_bias(ffn: DenseFFN, idx: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def build_router(spec: MoESpec, tensors: dict[str, torch.Tensor | None], device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The router module of `spec` holding `tensors` (scale and bias start at zero)."""
+    """The router module of `spec` holding `tensors` (scale and bias start at zero, a shadow
+    router's threshold at +inf)."""
     with torch.device("meta"):
         router = ROUTERS[spec.router](spec)
-    router = router.to(dtype).to_empty(device=device)
+    router = router.to(dtype).to_empty(device=device)  # uninitialised: every tensor is set below
     router.scale.zero_()
     router.bias.zero_()
+    if getattr(router, "threshold", None) is not None:
+        router.threshold.fill_(float("inf"))  # top-A until calibrated
     for name, value in tensors.items():
         if value is not None:
             getattr(router, name).copy_(value)
@@ -150,15 +158,19 @@ def build_moe(
 
 
 def shadow_router(ffn: DenseFFN, grouping: Grouping, bits: int) -> dict[str, torch.Tensor | None]:
-    """The shadow router's tensors: the routed experts' input rows [E, 2m, d] quantised per row to `bits`."""
+    """The shadow router's tensors: the routed experts' input rows [E, 2m, d] quantised per row to
+    `bits`, packed as modules.moe.ShadowRouter stores them (two codes per byte at <= 4 bits)."""
     groups = grouping.experts.to(ffn.up.device)  # [E, m]
     E, m = groups.shape
+    packed = packs_nibbles(bits, ffn.hidden_size)
     rows = torch.empty(2 * m if ffn.gated else m, ffn.hidden_size, dtype=ffn.up.dtype, device=ffn.up.device)
-    codes = torch.empty(E, *rows.shape, dtype=torch.int8, device=rows.device)  # [E, 2m, d]
+    width = ffn.hidden_size // 2 if packed else ffn.hidden_size
+    codes = torch.empty(E, rows.shape[0], width, dtype=torch.uint8 if packed else torch.int8, device=rows.device)
     row_scale = torch.empty(E, rows.shape[0], device=rows.device)  # [E, 2m]
     for e, group in enumerate(groups):  # one expert's rows at a time: no [E, 2m, d] float temporary
         _copy_in_rows(rows, ffn, group)
-        codes[e], row_scale[e] = quantize_rows(rows, bits)
+        q, row_scale[e] = quantize_rows(rows, bits)
+        codes[e] = pack_nibbles(q) if packed else q
     in_bias = _in_bias(ffn, groups) if ffn.has_in_bias else None
     return {"codes": codes, "row_scale": row_scale, "in_bias": in_bias}
 
@@ -169,6 +181,8 @@ def carve_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0) 
     t0 = time.perf_counter()
     if not torch.isfinite(x).all():
         raise CarveError(f"layer {layer}: the FFN inputs contain NaN or Inf; cannot measure activations")
+    if cfg.static:
+        return carve_ffn_static(ffn, x, cfg, layer, t0)
     if cfg.method == "fitted":
         return carve_ffn_fitted(ffn, x, cfg, layer, t0)
     spec = moe_spec(ffn, cfg)
@@ -199,6 +213,17 @@ def carve_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0) 
 
 
 @torch.no_grad()
+def calibrate_threshold(router: nn.Module, x: torch.Tensor, n_active: int, max_values: int = 1 << 24) -> float:
+    """The threshold on score + bias above which A of the E experts are picked per token on
+    average over the calibration inputs x [T, d] (a quantile of at most `max_values` scores)."""
+    v = torch.cat([(router.logits(x[s : s + CHUNK]) + router.bias).flatten() for s in range(0, x.shape[0], CHUNK)])
+    if v.numel() > max_values:  # an evenly spaced subsample (deterministic)
+        v = v[torch.linspace(0, v.numel() - 1, max_values, device=v.device).long()]
+    k = v.numel() - round(v.numel() * n_active / router.bias.numel())  # values at or below the threshold
+    return float(v.kthvalue(max(k, 1)).values)
+
+
+@torch.no_grad()
 def carve_ffn_fitted(
     ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0, t0: float | None = None
 ) -> tuple[CarvedMoE, LayerReport]:
@@ -214,8 +239,11 @@ def carve_ffn_fitted(
     xf = x.float()
     h = ffn.hidden_float(xf if ffn.up.dtype == torch.float32 else x)  # [T, I]
     grouping = group_by_profiles(h, cfg.n_shared, cfg.n_routed, cfg.profile_iters, cfg.seed)
+    threshold = cfg.selection == "threshold"
     if cfg.shadow_bits:
-        spec = replace(spec, router="shadow", shadow_bits=cfg.shadow_bits)
+        spec = replace(spec, router="shadow", shadow_bits=cfg.shadow_bits, selection=cfg.selection)
+        if threshold:  # up to 2A experts above the threshold, A on average
+            spec = replace(spec, top_k=min(spec.n_routed, 2 * cfg.n_active), mean_active=float(cfg.n_active))
         tensors = shadow_router(ffn, grouping, cfg.shadow_bits)
     else:
         spec = replace(spec, router="fitted", router_probes=cfg.probes_per_expert * spec.n_routed)
@@ -224,7 +252,14 @@ def carve_ffn_fitted(
     del tensors
     # Token chunks bound every [T, ...] temporary below (a streamed carve's peak memory).
     xin = x.to(ffn.up.dtype)
-    idx = torch.cat([router(xin[s : s + CHUNK])[1] for s in range(0, x.shape[0], CHUNK)])  # [T, A] the router's own picks
+    if threshold:
+        router.threshold.fill_(calibrate_threshold(router, xin, cfg.n_active))
+    picks = [router(xin[s : s + CHUNK]) for s in range(0, x.shape[0], CHUNK)]
+    idx = torch.cat([i for _, i in picks])  # [T, A] the router's own picks
+    if threshold:  # a slot below the threshold repeats the token's best pick: the kept neurons are unchanged
+        kept = torch.cat([w != 0 for w, _ in picks])
+        idx = torch.where(kept, idx, idx[:, :1])
+    del picks
     mass = torch.cat([expert_mass(hc.abs(), grouping.experts) for hc in h.split(CHUNK)])  # [T, E]
     oracle = oracle_indices(mass, cfg.n_active)
     mean = mean_mass(h).cpu()  # [I] mean |h|, as group_by_profiles ranks the neurons
@@ -244,10 +279,55 @@ def carve_ffn_fitted(
         rate_histogram=rate_histogram(mean),  # of mean |h| here: "fitted" measures no marker rates
         shared_rate=float(mean[grouping.shared].mean()) if grouping.shared.numel() else 0.0,
         routed_rate=float(mean[grouping.experts.reshape(-1)].mean()),
-        load=router_load(idx, spec.n_routed).cpu().tolist(),
+        load=router_load(idx[kept] if threshold else idx, spec.n_routed).cpu().tolist(),
         router_recall=router_recall(idx, oracle.to(idx.device), spec.n_routed),
         refit_error=refit_error,
         statistic="mean |h|",
         router=spec.router,
     )
     return moe, report
+
+
+@torch.no_grad()
+def carve_ffn_static(
+    ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0, t0: float | None = None
+) -> tuple[CondensedMLP, LayerReport]:
+    """Static width pruning (A = 0) on calibration inputs x [T, d]: the N_s * m neurons ranked
+    highest (cmoe: activation rate; fitted: mean |h|) as one dense MLP (a CondensedMLP), with
+    "fitted"'s ridge refit of down_proj on the kept activations."""
+    t0 = time.perf_counter() if t0 is None else t0
+    m = cfg.expert_size(ffn.intermediate_size)
+    if cfg.method == "fitted":
+        h = ffn.hidden_float(x.float() if ffn.up.dtype == torch.float32 else x)  # [T, I]
+        stat, name = mean_mass(h).cpu(), "mean |h|"
+    else:
+        h, stat, name = None, activation_rates(activation_markers(ffn, x, cfg.k_act)).cpu(), "activation rate"
+    kept = torch.argsort(stat, descending=True, stable=True)[: cfg.n_shared * m].sort().values  # [n]
+    refit_error = None
+    if h is not None and cfg.refit:
+        none = Selection(kept, torch.empty(0, m, dtype=torch.long), torch.empty(x.shape[0], 0, dtype=torch.long))
+        refit = refit_down(h, none, ffn.down, cfg.holdout)
+        ffn = replace(ffn, down=refit.down.to(ffn.down.dtype))
+        refit_error = [refit.heldout_before, refit.heldout_after]
+    del h
+    spec = CondensedSpec(
+        hidden_size=ffn.hidden_size, intermediate_size=kept.numel(), act=ffn.act, gated=ffn.gated,
+        in_bias=ffn.has_in_bias, out_bias=ffn.down_bias is not None,
+    )  # fmt: skip
+    dev, dt = ffn.up.device, ffn.up.dtype
+    with torch.device("meta"):
+        mlp = CondensedMLP(spec)
+    mlp = mlp.to(dt).to_empty(device=dev)
+    idx = kept.to(dev)
+    _copy_in_rows(mlp.in_proj, ffn, idx)
+    mlp.out_proj.copy_(ffn.down[:, idx])
+    if mlp.in_bias is not None:
+        mlp.in_bias.copy_(_in_bias(ffn, idx))
+    if mlp.out_bias is not None:
+        mlp.out_bias.copy_(ffn.down_bias)
+    report = LayerReport(
+        layer=layer, seconds=time.perf_counter() - t0, expert_size=m, n_tokens=x.shape[0],
+        rate_histogram=rate_histogram(stat), shared_rate=float(stat[kept].mean()), routed_rate=0.0,
+        refit_error=refit_error, statistic=name, router="none",
+    )  # fmt: skip
+    return mlp, report

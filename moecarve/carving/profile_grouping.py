@@ -5,6 +5,11 @@ the calibration tokens (a column of |h| [T]), L2-normalised so that neurons that
 tokens are close whatever their scale. Balanced k-means (exact transportation assignment, several
 iterations) then packs co-active neurons into the same expert, so that few experts hold most of a
 token's |h| mass and top-A routing over them loses little.
+
+Fine experts (many groups of a few neurons): the exact transportation assignment has n * k
+variables (30M for a 7B layer at m = 4), so past LP_MAX_VARIABLES the groups come from recursive
+balanced bisection instead: every split is a balanced 2-means whose assignment step is solved
+exactly (by sorting), every group still holds exactly m neurons. At m = 1 there is nothing to group.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .grouping import Grouping, balanced_assignment
+
+LP_MAX_VARIABLES = 400_000  # n * k above which the groups come from balanced_bisection
 
 
 def mass_profiles(h: torch.Tensor, down: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,6 +74,48 @@ def balanced_profile_kmeans(profiles: torch.Tensor, k: int, iters: int, seed: in
     return labels
 
 
+def balanced_bisection(profiles: torch.Tensor, k: int, iters: int) -> torch.Tensor:
+    """Balanced partition of n neurons on their profiles [T, n] -> labels [n] in [0, k), k groups of n/k.
+
+    Recursive: a set holding g groups splits into g//2 and g - g//2 groups of exactly m neurons
+    each, by a balanced 2-means whose assignment step is exact (with centroids c1, c2 fixed, the n1
+    neurons with the largest cos(z, c1) - cos(z, c2) go left: that maximises the total similarity
+    under the size constraint). Centroids start at the neuron farthest from the set's mean and the
+    one farthest from it. O(T n log k iters): seconds for a 7B layer. Profiles are normalised in
+    place (the caller's scratch copy).
+    """
+    n = profiles.shape[1]
+    m = n // k
+    z = profiles.div_(profiles.norm(dim=0).clamp_min(1e-12))  # [T, n] unit columns
+    labels = torch.empty(n, dtype=torch.long)
+    todo = [(torch.arange(n, device=z.device), 0, k)]  # (neurons, first label, groups)
+    while todo:
+        items, first, g = todo.pop()
+        if g == 1:
+            labels[items.cpu()] = first
+            continue
+        zi = z[:, items]  # [T, n_i]
+        n1 = (g // 2) * m
+        c1 = zi[:, int((zi.t() @ zi.mean(dim=1)).argmin())]
+        c2 = zi[:, int((zi.t() @ c1).argmin())]
+        left = None
+        for _ in range(iters):
+            order = torch.argsort(zi.t() @ (c2 - c1), stable=True)  # most "left" first
+            new = order[:n1].sort().values
+            if left is not None and torch.equal(new, left):
+                break
+            left = new
+            mask = torch.zeros(items.shape[0], dtype=torch.bool, device=z.device)
+            mask[left] = True
+            c1 = F.normalize(zi[:, mask].sum(dim=1), dim=0)
+            c2 = F.normalize(zi[:, ~mask].sum(dim=1), dim=0)
+        mask = torch.zeros(items.shape[0], dtype=torch.bool, device=z.device)
+        mask[left] = True
+        todo.append((items[~mask], first + g // 2, g - g // 2))
+        todo.append((items[mask], first, g // 2))
+    return labels
+
+
 def group_by_profiles(
     h: torch.Tensor, n_shared: int, n_routed: int, iters: int, seed: int = 0, down: torch.Tensor | None = None
 ) -> Grouping:
@@ -77,11 +126,19 @@ def group_by_profiles(
     """
     inter = h.shape[1]
     m = inter // (n_shared + n_routed)
-    mean = mean_mass(h, down)  # [I]
-    order = torch.argsort(mean, descending=True, stable=True).cpu()
+    mean = mean_mass(h, down).cpu()  # [I]
+    order = torch.argsort(mean, descending=True, stable=True)
     shared = order[: n_shared * m].sort().values
     rest = order[n_shared * m :].sort().values
-    labels = balanced_profile_kmeans(mass_profiles(h, down, rest), n_routed, iters, seed)  # on [T, I - S*m]
-    experts = torch.stack([rest[labels == j] for j in range(n_routed)])  # [E, m], rows ascending
-    reps = torch.stack([row[mean.cpu()[row].argmax()] for row in experts])
+    if m == 1:  # single-neuron experts: the partition is fixed
+        experts = rest.view(-1, 1)
+        return Grouping(shared=shared, experts=experts, representatives=rest.clone())
+    profiles = mass_profiles(h, down, rest)  # [T, I - S*m]
+    if rest.numel() * n_routed > LP_MAX_VARIABLES:
+        labels = balanced_bisection(profiles, n_routed, iters)
+    else:
+        labels = balanced_profile_kmeans(profiles, n_routed, iters, seed)
+    del profiles
+    experts = rest[torch.argsort(labels, stable=True)].view(n_routed, m)  # [E, m], rows ascending
+    reps = experts.gather(1, mean[experts].argmax(dim=1, keepdim=True)).squeeze(1)
     return Grouping(shared=shared, experts=experts, representatives=reps)

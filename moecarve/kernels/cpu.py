@@ -125,18 +125,51 @@ def use_union(n_tokens: int, top_k: int, n_hit: int, span: int, t: MoETensors) -
     return union <= gathered
 
 
+PATHS = ("auto", "native", "gathered", "union")
+
+
+def native_ok(t: MoETensors) -> bool:
+    """Whether the C kernels (kernels/native.c) can run this layer (cached on t)."""
+    if t.native is None:
+        from . import native
+
+        dt = t.in_proj.dtype
+        tensors = (t.in_proj, t.out_proj, t.in_bias, t.shared_in, t.shared_out, t.shared_in_bias, t.out_bias)
+        t.native = (
+            native.supports(t.act_name, t.in_proj)
+            and all(w is None or (w.dtype == dt and w.device.type == "cpu" and w.is_contiguous()) for w in tensors)
+            and native.available()
+        )
+    return t.native
+
+
+def _native(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
+    """The whole layer in C: each picked expert's rows read once, in place, for every token that
+    picked it, whatever A and m are. The shadow router is scored and selected in the same call;
+    other routers route here first."""
+    from . import native
+
+    if t.router == "shadow" and t.shadow_codes is not None:
+        return native.moe_layer_shadow(x, t).to(x.dtype)
+    weights, idx = route(x, t)  # [T, A]
+    return native.moe_layer(x, t, idx, weights).to(x.dtype)
+
+
 def moe_decode_cpu(x: torch.Tensor, t: MoETensors, path: str = "auto") -> torch.Tensor:
     """The carved FFN for a few tokens: x [T, d] -> [T, d], same maths as CarvedMoE.forward.
 
-    path: "auto" (T = 1 gathered, else `use_union`), "gathered" or "union" (tests, benchmarks).
+    path: "auto" (the C kernels where they are built, else T = 1 gathered and `use_union` above),
+    "native", "gathered" or "union" (tests, benchmarks).
 
     bf16/fp16: the GEMMs run on ATen's own reduced-precision GEMM instead of oneDNN, whose
     per-call set-up (~20 us) costs more than an expert's GEMV at these sizes (measured on Zen 4:
     S1A1E8 at reference-model shapes 290 -> 140 us per layer). Both accumulate in float32. The
     switch is process-global, so it is set for this call only.
     """
-    if path not in ("auto", "gathered", "union"):
-        raise ValueError(f"unknown CPU path {path!r}")
+    if path not in PATHS:
+        raise ValueError(f"unknown CPU path {path!r}; choose one of {', '.join(PATHS)}")
+    if path == "native" or (path == "auto" and native_ok(t)):
+        return _native(x, t)
     if x.dtype == torch.float32 or not _HAS_MKLDNN_SWITCH:
         return _decode(x, t, path)
     prev = torch._C._get_mkldnn_enabled()

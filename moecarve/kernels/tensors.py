@@ -8,6 +8,7 @@ Shapes: T tokens, d hidden, E routed experts, m neurons per expert, n = N_s * m 
 A experts per token. Gated MLPs stack gate rows then up rows ([.., 2m, d]); plain MLPs keep [.., m, d].
 
 Routers: "analytic" and "linear" are implemented here (and fused in the Triton decode kernel);
+"shadow" is scored by the C kernel on CPU (kernels/native.c) when its packed codes are given;
 any other router (e.g. "fitted") is passed as `router_fn`, the module's own router, which `route`
 then calls: the expert computation is the same whatever chose the experts.
 """
@@ -43,6 +44,13 @@ class MoETensors:
     router_packed: torch.Tensor | None = None  # [2E, d] float32 gate rows then up rows (optional cache)
     # routers not implemented here: x [T, d] -> (weights [T, A] x.dtype, idx [T, A] int64)
     router_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # the shadow router (modules.moe.ShadowRouter): packed codes uint8 [E, rows, d/2] or int8
+    # [E, rows, d], row scales float32 [E, rows], the rows' biases [E, rows] or None
+    shadow_codes: torch.Tensor | None = None
+    shadow_scale: torch.Tensor | None = None
+    shadow_bias: torch.Tensor | None = None
+    shadow_threshold: torch.Tensor | None = None  # "threshold" selection: scalar float32; None: top-A
+    native: bool | None = None  # cache of kernels.cpu.native_ok (whether the C kernels run this layer)
 
     @property
     def n_routed(self) -> int:
@@ -74,13 +82,40 @@ def router_logits(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
     return s.abs().float()
 
 
+def select_by_scores(scores: torch.Tensor, t: MoETensors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fitted and shadow routers' rule (modules.moe.select_by_scores): top-A of scores + bias
+    [T, E]; combine weight 1 + softmax(scores)_e * scale_e."""
+    idx = torch.topk(scores + t.router_bias, t.top_k, dim=-1).indices  # [T, A]
+    weights = 1.0 + scores.softmax(dim=-1).gather(1, idx) * t.router_scale.float()[idx]
+    return weights.to(dtype), idx
+
+
+def selection_threshold(t: MoETensors) -> float | None:
+    """The shadow router's selection threshold, or None for top-A."""
+    return None if t.shadow_threshold is None else float(t.shadow_threshold)
+
+
+def native_shadow(x: torch.Tensor, t: MoETensors) -> bool:
+    """Whether `route` scores this shadow router with the C kernel (CPU tensors, kernels built)."""
+    from . import native
+
+    return t.shadow_codes is not None and x.device.type == "cpu" and t.act_name in native.ACTS and native.available()
+
+
 def route(x: torch.Tensor, t: MoETensors) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, d] -> (combine weights [T, A] in x.dtype, expert indices [T, A] int64).
 
     Same maths as the module's routers: softmax in float32, top-A of probs + bias, analytic
     weight 1 + p * scale, linear weight p (renormalised over the top-A if asked) * (1 + scale).
-    Other routers: t.router_fn(x).
+    The shadow router: its C scoring kernel on CPU; other routers: t.router_fn(x).
     """
+    if t.router == "shadow" and native_shadow(x, t):
+        from .native import select_experts, shadow_scores
+
+        scores = shadow_scores(x, t.shadow_codes, t.shadow_scale, t.shadow_bias, t.n_routed, t.expert_size, t.gated,
+                               t.act_name)  # fmt: skip
+        weights, idx = select_experts(scores, t.router_bias, t.router_scale, t.top_k, selection_threshold(t))
+        return weights.to(x.dtype), idx.clamp_(min=0)  # "threshold": unused slots (weight 0) name expert 0
     if t.router_fn is not None:
         return t.router_fn(x)
     probs = router_logits(x, t).softmax(dim=-1)  # [T, E]

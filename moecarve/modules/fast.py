@@ -80,6 +80,9 @@ def moe_tensors(moe: nn.Module, pack_router: bool = False) -> MoETensors:
         in_bias=ex.in_bias,
         shared_in=None if sh is None else sh.in_proj, shared_out=None if sh is None else sh.out_proj,
         shared_in_bias=None if sh is None else sh.in_bias, out_bias=moe.out_bias,
+        shadow_codes=getattr(r, "codes", None), shadow_scale=getattr(r, "row_scale", None),
+        shadow_bias=getattr(r, "in_bias", None) if spec.router == "shadow" else None,
+        shadow_threshold=r.threshold if getattr(r, "selection", "topk") == "threshold" else None,
     )  # fmt: skip
 
 
@@ -97,6 +100,10 @@ def _cached_tensors(moe: nn.Module) -> MoETensors:
         t.router_packed = _router_pack(r)
     elif t.router_fn is not None:
         t.router_fn = r
+        if t.router == "shadow":  # buffers too
+            t.shadow_codes = r.codes
+            if t.shadow_threshold is not None:
+                t.shadow_threshold = r.threshold
     return t
 
 

@@ -36,6 +36,8 @@ class MoESpec:
     norm_topk_prob: bool = False  # linear router: renormalise the top-k probabilities
     router_probes: int = 0  # fitted router: probe neurons whose |h| feeds the scores
     shadow_bits: int = 0  # shadow router: bits of its quantised copy of the experts' input rows
+    selection: str = "topk"  # shadow router: "topk" (top_k experts) or "threshold" (up to top_k above a threshold)
+    mean_active: float = 0.0  # "threshold": routed experts picked per token on average (calibrated); else top_k
 
     def to_dict(self) -> dict:
         return {"type": "moe", **asdict(self)}
@@ -183,15 +185,61 @@ ROUTERS = {"analytic": AnalyticRouter, "linear": LinearRouter}
 ROUTERS["fitted"] = FittedRouter
 
 
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8 quantisation: x [T, d] -> (q [T, d] float32 holding integers in
+    -127..127, scale [T, 1] float32), q = round_half_even(x / scale), scale = max|x| / 127.
+
+    The CPU and Triton shadow kernels quantise exactly this way, so their integer dot products
+    equal F.linear(q, codes) here (exact in float32 while every partial sum stays below 2**24).
+    """
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(1e-30)
+    return torch.round(xf / scale).clamp_(-127.0, 127.0), scale
+
+
+def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantisation of w [..., d] -> (int8 codes [..., d] in -qmax..qmax, float scales [...])."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.float().abs().amax(dim=-1).clamp_min(1e-12) / qmax
+    codes = torch.round(w.float() / scale.unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
+    return codes, scale
+
+
+def packs_nibbles(bits: int, hidden_size: int) -> bool:
+    """Whether shadow codes of this width are stored two per byte (bits <= 4, even d)."""
+    return bits <= 4 and hidden_size % 2 == 0
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [..., d] in -8..7 -> uint8 [..., d/2]: byte k holds element k in its low nibble
+    and element k + d/2 in its high nibble, each as code + 8 (planar halves: a kernel reads two
+    contiguous runs of the token rather than interleaved elements)."""
+    half = codes.shape[-1] // 2
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., :half] | (u[..., half:] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., d/2] -> int8 codes [..., d] (the inverse of pack_nibbles)."""
+    lo = (packed & 15).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.cat([lo, hi], dim=-1)
+
+
 class ShadowRouter(nn.Module):
     """Routes by a low-bit copy ("shadow") of the routed experts' own input rows.
 
-    score_e(x) = sum_j |h~_j(x)| over expert e's m neurons, where h~ = act(g~ x) * (u~ x) uses the
-    gate/up rows quantised symmetrically per row to `shadow_bits` bits: int8 `codes` [E, 2m, d]
-    times `row_scale` [E, 2m]. That is the oracle's ranking signal (each expert's |h| mass) at a
-    fraction of the bytes of the dense rows (4 bits: 1/4 of bf16, 1/8 of float32), so top-A of it
-    almost always picks the experts the full-precision oracle would.
+    score_e(x) = sum_j |act(g~_j(x)) * u~_j(x)| over expert e's m neurons (plain MLPs: |act(h~_j)|),
+    h~_r(x) = s(x) * row_scale_r * (codes_r . q(x)) + in_bias_r: the gate/up rows quantised
+    symmetrically per row to `shadow_bits` bits (`codes`, `row_scale`) against the token quantised
+    to int8 (q(x), s(x): quantize_tokens). That is the oracle's ranking signal (each expert's |h|
+    mass) for a fraction of the dense rows' bytes, so top-A of it almost always picks the experts
+    the full-precision oracle would.
     selected = top-A of (score + bias); combine weight = 1 + softmax(score)_e * scale_e.
+
+    Storage: `codes` uint8 [E, rows, d/2], two 4-bit codes per byte (pack_nibbles), for
+    shadow_bits <= 4 (1/4 of the bf16 rows' bytes at 4 bits); int8 [E, rows, d] for 5..8 bits.
+    Folders written before the packed layout (int8 codes at every width) are packed on load.
     """
 
     def __init__(self, spec: MoESpec):
@@ -199,32 +247,65 @@ class ShadowRouter(nn.Module):
         E, m, d = spec.n_routed, spec.expert_size, spec.hidden_size
         rows = 2 * m if spec.gated else m
         self.top_k, self.gated = spec.top_k, spec.gated
-        self.register_buffer("codes", torch.zeros(E, rows, d, dtype=torch.int8))  # [E, 2m, d]
-        self.row_scale = nn.Parameter(torch.empty(E, rows), requires_grad=False)  # [E, 2m]
+        packed = packs_nibbles(spec.shadow_bits, d)
+        codes = torch.zeros(E, rows, d // 2 if packed else d, dtype=torch.uint8 if packed else torch.int8)
+        self.register_buffer("codes", codes)  # [E, 2m, d/2] uint8 or [E, 2m, d] int8
+        self.row_scale = nn.Parameter(torch.empty(E, rows, dtype=torch.float32), requires_grad=False)  # [E, 2m]
         self.in_bias = nn.Parameter(torch.empty(E, rows), requires_grad=False) if spec.in_bias else None
         self.scale = nn.Parameter(torch.zeros(E))
         self.register_buffer("bias", torch.zeros(E, dtype=torch.float32))
+        self.selection = spec.selection
+        # "threshold": every expert whose score + bias exceeds it is picked (at most top_k)
+        self.register_buffer("threshold", torch.tensor(float("inf")))
         self.act = ACT2FN[spec.act]
 
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) casts every floating parameter; row_scale belongs to the quantisation,
+        # not to the model's dtype, and stays float32 (what the kernels read)
+        super()._apply(fn, recurse)
+        if self.row_scale.dtype != torch.float32:
+            self.row_scale.data = self.row_scale.data.float()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "codes"
+        old = state_dict.get(key)
+        if old is not None and old.dtype == torch.int8 and self.codes.dtype == torch.uint8:
+            state_dict[key] = pack_nibbles(old)  # a folder from before the packed layout
+        state_dict.setdefault(prefix + "threshold", self.threshold)  # nor did it have a threshold
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def code_matrix(self) -> torch.Tensor:
+        """The codes as a float32 matrix [E * rows, d] (the kernels read them packed instead)."""
+        codes = unpack_nibbles(self.codes) if self.codes.dtype == torch.uint8 else self.codes
+        return codes.reshape(-1, codes.shape[-1]).float()
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E] float32
-        E, rows, d = self.codes.shape
-        h = F.linear(x, self.codes.view(E * rows, d).to(x.dtype)).view(-1, E, rows)  # [T, E, 2m]
-        h.mul_(self.row_scale.to(x.dtype))  # in place: linear's backward does not need its output
+        E, rows = self.row_scale.shape
+        q, s = quantize_tokens(x)  # [T, d] integers, [T, 1]
+        dots = F.linear(q, self.code_matrix()).view(-1, E, rows)  # exact integer dot products
+        h = dots * (s.unsqueeze(-1) * self.row_scale)  # [T, E, 2m]
         if self.in_bias is not None:
-            h.add_(self.in_bias.to(x.dtype))
-        return glu(h, self.act, self.gated).abs().sum(dim=-1).float()
+            h = h + self.in_bias.float()
+        return glu(h, self.act, self.gated).abs().sum(dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, d] -> (weights [T, A] in x.dtype, indices [T, A] int64)."""
-        return select_by_scores(self.logits(x), self.bias, self.scale, self.top_k, x.dtype)
+        """x [T, d] -> (weights [T, A] in x.dtype, indices [T, A] int64); with "threshold"
+        selection the slots whose score + bias does not exceed the threshold weigh 0."""
+        scores = self.logits(x)
+        weights, idx = select_by_scores(scores, self.bias, self.scale, self.top_k, x.dtype)
+        if self.selection == "threshold":
+            weights = weights * ((scores + self.bias).gather(1, idx) > self.threshold)
+        return weights, idx
 
-
-def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row quantisation of w [..., d] -> (int8 codes [..., d], float scales [...])."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = w.float().abs().amax(dim=-1).clamp_min(1e-12) / qmax
-    codes = torch.round(w.float() / scale.unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
-    return codes, scale
+    @torch.no_grad()
+    def requantize(self, in_proj: torch.Tensor, bits: int) -> None:
+        """Rebuild codes and row scales from the experts' current input rows in_proj [E, rows, d]
+        (after their weights changed, e.g. a merged LoRA fine-tune), one expert at a time."""
+        for e in range(in_proj.shape[0]):
+            codes, scale = quantize_rows(in_proj[e], bits)
+            self.codes[e].copy_(pack_nibbles(codes) if self.codes.dtype == torch.uint8 else codes)
+            self.row_scale[e].copy_(scale)
 
 
 ROUTERS["shadow"] = ShadowRouter
@@ -254,7 +335,12 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor, offs:
 
 
 class RoutedExperts(nn.Module):
-    """E routed experts with stacked weights, run as two grouped matmuls over sorted tokens."""
+    """E routed experts with stacked weights, run as two grouped matmuls over sorted tokens, or,
+    for small experts (m < DENSE_BELOW_M, where gathering a d-wide row per (token, expert) costs
+    more than the expert's 3md multiply-adds) or most experts picked, as the dense MLP over all
+    experts with the unpicked ones weighted 0."""
+
+    DENSE_BELOW_M = 32
 
     def __init__(self, spec: MoESpec):
         super().__init__()
@@ -270,6 +356,8 @@ class RoutedExperts(nn.Module):
         """x [T, d], idx [T, A], weights [T, A] -> sum_a weights[t, a] * expert_{idx[t, a]}(x[t])."""
         T, A = idx.shape
         E = self.in_proj.shape[0]
+        if self.out_proj.shape[-1] < self.DENSE_BELOW_M or 2 * A >= E:
+            return self.dense(x, idx, weights)
         flat = idx.reshape(-1)  # [T*A]
         order = flat.argsort(stable=True)  # slots sorted by expert
         expert = flat[order]  # [T*A] non-decreasing
@@ -283,6 +371,17 @@ class RoutedExperts(nn.Module):
         o = grouped_linear(h, self.out_proj, expert, offs)  # [T*A, d]
         o = o * weights.reshape(-1)[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token, o)
+
+    def dense(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same sum computed for every expert, unpicked ones weighted 0: [T, d] -> [T, d]."""
+        E, rows, d = self.in_proj.shape
+        m = self.out_proj.shape[-1]
+        bias = None if self.in_bias is None else self.in_bias.reshape(-1)
+        h = F.linear(x, self.in_proj.reshape(E * rows, d), bias).view(-1, E, rows)  # a view of in_proj: no copy
+        h = glu(h, self.act, self.gated)  # [T, E, m]
+        c = torch.zeros(x.shape[0], E, dtype=h.dtype, device=h.device).scatter_add_(1, idx, weights.to(h.dtype))
+        h = (h * c.unsqueeze(-1)).reshape(-1, E * m)
+        return F.linear(h, self.out_proj.permute(1, 0, 2).reshape(d, E * m))  # [d, E*m]: one copy of out_proj
 
 
 class CarvedMoE(nn.Module):

@@ -1,0 +1,460 @@
+/* moecarve's CPU kernels for carved MoE layers on a few tokens (decode, small batches).
+ *
+ * Compiled on first use by moecarve/kernels/native.py with the system C compiler (-O3
+ * -march=native, about a second) and called through ctypes; plain C, one idea per function.
+ * Every kernel reads weights in place, where the model keeps them: nothing is copied or
+ * dequantised into a temporary, so the bytes read are the bytes the carve selected.
+ *
+ *   shadow_route    the shadow router: expert scores from a 4- or 8-bit copy of the routed
+ *                   experts' gate/up rows against the token quantised to int8 (W4A8: integer
+ *                   dot products, exact, then one float scale per row and token), then top-A
+ *                   (or a threshold) and the combine weights.
+ *   moe_experts     y[t] += sum_a w[t,a] * expert_{idx[t,a]}(x[t]) for any expert size m >= 1,
+ *                   expert-major: each picked expert's rows are read once for all tokens that
+ *                   picked it; one call whatever A and m are.
+ *
+ * Shapes: T tokens, d hidden, E experts, m neurons per expert, rows = 2m (gated: gate rows then
+ * up rows) or m, A experts per token. Weights float32 or bfloat16 (wdtype 0 / 1); activations,
+ * scores and outputs float32.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define HAVE_VNNI 1
+#endif
+
+enum { ACT_SILU = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_GELU_TANH = 3, ACT_QUICK_GELU = 4, ACT_IDENTITY = 5 };
+
+static inline float act_f(float v, int act) {
+  switch (act) {
+    case ACT_SILU: return v / (1.0f + expf(-v));
+    case ACT_RELU: return v > 0.0f ? v : 0.0f;
+    case ACT_GELU: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case ACT_GELU_TANH: return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    case ACT_QUICK_GELU: return v / (1.0f + expf(-1.702f * v));
+    default: return v;
+  }
+}
+
+/* ------------------------------------------------------------------ token quantisation (A8) */
+
+/* x [d] float -> q [d] int8 with q = round_half_even(x / s), s = max|x| / 127 (the shadow
+ * router's reference, moecarve.modules.moe.quantize_tokens, does the same). Returns s; *sum = sum q. */
+static float quantize_token(const float* x, int d, int8_t* q, int32_t* sum) {
+  float amax = 0.0f;
+  for (int k = 0; k < d; k++) amax = fmaxf(amax, fabsf(x[k]));
+  float s = fmaxf(amax / 127.0f, 1e-30f);
+  int32_t total = 0;
+  for (int k = 0; k < d; k++) {
+    int32_t v = (int32_t)nearbyintf(x[k] / s);
+    v = v > 127 ? 127 : (v < -127 ? -127 : v);
+    q[k] = (int8_t)v;
+    total += v;
+  }
+  *sum = total;
+  return s;
+}
+
+/* ------------------------------------------------------------------ integer dot products */
+
+/* Packed 4-bit rows ("nibbles" layout): byte k of a row holds element k in its low nibble and
+ * element k + half in its high nibble, each stored as code + 8 (0..15). Returns
+ * sum_k lo_k * x[k] + hi_k * x[k + half] for 4 rows `stride` bytes apart (the +8 offset is
+ * removed by the caller with the token's sum). */
+static void dot4_nibbles(const uint8_t* q, int64_t stride, const int8_t* x, int half, int32_t* r) {
+  int k = 0;
+  int32_t s[4] = {0, 0, 0, 0};
+#ifdef HAVE_VNNI
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  const __m512i low = _mm512_set1_epi8(15);
+  for (; k + 64 <= half; k += 64) {
+    __m512i xl = _mm512_loadu_si512(x + k), xh = _mm512_loadu_si512(x + half + k), v;
+#define ROW(i, acc)                                                         \
+  v = _mm512_loadu_si512(q + (i) * stride + k);                             \
+  acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, low), xl);             \
+  acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), xh);
+    ROW(0, a0) ROW(1, a1) ROW(2, a2) ROW(3, a3)
+#undef ROW
+  }
+  s[0] = _mm512_reduce_add_epi32(a0);
+  s[1] = _mm512_reduce_add_epi32(a1);
+  s[2] = _mm512_reduce_add_epi32(a2);
+  s[3] = _mm512_reduce_add_epi32(a3);
+#endif
+  for (int i = 0; i < 4; i++) {
+    const uint8_t* qi = q + i * stride;
+    int32_t acc = 0;
+    for (int j = k; j < half; j++) acc += (int32_t)(qi[j] & 15) * x[j] + (int32_t)(qi[j] >> 4) * x[half + j];
+    r[i] = s[i] + acc;
+  }
+}
+
+static int32_t dot_nibbles(const uint8_t* q, const int8_t* x, int half) {
+  int32_t acc = 0;
+  for (int j = 0; j < half; j++) acc += (int32_t)(q[j] & 15) * x[j] + (int32_t)(q[j] >> 4) * x[half + j];
+  return acc;
+}
+
+/* int8 rows ("int8" layout, one code per byte): sum_k q[k] * x[k]. */
+static int32_t dot_int8(const int8_t* q, const int8_t* x, int d) {
+  int32_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int k = 0; k < d; k++) acc += (int32_t)q[k] * x[k];
+  return acc;
+}
+
+/* ------------------------------------------------------------------ the shadow router */
+
+/* scores[t, e] = sum_{j<m} | act(g~_j) * u~_j |  (gated)  or  sum_j | act(h~_j) |,
+ * where h~_r = s_t * row_scale[r] * (codes_r . q_t) + in_bias[r], q_t the int8 token.
+ * codes: "nibbles" uint8 [E*rows, d/2] (layout 4) or int8 [E*rows, d] (layout 8).
+ * Rows outer, tokens inner: the codes stream from memory once for all T tokens.
+ * Returns 0, or -1 when out of memory. */
+int shadow_scores(const float* x, int T, int d, const void* codes, int layout, const float* row_scale,
+                  const float* in_bias, int E, int m, int gated, int act, float* scores) {
+  const int rows = gated ? 2 * m : m, R = E * rows, half = d / 2;
+  int8_t* q = (int8_t*)malloc((size_t)T * d + 64);
+  float* qs = (float*)malloc((size_t)T * sizeof(float));
+  int32_t* qsum = (int32_t*)malloc((size_t)T * sizeof(int32_t));
+  int32_t* dots = (int32_t*)malloc((size_t)T * R * sizeof(int32_t));  /* [T, R] */
+  if (!q || !qs || !qsum || !dots) {
+    free(q); free(qs); free(qsum); free(dots);
+    return -1;
+  }
+  for (int t = 0; t < T; t++) qs[t] = quantize_token(x + (int64_t)t * d, d, q + (int64_t)t * d, qsum + t);
+  if (layout == 4) {
+    const uint8_t* c = (const uint8_t*)codes;
+    int r = 0;
+    for (; r + 4 <= R; r += 4)
+      for (int t = 0; t < T; t++) {
+        int32_t out[4];
+        dot4_nibbles(c + (int64_t)r * half, half, q + (int64_t)t * d, half, out);
+        for (int k = 0; k < 4; k++) dots[(int64_t)t * R + r + k] = out[k] - 8 * qsum[t];
+      }
+    for (; r < R; r++)
+      for (int t = 0; t < T; t++)
+        dots[(int64_t)t * R + r] = dot_nibbles(c + (int64_t)r * half, q + (int64_t)t * d, half) - 8 * qsum[t];
+  } else {
+    const int8_t* c = (const int8_t*)codes;
+    for (int r = 0; r < R; r++)
+      for (int t = 0; t < T; t++) dots[(int64_t)t * R + r] = dot_int8(c + (int64_t)r * d, q + (int64_t)t * d, d);
+  }
+  for (int t = 0; t < T; t++) {
+    const float s = qs[t];
+    const int32_t* dt = dots + (int64_t)t * R;
+    float* out = scores + (int64_t)t * E;
+    for (int e = 0; e < E; e++) {
+      const int32_t* de = dt + (int64_t)e * rows;
+      const float* se = row_scale + (int64_t)e * rows;
+      const float* be = in_bias ? in_bias + (int64_t)e * rows : NULL;
+      float sum = 0.0f;
+      for (int j = 0; j < m; j++) {
+        float h = s * se[j] * (float)de[j];
+        if (be) h += be[j];
+        h = act_f(h, act);
+        if (gated) {
+          float u = s * se[m + j] * (float)de[m + j];
+          if (be) u += be[m + j];
+          h *= u;
+        }
+        sum += fabsf(h);
+      }
+      out[e] = sum;
+    }
+  }
+  free(q); free(qs); free(qsum); free(dots);
+  return 0;
+}
+
+/* ------------------------------------------------------------------ selection */
+
+/* a ranks before b: larger value first, ties to the lower index (deterministic) */
+static inline int before(const float* v, int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); }
+
+/* Reorder ids[0..n) so that its first k entries are the k best by `before` (quickselect, O(n)). */
+static void select_top(const float* v, int32_t* ids, int n, int k) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    int mid = lo + (hi - lo) / 2;  /* median of three as the pivot */
+    if (before(v, ids[mid], ids[lo])) { int32_t t = ids[mid]; ids[mid] = ids[lo]; ids[lo] = t; }
+    if (before(v, ids[hi], ids[lo])) { int32_t t = ids[hi]; ids[hi] = ids[lo]; ids[lo] = t; }
+    if (before(v, ids[hi], ids[mid])) { int32_t t = ids[hi]; ids[hi] = ids[mid]; ids[mid] = t; }
+    const int32_t pivot = ids[mid];
+    int i = lo, j = hi;
+    while (i <= j) {
+      while (before(v, ids[i], pivot)) i++;
+      while (before(v, pivot, ids[j])) j--;
+      if (i <= j) { int32_t t = ids[i]; ids[i] = ids[j]; ids[j] = t; i++; j--; }
+    }
+    if (k - 1 <= j) hi = j;
+    else if (k - 1 >= i) lo = i;
+    else break;
+  }
+}
+
+/* For each token: picks (top-A of scores + bias, or, when threshold is finite, every expert whose
+ * score + bias exceeds it, at most A, the rest of the row -1) and combine weights
+ * 1 + softmax(scores)_e * scale_e. scores [T, E] float; idx int64 [T, A]; w float [T, A].
+ * Returns the largest number of experts any token picked, or -1 when out of memory. */
+int select_experts(const float* scores, int T, int E, const float* bias, const float* scale, int A,
+                   float threshold, int64_t* idx, float* w) {
+  float* v = (float*)malloc((size_t)E * sizeof(float));
+  int32_t* ids = (int32_t*)malloc((size_t)E * sizeof(int32_t));
+  if (!v || !ids) {
+    free(v); free(ids);
+    return -1;
+  }
+  int any_scale = 0, most = 0;
+  for (int e = 0; e < E; e++) any_scale |= scale[e] != 0.0f;
+  for (int t = 0; t < T; t++) {
+    const float* s = scores + (int64_t)t * E;
+    int n = 0;
+    for (int e = 0; e < E; e++) v[e] = s[e] + bias[e];
+    if (isfinite(threshold)) {
+      for (int e = 0; e < E; e++)
+        if (v[e] > threshold) ids[n++] = e;
+      if (n > A) { select_top(v, ids, n, A); n = A; }
+    } else {
+      for (int e = 0; e < E; e++) ids[e] = e;
+      select_top(v, ids, E, A);
+      n = A;
+    }
+    float mx = -INFINITY, sum = 0.0f;
+    if (any_scale) {
+      for (int e = 0; e < E; e++) mx = fmaxf(mx, s[e]);
+      for (int e = 0; e < E; e++) sum += expf(s[e] - mx);
+    }
+    for (int a = 0; a < A; a++) {
+      const int64_t o = (int64_t)t * A + a;
+      if (a < n) {
+        const int32_t e = ids[a];
+        idx[o] = e;
+        w[o] = any_scale ? 1.0f + expf(s[e] - mx) / sum * scale[e] : 1.0f;
+      } else {
+        idx[o] = -1;
+        w[o] = 0.0f;
+      }
+    }
+    if (n > most) most = n;
+  }
+  free(v); free(ids);
+  return most;
+}
+
+/* ------------------------------------------------------------------ float micro-kernels */
+
+static inline float bf16_to_f32(uint16_t b) {
+  uint32_t u = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+#define LD_F32(p, k) ((p)[k])
+#define LD_BF16(p, k) bf16_to_f32((p)[k])
+
+/* The same four micro-kernels for float32 and bfloat16 weights (W: the tensor, o: element offsets;
+ * activations x / h and outputs are float32). Several independent accumulators per loop keep the
+ * FMA units busy; each weight element is loaded once per call.
+ *   dots4    four rows against one vector:    out[r] = W[o_r : o_r + n] . x
+ *   dots2x4  two rows against four vectors:   out[r * 4 + i] = W[o_r : o_r + n] . x_i
+ *   axpy     y += h * W[o : o + n]
+ *   axpy_s   y[k] += h * W[o + k * stride]    (a column of a row-major block) */
+#define DEFINE_MICRO_KERNELS(SUF, TYPE, LD)                                                              \
+  static void dots4_##SUF(const void* W, const int64_t* o, const float* x, int n, float* out) {         \
+    const TYPE *w0 = (const TYPE*)W + o[0], *w1 = (const TYPE*)W + o[1];                                \
+    const TYPE *w2 = (const TYPE*)W + o[2], *w3 = (const TYPE*)W + o[3];                                \
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;                                                   \
+    _Pragma("omp simd reduction(+ : a0, a1, a2, a3)") for (int k = 0; k < n; k++) {                     \
+      const float xk = x[k];                                                                             \
+      a0 += LD(w0, k) * xk;                                                                              \
+      a1 += LD(w1, k) * xk;                                                                              \
+      a2 += LD(w2, k) * xk;                                                                              \
+      a3 += LD(w3, k) * xk;                                                                              \
+    }                                                                                                    \
+    out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;                                                  \
+  }                                                                                                      \
+  static void dots2x4_##SUF(const void* W, const int64_t* o, const float* const* x, int n, float* out) { \
+    const TYPE *w0 = (const TYPE*)W + o[0], *w1 = (const TYPE*)W + o[1];                                \
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];                                         \
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;       \
+    _Pragma("omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)") for (int k = 0; k < n; k++) {     \
+      const float u = LD(w0, k), v = LD(w1, k);                                                          \
+      a0 += u * x0[k]; a1 += u * x1[k]; a2 += u * x2[k]; a3 += u * x3[k];                                \
+      b0 += v * x0[k]; b1 += v * x1[k]; b2 += v * x2[k]; b3 += v * x3[k];                                \
+    }                                                                                                    \
+    out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3; out[4] = b0; out[5] = b1; out[6] = b2; out[7] = b3; \
+  }                                                                                                      \
+  static void axpy_##SUF(const void* W, int64_t o, float h, float* y, int n) {                          \
+    const TYPE* w = (const TYPE*)W + o;                                                                  \
+    _Pragma("omp simd") for (int k = 0; k < n; k++) y[k] += LD(w, k) * h;                                \
+  }                                                                                                      \
+  static void axpy_s_##SUF(const void* W, int64_t o, int64_t stride, float h, float* y, int n) {        \
+    const TYPE* w = (const TYPE*)W + o;                                                                  \
+    _Pragma("omp simd") for (int k = 0; k < n; k++) y[k] += LD(w, k * stride) * h;                       \
+  }
+
+DEFINE_MICRO_KERNELS(f32, float, LD_F32)
+DEFINE_MICRO_KERNELS(bf16, uint16_t, LD_BF16)
+
+typedef struct {
+  void (*dots4)(const void*, const int64_t*, const float*, int, float*);
+  void (*dots2x4)(const void*, const int64_t*, const float* const*, int, float*);
+  void (*axpy)(const void*, int64_t, float, float*, int);
+  void (*axpy_s)(const void*, int64_t, int64_t, float, float*, int);
+} WeightOps;
+
+static const WeightOps OPS[2] = {
+    {dots4_f32, dots2x4_f32, axpy_f32, axpy_s_f32},
+    {dots4_bf16, dots2x4_bf16, axpy_bf16, axpy_s_bf16},
+};
+
+static inline float load_w(const void* w, int64_t i, int wdtype) {
+  return wdtype ? bf16_to_f32(((const uint16_t*)w)[i]) : ((const float*)w)[i];
+}
+
+/* pre[i * R + r] = W[base + r * d : ... + d] . x_i for the R rows of one expert and n tokens */
+static void expert_rows(const WeightOps* ops, const void* W, int64_t base, int R, int d,
+                        const float* const* xs, int n, float* pre) {
+  int i = 0;
+  for (; i + 4 <= n; i += 4) {  /* four tokens: each pair of rows is read once for all four */
+    for (int r = 0; r < R; r += 2) {
+      const int r1 = r + 1 < R ? r + 1 : r;
+      const int64_t o[2] = {base + (int64_t)r * d, base + (int64_t)r1 * d};
+      float out[8];
+      ops->dots2x4(W, o, xs + i, d, out);
+      for (int k = 0; k < 4; k++) {
+        pre[(int64_t)(i + k) * R + r] = out[k];
+        pre[(int64_t)(i + k) * R + r1] = out[4 + k];
+      }
+    }
+  }
+  for (; i < n; i++) {  /* the rest one token at a time, four rows per pass */
+    for (int r = 0; r < R; r += 4) {
+      int64_t o[4];
+      float out[4];
+      for (int k = 0; k < 4; k++) o[k] = base + (int64_t)(r + k < R ? r + k : r) * d;
+      ops->dots4(W, o, xs[i], d, out);
+      for (int k = 0; k < 4 && r + k < R; k++) pre[(int64_t)i * R + r + k] = out[k];
+    }
+  }
+}
+
+/* y += O h for a row-major block O [d, m] (an expert's down projection) */
+static void down_block(const WeightOps* ops, const void* O, int64_t off, int d, int m, const float* h, float* y) {
+  if (m == 1) {
+    ops->axpy(O, off, h[0], y, d);
+  } else if (m >= 16) {  /* long rows: four output features per pass */
+    int k = 0;
+    for (; k + 4 <= d; k += 4) {
+      const int64_t o[4] = {off + (int64_t)k * m, off + (int64_t)(k + 1) * m, off + (int64_t)(k + 2) * m,
+                            off + (int64_t)(k + 3) * m};
+      float out[4];
+      ops->dots4(O, o, h, m, out);
+      y[k] += out[0]; y[k + 1] += out[1]; y[k + 2] += out[2]; y[k + 3] += out[3];
+    }
+    for (; k < d; k++) {
+      const int64_t o[4] = {off + (int64_t)k * m, off + (int64_t)k * m, off + (int64_t)k * m, off + (int64_t)k * m};
+      float out[4];
+      ops->dots4(O, o, h, m, out);
+      y[k] += out[0];
+    }
+  } else {  /* short rows: column by column; the block ([d, m], a few KB) stays in L1 */
+    for (int j = 0; j < m; j++) ops->axpy_s(O, off + j, m, h[j], y, d);
+  }
+}
+
+/* ------------------------------------------------------------------ routed / shared experts */
+
+/* y[t] += sum_a w[t,a] * out_e (act(gate_e x_t + b) * (up_e x_t + b)),  e = idx[t,a].
+ * in_proj [E, rows, d], in_bias [E, rows] or NULL, out_proj [E, d, m]; idx int64 [T, A]
+ * (entries outside 0..E-1 are skipped: "no expert"), w float [T, A], y float [T, d].
+ * Expert-major: slots are grouped by expert (counting sort), so each picked expert's rows are
+ * read from memory once, then reused from registers or cache for every token that picked it.
+ * Returns 0, or -1 when out of memory. */
+int moe_experts(const float* x, int T, int d, const void* in_proj, const void* in_bias, const void* out_proj,
+                int wdtype, int E, int m, int gated, int act, const int64_t* idx, const float* w, int A, float* y) {
+  const WeightOps* ops = &OPS[wdtype ? 1 : 0];
+  const int R = gated ? 2 * m : m, S = T * A > 0 ? T * A : 1, Tn = T > 0 ? T : 1;
+  int32_t* start = (int32_t*)calloc((size_t)E + 1, sizeof(int32_t));
+  int32_t* fill = (int32_t*)malloc((size_t)E * sizeof(int32_t));
+  int32_t* slot = (int32_t*)malloc((size_t)S * sizeof(int32_t));
+  float* pre = (float*)malloc((size_t)R * Tn * sizeof(float));
+  float* h = (float*)malloc((size_t)m * Tn * sizeof(float));
+  const float** xs = (const float**)malloc((size_t)Tn * sizeof(float*));
+  if (!start || !fill || !slot || !pre || !h || !xs) {
+    free(start); free(fill); free(slot); free(pre); free(h); free(xs);
+    return -1;
+  }
+  for (int i = 0; i < T * A; i++)
+    if (idx[i] >= 0 && idx[i] < E) start[idx[i] + 1]++;
+  for (int e = 0; e < E; e++) start[e + 1] += start[e];
+  memcpy(fill, start, (size_t)E * sizeof(int32_t));
+  for (int i = 0; i < T * A; i++)
+    if (idx[i] >= 0 && idx[i] < E) slot[fill[idx[i]]++] = i;  /* slot i belongs to token i / A */
+
+  for (int e = 0; e < E; e++) {
+    const int lo = start[e], n = start[e + 1] - lo;  /* n <= T: a token picks an expert once */
+    if (n == 0) continue;
+    for (int i = 0; i < n; i++) xs[i] = x + (int64_t)(slot[lo + i] / A) * d;
+    expert_rows(ops, in_proj, (int64_t)e * R * d, R, d, xs, n, pre);
+    for (int i = 0; i < n; i++) {
+      const float wi = w[slot[lo + i]];
+      for (int j = 0; j < m; j++) {
+        float v = pre[(int64_t)i * R + j] + (in_bias ? load_w(in_bias, (int64_t)e * R + j, wdtype) : 0.0f);
+        v = act_f(v, act);
+        if (gated) v *= pre[(int64_t)i * R + m + j] + (in_bias ? load_w(in_bias, (int64_t)e * R + m + j, wdtype) : 0.0f);
+        h[(int64_t)i * m + j] = v * wi;
+      }
+      down_block(ops, out_proj, (int64_t)e * d * m, d, m, h + (int64_t)i * m, y + (int64_t)(slot[lo + i] / A) * d);
+    }
+  }
+  free(start); free(fill); free(slot); free(pre); free(h); free(xs);
+  return 0;
+}
+
+/* A whole carved layer on T tokens: y = shared(x) + out_bias + sum_a w[t,a] * expert_{idx[t,a]}(x),
+ * written to y float [T, d]. The shared experts are one expert of n neurons that every token
+ * picks with weight 1 (s_in [rows_n, d], s_in_bias [rows_n] or NULL, s_out [d, n]; n = 0: none);
+ * out_bias [d] or NULL; the routed experts as in moe_experts. Returns 0, or -1 out of memory. */
+int moe_layer(const float* x, int T, int d, const void* s_in, const void* s_in_bias, const void* s_out, int n,
+              const void* in_proj, const void* in_bias, const void* out_proj, const void* out_bias, int wdtype,
+              int E, int m, int gated, int act, const int64_t* idx, const float* w, int A, float* y) {
+  memset(y, 0, (size_t)T * d * sizeof(float));
+  if (out_bias)
+    for (int t = 0; t < T; t++)
+      for (int k = 0; k < d; k++) y[(int64_t)t * d + k] = load_w(out_bias, k, wdtype);
+  if (n > 0) {
+    int64_t* zero = (int64_t*)calloc((size_t)T, sizeof(int64_t));
+    float* one = (float*)malloc((size_t)T * sizeof(float));
+    if (!zero || !one) { free(zero); free(one); return -1; }
+    for (int t = 0; t < T; t++) one[t] = 1.0f;
+    int rc = moe_experts(x, T, d, s_in, s_in_bias, s_out, wdtype, 1, n, gated, act, zero, one, 1, y);
+    free(zero); free(one);
+    if (rc) return rc;
+  }
+  return moe_experts(x, T, d, in_proj, in_bias, out_proj, wdtype, E, m, gated, act, idx, w, A, y);
+}
+
+/* The whole layer routed by the shadow router, in one call: shadow_scores -> select_experts ->
+ * moe_layer (arguments as there; bias, scale [E] the router's load-balancing bias and combine
+ * scale; threshold: +inf for top-A). Returns 0, or -1 when out of memory. */
+int moe_layer_shadow(const float* x, int T, int d, const void* codes, int layout, const float* row_scale,
+                     const float* shadow_bias, const float* bias, const float* scale, int A, float threshold,
+                     const void* s_in, const void* s_in_bias, const void* s_out, int n, const void* in_proj,
+                     const void* in_bias, const void* out_proj, const void* out_bias, int wdtype, int E, int m,
+                     int gated, int act, float* y) {
+  float* scores = (float*)malloc((size_t)T * E * sizeof(float));
+  int64_t* idx = (int64_t*)malloc((size_t)T * A * sizeof(int64_t) + 8);
+  float* w = (float*)malloc((size_t)T * A * sizeof(float) + 4);
+  int rc = (!scores || !idx || !w) ? -1 : 0;
+  if (!rc) rc = shadow_scores(x, T, d, codes, layout, row_scale, shadow_bias, E, m, gated, act, scores);
+  if (!rc) rc = select_experts(scores, T, E, bias, scale, A, threshold, idx, w) < 0 ? -1 : 0;
+  if (!rc) rc = moe_layer(x, T, d, s_in, s_in_bias, s_out, n, in_proj, in_bias, out_proj, out_bias, wdtype, E, m,
+                          gated, act, idx, w, A, y);
+  free(scores); free(idx); free(w);
+  return rc;
+}

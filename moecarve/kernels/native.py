@@ -1,0 +1,229 @@
+"""Build, load and call the C kernels in native.c (CPU decode of carved layers).
+
+The C file is compiled on first use with the system C compiler (`$CC`, else cc / gcc / clang;
+-O3 -march=native, about a second) into a per-user cache keyed by the source, the compiler and
+the CPU, and called through ctypes (~1.5 us per call). Where no compiler works, or with
+MOECARVE_NATIVE=0, `available()` is False and the callers keep their pure-torch paths.
+
+The wrappers take tensors, check what the C code assumes (contiguous, dtype, device) and pass
+pointers: the kernels read the weights where the module keeps them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .tensors import MoETensors, selection_threshold
+
+SOURCE = Path(__file__).with_name("native.c")
+
+# transformers ACT2FN names -> the C kernels' activation codes (native.c's ACT_* enum)
+ACTS = {
+    "silu": 0, "swish": 0, "relu": 1, "gelu": 2,
+    "gelu_new": 3, "gelu_pytorch_tanh": 3, "gelu_fast": 3, "quick_gelu": 4,
+}  # fmt: skip
+WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_failed: str | None = None  # why the library could not be built (reported once)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MOECARVE_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "moecarve" / "kernels"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc.split()[0]):
+            return cc
+    return None
+
+
+def _flags(cc: str) -> list[str]:
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-std=c11"]
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        flags += ["-march=native", "-mprefer-vector-width=512"]
+    elif machine in ("aarch64", "arm64"):
+        flags += ["-mcpu=native"]
+    return flags
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    flags = _flags(cc)
+    version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, " ".join(flags), version, _cpu_id()]).encode()).hexdigest()[:16]
+    lib_path = _cache_dir() / f"native-{key}.so"
+    if not lib_path.exists():
+        lib_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+            out = Path(tmp) / lib_path.name
+            proc = subprocess.run([*cc.split(), *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+            os.replace(out, lib_path)  # atomic: concurrent builders each produce the same file
+    lib = ctypes.CDLL(str(lib_path))
+    P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    signatures = {
+        "shadow_scores": ([P, I, I, P, I, P, P, I, I, I, I, P], I),
+        "select_experts": ([P, I, I, P, P, I, F, P, P], I),
+        "moe_layer": ([P, I, I, P, P, P, I, P, P, P, P, I, I, I, I, I, P, P, I, P], I),
+        "moe_layer_shadow": ([P, I, I, P, I, P, P, P, P, I, F, P, P, P, I, P, P, P, P, I, I, I, I, I, P], I),
+    }
+    for name, (args, res) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, building them on first call; None where they cannot be built."""
+    global _lib, _failed
+    if _lib is not None or _failed is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _failed is None:
+            if os.environ.get("MOECARVE_NATIVE", "1") == "0":
+                _failed = "disabled by MOECARVE_NATIVE=0"
+            else:
+                try:
+                    _lib = _build()
+                except Exception as e:  # no compiler, unsupported flags, a read-only home ...
+                    _failed = f"{type(e).__name__}: {e}"
+                    warnings.warn(f"moecarve: CPU kernels unavailable ({_failed}); using the torch paths", stacklevel=2)
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def supports(act_name: str, weight: torch.Tensor) -> bool:
+    """Whether the kernels handle this activation and weight dtype (CPU tensors only)."""
+    return act_name in ACTS and weight.dtype in WEIGHT_DTYPES and weight.device.type == "cpu"
+
+
+def _check(rc: int, what: str) -> None:
+    if rc < 0:
+        raise MemoryError(f"moecarve CPU kernel {what}: out of memory")
+
+
+def _inf(threshold: float | None) -> float:
+    return float("inf") if threshold is None else float(threshold)
+
+
+# Every tensor whose pointer goes to C is held by a local name until the call returns (a
+# temporary from .float() / .contiguous() would be freed while C still reads it).
+
+
+def shadow_scores(
+    x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, in_bias: torch.Tensor | None,
+    n_experts: int, expert_size: int, gated: bool, act_name: str,
+) -> torch.Tensor:  # fmt: skip
+    """The shadow router's scores [T, E] float32 for x [T, d] (native.c `shadow_scores`; the same
+    maths as modules.moe.ShadowRouter.logits). codes: uint8 [E, rows, d/2] (two 4-bit codes per
+    byte) or int8 [E, rows, d]; row_scale float32 [E, rows]; in_bias [E, rows] or None."""
+    x, codes, row_scale = x.float().contiguous(), codes.contiguous(), row_scale.float().contiguous()
+    bias = None if in_bias is None else in_bias.float().contiguous()
+    out = torch.empty(x.shape[0], n_experts, dtype=torch.float32)
+    rc = library().shadow_scores(
+        x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), 4 if codes.dtype == torch.uint8 else 8,
+        row_scale.data_ptr(), _ptr(bias), n_experts, expert_size, int(gated), ACTS[act_name], out.data_ptr(),
+    )  # fmt: skip
+    _check(rc, "shadow_scores")
+    return out
+
+
+def select_experts(
+    scores: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, top_k: int, threshold: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, A] float32, idx [T, A] int64) for scores [T, E]: top-A of scores + bias (ties
+    to the lower index), or with `threshold` every expert whose score + bias exceeds it, at most A
+    (unused slots: idx -1, weight 0); combine weight 1 + softmax(scores)_e * scale_e."""
+    scores, bias, scale = (v.detach().float().contiguous() for v in (scores, bias, scale))
+    T, E = scores.shape
+    idx = torch.empty(T, top_k, dtype=torch.int64)
+    w = torch.empty(T, top_k, dtype=torch.float32)
+    rc = library().select_experts(
+        scores.data_ptr(), T, E, bias.data_ptr(), scale.data_ptr(), top_k, _inf(threshold), idx.data_ptr(), w.data_ptr()
+    )
+    _check(rc, "select_experts")
+    return w, idx
+
+
+def _layer_weights(t: MoETensors) -> tuple:
+    """The layer's weight pointers in native.c's order (shared, routed, out bias, dtype, sizes):
+    the module's own parameters, alive as long as t (native_ok checked dtype and contiguity)."""
+    n = 0 if t.shared_out is None else t.shared_out.shape[-1]
+    return (
+        _ptr(t.shared_in), _ptr(t.shared_in_bias), _ptr(t.shared_out), n, t.in_proj.data_ptr(), _ptr(t.in_bias),
+        t.out_proj.data_ptr(), _ptr(t.out_bias), WEIGHT_DTYPES[t.in_proj.dtype], t.n_routed, t.expert_size,
+        int(t.gated), ACTS[t.act_name],
+    )  # fmt: skip
+
+
+def moe_layer(x: torch.Tensor, t: MoETensors, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A carved layer on x [T, d] with its routing given: shared experts + out bias + sum_a
+    weights[t, a] * expert_{idx[t, a]}(x[t]) -> float32 [T, d] (native.c `moe_layer`; idx -1: no
+    expert). The layer's weights share one dtype (float32 or bfloat16) and are contiguous."""
+    x, idx, weights = x.float().contiguous(), idx.contiguous(), weights.float().contiguous()
+    T, d = x.shape
+    y = torch.empty(T, d, dtype=torch.float32)
+    rc = library().moe_layer(x.data_ptr(), T, d, *_layer_weights(t), idx.data_ptr(), weights.data_ptr(), idx.shape[1],
+                             y.data_ptr())  # fmt: skip
+    _check(rc, "moe_layer")
+    return y
+
+
+def moe_layer_shadow(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
+    """A carved layer routed by its shadow router, in one C call: score, select (top-A, or its
+    threshold), run -> float32 [T, d] (native.c `moe_layer_shadow`)."""
+    x = x.float().contiguous()
+    T, d = x.shape
+    codes, scale = t.shadow_codes, t.shadow_scale
+    assert codes.is_contiguous() and scale.dtype == torch.float32 and scale.is_contiguous()
+    sbias = None if t.shadow_bias is None else t.shadow_bias.float().contiguous()
+    bias, rscale = t.router_bias.float().contiguous(), t.router_scale.detach().float().contiguous()
+    y = torch.empty(T, d, dtype=torch.float32)
+    rc = library().moe_layer_shadow(
+        x.data_ptr(), T, d, codes.data_ptr(), 4 if codes.dtype == torch.uint8 else 8, scale.data_ptr(), _ptr(sbias),
+        bias.data_ptr(), rscale.data_ptr(), t.top_k, _inf(selection_threshold(t)), *_layer_weights(t), y.data_ptr(),
+    )  # fmt: skip
+    _check(rc, "moe_layer_shadow")
+    return y
+
+
+if __name__ == "__main__":  # python -m moecarve.kernels.native: build and report
+    lib = library()
+    print("moecarve CPU kernels:", "ok" if lib is not None else f"unavailable ({_failed})", file=sys.stderr)
