@@ -203,6 +203,9 @@ def _plain_reload_identical(model, report, path):
         ref = model(ids).logits
     save_condensed(model, path, report)
     assert not (path / "modeling_moecarve.py").exists() and (path / "condense_report.json").exists()
+    card = (path / "README.md").read_text()
+    assert card.startswith("---\n") and f"A {report.format} model with MoE layers condensed" in card
+    assert f"Condensed (CD-MoE) on 2 × 16 calibration tokens: layers {report.layers}" in card
     again = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert not getattr(again.config, "moecarve", None)
     with torch.no_grad():
@@ -271,6 +274,10 @@ def test_moecarve_format_when_not_expressible(tmp_path, name, overrides, reason)
     assert "\n" not in report.format_reason
     save_condensed(model, tmp_path / "c", report)
     assert (tmp_path / "c" / "modeling_moecarve.py").exists()
+    # its own architecture: plain transformers refuses it instead of loading random dense layers
+    saved = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert saved["model_type"] == f"moecarve_{name}" and saved["architectures"][0].startswith("MoeCarve")
+    assert "Condensed (CD-MoE)" in (tmp_path / "c" / "README.md").read_text()
 
 
 # -- step 5: fine-tuning the condensed layers only --------------------------------------------------

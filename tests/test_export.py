@@ -130,6 +130,26 @@ def test_export_loads_in_plain_transformers_and_matches(arch, tmp_path):
     assert torch.equal(a, b) and b.shape[1] == 14
 
 
+def test_export_has_a_model_card_and_ordinary_permissions(tmp_path):
+    import os
+
+    import yaml
+
+    model = carved("llama")
+    old = os.umask(0o022)
+    try:
+        out = export(model, "qwen2_moe", tmp_path / "q", card={"source": "org/dense-model", "calibration": "calib.txt"})
+    finally:
+        os.umask(old)
+    text = (out / "README.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["base_model"] == "org/dense-model" and {"moe", "moecarve", "qwen2_moe"} <= set(front["tags"])
+    assert "standard `qwen2_moe` architecture" in text and "S2A2E8, method cmoe, router linear" in text
+    assert 'AutoModelForCausalLM.from_pretrained("q")' in text and "trust_remote_code" not in text
+    assert json.loads((out / "moecarve_export.json").read_text())["provenance"]["source"] == "org/dense-model"
+    assert out.stat().st_mode & 0o777 == 0o755 and {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
+
+
 def test_trained_router_scale_no_shared_experts_and_dense_layers_map_exactly(tmp_path):
     """Per-expert router scales fold into down_proj; N_s = 0 gives a zero shared expert; a layer
     left dense becomes an mlp_only_layer."""
