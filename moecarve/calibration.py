@@ -7,6 +7,8 @@ file, or a local Hugging Face `datasets` folder saved with `save_to_disk` (a "te
 from __future__ import annotations
 
 import gzip
+import logging
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -16,8 +18,46 @@ from .config import CalibConfig
 from .errors import MoecarveError
 
 
+log = logging.getLogger(__name__)
+
+_SAMPLE_CHARS = 1 << 20  # characters inspected to tell text from binary data
+_MAX_BAD = 0.3  # more control / undecodable characters than this: not text (random bytes ~55%, Latin-1 French ~20%)
+_BAD_CHARS = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")  # control characters but \t\n\v\f\r, and U+FFFD
+
+
 class CalibrationError(MoecarveError, ValueError):
     """The calibration source is missing, empty or too short."""
+
+
+def _bad_fraction(text: str) -> float:
+    """The fraction of `text` (its first _SAMPLE_CHARS) that is control characters or U+FFFD."""
+    sample = text[:_SAMPLE_CHARS]
+    return len(_BAD_CHARS.findall(sample)) / max(len(sample), 1)
+
+
+def read_text_file(path: str | Path, what: str = "text", error: type[MoecarveError] = CalibrationError) -> str:
+    """The text of a file, refusing what is not text.
+
+    NUL bytes or mostly control / undecodable characters raise `error` (a binary file read as text
+    gives meaningless tokens, not an error). Bytes that are not UTF-8 are replaced by U+FFFD, with
+    one warning on the "moecarve" logger.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise error(f"{what} {str(path)!r} is not a text file (it contains NUL bytes); pass a UTF-8 text file")
+    try:
+        text, bad_utf8 = raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        text, bad_utf8 = raw.decode("utf-8", errors="replace"), e.start
+    bad = _bad_fraction(text)
+    if bad > _MAX_BAD:
+        raise error(f"{what} {str(path)!r} does not look like text ({bad:.0%} of its characters are control "
+                    "or undecodable bytes); pass a UTF-8 text file")  # fmt: skip
+    if bad_utf8 is not None:
+        log.warning(f"{what} {str(path)!r} is not valid UTF-8 (first bad byte at offset {bad_utf8}); "
+                    f"{text.count(chr(0xFFFD))} undecodable byte sequences were read as U+FFFD")  # fmt: skip
+    return text
 
 
 def embedded_corpus() -> str:
@@ -27,9 +67,18 @@ def embedded_corpus() -> str:
 
 
 def read_text(source: str | None) -> str:
-    """The text of a calibration source (None: the embedded corpus)."""
+    """The text of a calibration source (None: the embedded corpus); an empty one fails here, before
+    any model is loaded."""
     if source is None:
         return embedded_corpus()
+    text = _read_source(source)
+    if not text.strip():
+        raise CalibrationError(f"the calibration text is empty ({source})")
+    return text
+
+
+def _read_source(source: str) -> str:
+    """The raw text of a calibration file or local datasets folder."""
     path = Path(source)
     if not path.exists():
         raise CalibrationError(f"calibration source {source!r} does not exist")
@@ -47,7 +96,7 @@ def read_text(source: str | None) -> str:
         if "text" not in ds.column_names:
             raise CalibrationError(f"dataset {source!r} has no 'text' column (columns: {ds.column_names})")
         return "\n\n".join(t for t in ds["text"] if t)
-    return path.read_text(encoding="utf-8", errors="replace")
+    return read_text_file(path, "calibration source")
 
 
 def tokenize_windows(tokenizer, text: str, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
@@ -72,7 +121,15 @@ def tokenize_windows(tokenizer, text: str, n_samples: int, seqlen: int, seed: in
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
-def load_windows(tokenizer, cfg: CalibConfig, max_positions: int | None = None) -> torch.Tensor:
-    """Calibration windows [n_samples, seqlen] for a tokenizer; seqlen clipped to max_positions."""
+def load_windows(tokenizer, cfg: CalibConfig, max_positions: int | None = None, model=None) -> torch.Tensor:
+    """Calibration windows [n_samples, seqlen] for a tokenizer.
+
+    seqlen is clipped to the model's maximum positions, as the CLI does: pass `model` (a model or
+    its config; moecarve.adapters.clip_seqlen reads the limit) or `max_positions` directly.
+    """
     seqlen = min(cfg.seqlen, max_positions) if max_positions else cfg.seqlen
+    if model is not None:
+        from .adapters import clip_seqlen
+
+        seqlen = clip_seqlen(getattr(model, "config", model), seqlen)
     return tokenize_windows(tokenizer, read_text(cfg.source), cfg.n_samples, seqlen, cfg.seed)

@@ -1,135 +1,303 @@
-"""`moecarve carve MODEL --config S2A2E8 --out DIR`: carve, save, summarise."""
+"""`moecarve carve MODEL --config S2A2E8 --out DIR`: check everything, carve, save, summarise."""
 
 from __future__ import annotations
 
-import argparse
-
-import torch
-
-from .. import adapters
-from ..calibration import read_text, tokenize_windows
-from ..carve import carve
-from ..config import METHODS, ROUTERS, CalibConfig, CarveConfig
-from ..export import FORMATS, ExportError, export
-from ..eval.perplexity import perplexity, test_windows
-from ..io.atomic import check_output
-from ..io.loading import load_any
-from ..io.save import save
-from .common import add_model_args, console, fmt_params, table
+from ..config import METHODS, ROUTERS
+from .common import (
+    add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, at_least, bold, console,
+    fmt_params, load_kwargs, table,
+)  # fmt: skip
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "carve",
+    p = add_command(
+        sub, "carve",
         help="convert a dense causal LM into an MoE model (training-free)",
         description="Convert every FFN of a dense Hugging Face causal LM into an MoE layer: N_s shared experts "
-        "plus routed experts picked per token by an analytic router built from activation statistics on "
-        "calibration text (CMoE). Configurations are S<shared>A<active>E<experts>: S2A2E8 keeps 4 of 8 "
-        "experts (50%) active per token.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+        "plus routed experts picked per token by a router built from activation statistics on calibration text "
+        "(CMoE). Configurations are S<shared>A<active>E<experts>: S2A2E8 keeps 4 of 8 experts (50%) active per "
+        "token. Every check that can fail (paths, config.json, the configuration against the model, --export, "
+        "the output folder) runs before the model loads.",
+    )  # fmt: skip
     p.add_argument("model", help="a local model folder or a hub id")
     p.add_argument("--config", default="S2A2E8", help="S<shared>A<active>E<experts>")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--calib", default=None, help="calibration text file or local datasets folder (default: the corpus shipped with moecarve)")
-    p.add_argument("--samples", type=int, default=8, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (clipped to the model's max positions)")
-    p.add_argument("--k-act", type=int, default=10, help="neurons marked active per token for activation rates")
-    p.add_argument("--seed", type=int, default=0)
+    add_output_args(p)
+    add_calib_args(p, samples=8, seqlen=2048)
+    p.add_argument("--k-act", type=at_least(1), default=10, help="neurons marked active per token for activation rates")
+    add_seed_arg(p)
     p.add_argument("--method", choices=list(METHODS), default="fitted",
-                   help="fitted (default): |h|-profile grouping, a shadow router that tracks the oracle's choice and "
-                   "a ridge refit of down_proj (training-free); cmoe: the paper's algorithm exactly")
+                   help="fitted: |h|-profile grouping, a shadow router that tracks the oracle's choice and a ridge "
+                   "refit of down_proj (training-free); cmoe: the paper's algorithm exactly")  # fmt: skip
     p.add_argument("--shadow-bits", type=int, default=4,
                    help="fitted: bits of the shadow router's copy of the experts' input rows (2-8); 0: the cheaper "
-                   "probe router (faster, lower quality)")
+                   "probe router (faster, lower quality)")  # fmt: skip
     p.add_argument("--router", choices=list(ROUTERS), default="analytic",
                    help="cmoe only: analytic, CMoE's training-free router; linear, a softmax-over-linear-gate router "
                    "fitted on the calibration tokens (needed by --export)")  # fmt: skip
-    p.add_argument("--export", dest="export_fmt", default=None, choices=sorted(FORMATS), metavar="FORMAT",
-                   help=f"also export the carved model as a standard HF MoE model ({', '.join(sorted(FORMATS))}) to "
-                   "--export-out")  # fmt: skip
-    p.add_argument("--export-out", default=None, help="folder for --export (default: OUT-FORMAT)")
-    p.add_argument("--eval", dest="eval_text", default=None, metavar="TEXT", help="also report dense vs carved perplexity on this text file")
-    p.add_argument("--eval-chars", type=int, default=200_000, help="characters of --eval text to use")
-    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
+    p.add_argument("--export", dest="export_fmt", default=None, metavar="FORMAT",
+                   help="also export the carved model as a standard HF MoE model (qwen2_moe) to --export-out; "
+                   "needs --method cmoe --router linear")  # fmt: skip
+    p.add_argument("--export-out", default=None, metavar="DIR", help="folder for --export (default: OUT-FORMAT)")
+    add_ppl_args(p, chars=200_000, seqlen=512, what="also report dense vs carved perplexity on this text "
+                 "(a .txt file, a save_to_disk folder, wikitext2 or c4)")  # fmt: skip
     p.add_argument("--offload", choices=["auto", "none", "disk"], default="auto",
                    help="disk: stream one decoder layer at a time from the safetensors (models larger than memory); "
-                   "auto: stream when the model would not fit in memory")  # fmt: skip
+                   "auto: stream when the model would not fit in memory; none: always in memory")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue a streamed carve interrupted by a crash (state in OUT.partial/)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model*.bin weights (pickle can run code) when streaming")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard of a streamed carve")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard of the output")
     add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    """Check everything that can be checked (nothing loaded, nothing written), then carve."""
+    import torch
+
+    from ..calibration import read_text
+    from ..config import CalibConfig, CarveConfig
+    from ..errors import UsageError
+    from ..eval.data import load_eval_text
+    from ..io.atomic import check_output
+    from ..io.loading import check_files, check_model, resolve_device, resolve_dtype
+    from ..stream.shards import parse_size
+
     cfg = CarveConfig.from_string(args.config, k_act=args.k_act, seed=args.seed, router=args.router,
-                                  method=args.method, shadow_bits=args.shadow_bits)  # fmt: skip  # fails before loading
-    check_output(args.out, args.overwrite)
-    check_export_args(args)
+                                  method=args.method, shadow_bits=args.shadow_bits)  # fmt: skip
     calib_cfg = CalibConfig(source=args.calib, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed)
-    calib_text = read_text(calib_cfg.source)  # a missing or empty source fails before the model loads
-    eval_text = read_text(args.eval_text) if args.eval_text else None
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    parse_size(args.max_shard_size)
+    ref = check_model(args.model, args.revision, files=False)  # config.json first: the architecture decides
+    skeleton = check_carvable(ref, cfg, dtype)
+    check_export_args(args, skeleton)
+    check_files(ref)  # then complete weights and a tokenizer
+    streamed = wants_streaming(args, ref, device, dtype)
+    check_output(args.out, args.overwrite, inputs=[ref.path, args.calib, args.ppl])
+    if args.export_fmt is not None:
+        check_output(args.export_out, args.overwrite, inputs=[ref.path, args.out])
+    if streamed:
+        check_resume(args)
+    calib_text = read_text(calib_cfg.source)  # a missing, empty or binary source fails before the model loads
+    ppl_text = load_eval_text(args.ppl) if args.ppl else None
     torch.manual_seed(args.seed)
-    if wants_streaming(args):  # larger than memory: one decoder layer at a time from disk
-        return run_streamed(args, cfg, calib_cfg, calib_text, eval_text) or export_carved(args)
-    model, tok = load_any(args.model, args.dtype, args.device)
-    windows, ev = prepare_windows(args, model.config, tok, calib_cfg, calib_text, eval_text)
-    ppl_dense = ppl_carved = None
-    if eval_text is not None:
-        with console.status("perplexity of the dense model"):
-            ppl_dense = perplexity(model, ev, batch_size=8)
-    console.print(f"carving [bold]{args.model}[/] at [bold]{cfg.name}[/] on {windows.shape[0]}x{windows.shape[1]} calibration tokens")
-    report = carve(model, cfg, windows, device=next(model.parameters()).device)
-    if eval_text is not None:
-        with console.status("perplexity of the carved model"):
-            ppl_carved = perplexity(model, ev, batch_size=8)
-    save(model, args.out, tokenizer=tok, report=report, overwrite=args.overwrite)
-    print_summary(report, ppl_dense, ppl_carved)
-    console.print(f"saved to [bold]{args.out}[/]")
-    return export_carved(args)
+    if streamed:  # larger than memory: one decoder layer at a time from disk
+        return run_streamed(args, ref, cfg, calib_cfg, calib_text, ppl_text, device, dtype) or export_carved(args)
+    return run_in_memory(args, ref, cfg, calib_cfg, calib_text, ppl_text) or export_carved(args)
 
 
-def prepare_windows(args, config, tok, calib_cfg, calib_text, eval_text):
-    """(calibration windows, --eval windows or None), both clipped to the model's max positions."""
-    adapters.adapter_for(config)
-    seqlen = adapters.clip_seqlen(config, calib_cfg.seqlen)
-    windows = tokenize_windows(tok, calib_text, calib_cfg.n_samples, seqlen, calib_cfg.seed)
-    ev = None
-    if eval_text is not None:
-        ev = test_windows(tok, eval_text, adapters.clip_seqlen(config, args.eval_seqlen), args.eval_chars)
-    return windows, ev
+def check_carvable(ref, cfg, dtype):
+    """The model's skeleton (meta device: no weights read), checked against the carve config exactly
+    as moecarve.carve checks the real model: architecture, N dividing every FFN, k_act."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from .. import adapters
+    from ..carve import validate
+    from ..errors import UsageError
+    from ..stream.skeleton import build_skeleton
+
+    if ref.carved:
+        raise UsageError(f"{ref.name} is already carved (its config.json has a 'moecarve' entry); carve its dense "
+                         "source model instead (moecarve condense shrinks carved layers)")  # fmt: skip
+    adapters.adapter_for(SimpleNamespace(**ref.config))  # an unknown family fails before transformers builds anything
+    skeleton = build_skeleton(ref.config_dir, dtype)
+    validate(skeleton, cfg, torch.zeros(1, 2, dtype=torch.long))
+    return skeleton
 
 
-def check_export_args(args) -> None:
-    """--export needs the linear router and a free output folder: fail before any work."""
+def wants_streaming(args, ref, device, dtype) -> bool:
+    """--offload disk or --resume, or (auto) a local model that would not fit in memory.
+
+    Refuses the streamed-only options where they would be ignored (--offload none).
+    """
+    from ..errors import UsageError
+    from ..stream import would_not_fit
+
+    if args.offload == "none":
+        for flag, given in (("--resume", args.resume), ("--allow-pickle", args.allow_pickle)):
+            if given:
+                raise UsageError(f"{flag} applies to streamed carves only; drop it, or use --offload disk instead of none")
+        return False
+    if args.offload == "disk" or args.resume:
+        if ref.path is None:
+            raise UsageError(f"a streamed carve (--offload disk, --resume) reads a local folder; {args.model!r} is a hub "
+                             "id: download it first (hf download) and pass the folder")  # fmt: skip
+        return True
+    return ref.path is not None and would_not_fit(ref.path, dtype, device)
+
+
+def check_export_args(args, skeleton) -> None:
+    """--export needs the linear router and a source the format can express (its folder is checked with --out)."""
+    import importlib
+
+    from ..export import FORMATS, ExportError, check_format
+
     if args.export_fmt is None:
+        if args.export_out is not None:
+            raise ExportError("--export-out names the folder of --export FORMAT; pass --export too")
         return
+    check_format(args.export_fmt)
     if args.method != "cmoe" or args.router != "linear":
         raise ExportError(f"--export {args.export_fmt} needs --method cmoe --router linear (the other routers "
                           "have no standard-architecture equivalent)")  # fmt: skip
+    importlib.import_module(FORMATS[args.export_fmt].__module__).check_source(skeleton)
     args.export_out = args.export_out or f"{str(args.out).rstrip('/')}-{args.export_fmt}"
-    check_output(args.export_out, args.overwrite)
+
+
+def check_resume(args) -> None:
+    """The unfinished streamed carve in OUT.partial/: refused without --resume or --overwrite, and
+    with --resume its state and every finished layer's file checked (a truncated file fails now)."""
+    import logging
+
+    from ..io.loading import DamagedFile, read_json
+    from ..stream.carve import HIDDEN_FILE, OUTSIDE_FILE, STATE_FILE, ResumeError, layer_file, partial_dir
+    from ..stream.shards import TruncatedFile, read_header
+
+    part = partial_dir(args.out)
+    state_file = part / STATE_FILE
+    if not state_file.is_file():
+        if args.resume:
+            logging.getLogger("moecarve").warning(f"{part} holds no unfinished carve; --resume starts from the first layer")
+        return
+    if not args.resume:
+        if args.overwrite:
+            return  # carve_streamed starts over
+        raise ResumeError(f"{part} holds an unfinished carve: pass --resume to continue it or --overwrite to start over")
+    restart = "rerun with --overwrite instead of --resume to start over"
+    state = read_json(state_file, "the unfinished carve's state")
+    done = state.get("done")
+    if not isinstance(done, int) or "fingerprint" not in state:
+        raise DamagedFile(f"{state_file} is not the state of a streamed carve; {restart}")
+    names = [OUTSIDE_FILE, HIDDEN_FILE, *map(layer_file, range(done))] if done else []
+    for name in names:
+        path = part / name
+        if not path.is_file():
+            raise ResumeError(f"{path} is missing: the unfinished carve cannot continue; {restart}")
+        try:
+            read_header(path)
+        except TruncatedFile as e:
+            raise ResumeError(f"{path} is truncated (the run was killed while writing it?): {restart}") from e
+
+
+def prepare_windows(args, config, tok, calib_cfg, calib_text, ppl_text):
+    """(calibration windows, --ppl windows or None), both clipped to the model's max positions."""
+    from ..adapters import clip_seqlen
+    from ..calibration import tokenize_windows
+    from ..eval.perplexity import eval_windows
+
+    seqlen = clip_seqlen(config, calib_cfg.seqlen)
+    windows = tokenize_windows(tok, calib_text, calib_cfg.n_samples, seqlen, calib_cfg.seed)
+    ev = None
+    if ppl_text is not None:
+        ev = eval_windows(tok, args.ppl, clip_seqlen(config, args.ppl_seqlen), args.ppl_chars, ppl_text)
+    return windows, ev
+
+
+def run_in_memory(args, ref, cfg, calib_cfg, calib_text, ppl_text) -> int:
+    from ..carve import carve
+    from ..eval.perplexity import perplexity
+    from ..io.loading import load_any
+    from ..io.save import save
+    from ..stream.shards import parse_size
+
+    model, tok = load_any(ref, args.dtype, args.device, **load_kwargs(args))
+    windows, ev = prepare_windows(args, model.config, tok, calib_cfg, calib_text, ppl_text)
+    ppl_dense = ppl_carved = None
+    if ev is not None:
+        console.print(f"perplexity of the dense model on {ev.shape[0]}x{ev.shape[1]} tokens")
+        ppl_dense = perplexity(model, ev, batch_size=8, progress=True)
+    console.print(f"carving {bold(args.model)} at [bold]{cfg.name}[/] on {windows.shape[0]}x{windows.shape[1]} calibration tokens")
+    report = carve(model, cfg, windows, device=next(model.parameters()).device)
+    if ev is not None:
+        console.print("perplexity of the carved model")
+        ppl_carved = perplexity(model, ev, batch_size=8, progress=True)
+    save(model, args.out, tokenizer=tok, report=report, overwrite=args.overwrite, max_shard_size=parse_size(args.max_shard_size))
+    print_summary(report, ppl_dense, ppl_carved)
+    console.print(f"saved to {bold(args.out)}")
+    return 0
+
+
+def run_streamed(args, ref, cfg, calib_cfg, calib_text, ppl_text, device, dtype) -> int:
+    """The streamed carve (moecarve.stream.carve_streamed) and, with --ppl, layer-by-layer perplexities.
+
+    When it stops (an error, Ctrl-C), the finished layers stay in OUT.partial/ and the message says
+    that --resume continues from there.
+    """
+    import sys
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..errors import MoecarveError
+    from ..eval.streaming import layerwise_perplexity
+    from ..stream import Checkpoint, carve_streamed
+
+    Checkpoint(args.model, args.allow_pickle)  # pickle only / missing shard: fail before any work
+    config = AutoConfig.from_pretrained(ref.path)
+    tok = AutoTokenizer.from_pretrained(ref.path)
+    windows, ev = prepare_windows(args, config, tok, calib_cfg, calib_text, ppl_text)
+    ppl_dense = ppl_carved = None
+    if ev is not None:
+        console.print(f"perplexity of the dense model on {ev.shape[0]}x{ev.shape[1]} tokens, layer by layer")
+        ppl_dense = layerwise_perplexity(args.model, ev, device, dtype=dtype, allow_pickle=args.allow_pickle, progress=True)
+    console.print(f"carving {bold(args.model)} at [bold]{cfg.name}[/] on {windows.shape[0]}x{windows.shape[1]} calibration "
+                  "tokens, streamed layer by layer")  # fmt: skip
+    try:
+        report = carve_streamed(args.model, cfg, windows, args.out, tokenizer=tok, device=device, dtype=dtype,
+                                overwrite=args.overwrite, resume=args.resume, allow_pickle=args.allow_pickle,
+                                max_shard_size=args.max_shard_size)  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"interrupted; {_resume_hint(args.out) or 'nothing was kept'}", file=sys.stderr)
+        return 130
+    except (MoecarveError, OSError) as e:
+        hint = _resume_hint(args.out)
+        if not hint:
+            raise
+        raise MoecarveError(f"{e}; {hint}") from e
+    if ev is not None:
+        console.print("perplexity of the carved model, layer by layer")
+        ppl_carved = layerwise_perplexity(args.out, ev, device, dtype=dtype, progress=True)
+    print_summary(report, ppl_dense, ppl_carved)
+    console.print(f"saved to {bold(args.out)}")
+    return 0
+
+
+def _resume_hint(out) -> str:
+    """What an interrupted streamed carve left, and how to continue it ("" when it left nothing)."""
+    import json
+
+    from ..stream.carve import STATE_FILE, partial_dir
+
+    part = partial_dir(out)
+    try:
+        done = json.loads((part / STATE_FILE).read_text())["done"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    return f"{part} keeps {done} finished layer(s): rerun the same command with --resume to continue"
 
 
 def export_carved(args) -> int:
     """Export the carved folder just written (--export), from disk: the same path for streamed carves."""
+    from ..export import export
+
     if args.export_fmt is None:
         return 0
     export(args.out, args.export_fmt, args.export_out, overwrite=args.overwrite)
-    console.print(f"exported {args.export_fmt} to [bold]{args.export_out}[/]; serve it with: vllm serve {args.export_out}")
+    console.print(f"exported {args.export_fmt} to {bold(args.export_out)}; serve it with: vllm serve {args.export_out}")
     return 0
 
 
 def print_summary(report, ppl_dense=None, ppl_carved=None) -> None:
+    stat = report.layers[0].statistic if report.layers else "activation rate"
     rows = [
-        [r.layer, f"{r.seconds:.2f}", r.expert_size, f"{r.shared_rate:.4f}", f"{r.routed_rate:.4f}", f"{r.load_imbalance:.2f}"]
+        [r.layer, f"{r.seconds:.2f}", r.expert_size, r.router or "-", f"{r.shared_rate:.4f}", f"{r.routed_rate:.4f}",
+         f"{r.load_imbalance:.2f}"]
         for r in report.layers
-    ]
-    console.print(table("per layer", ["layer", "seconds", "m", "shared rate", "routed rate", "load max/mean"], rows))
+    ]  # fmt: skip
+    console.print(table("per layer", ["layer", "seconds", "m", "router", f"shared {stat}", f"routed {stat}", "load max/mean"], rows))
     summary = [
-        ["config", report.config.name],
+        ["config", f"{report.config.name} ({report.config.method})"],
         ["parameters (dense)", fmt_params(report.params_dense)],
         ["parameters (carved, total)", fmt_params(report.params_total)],
         ["parameters active per token", f"{fmt_params(report.params_active)} ({report.params_active / report.params_dense:.1%})"],
@@ -139,44 +307,3 @@ def print_summary(report, ppl_dense=None, ppl_carved=None) -> None:
     if ppl_dense is not None:
         summary += [["perplexity dense", f"{ppl_dense:.3f}"], ["perplexity carved", f"{ppl_carved:.3f}"]]
     console.print(table("carve summary", ["", "value"], summary))
-
-
-def wants_streaming(args) -> bool:
-    """--offload disk or --resume, or (auto) a local model that would not fit in memory."""
-    from ..io.loading import resolve_device, resolve_dtype
-    from ..stream import would_not_fit
-
-    if args.offload == "disk" or args.resume:
-        return True
-    device = resolve_device(args.device)
-    return args.offload == "auto" and would_not_fit(args.model, resolve_dtype(args.dtype, device), device)
-
-
-def run_streamed(args, cfg, calib_cfg, calib_text, eval_text) -> int:
-    """The streamed carve (moecarve.stream.carve_streamed) and, with --eval, layer-by-layer perplexities."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ..eval.streaming import layerwise_perplexity
-    from ..io.loading import resolve_device, resolve_dtype
-    from ..stream import Checkpoint, carve_streamed
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    Checkpoint(args.model, args.allow_pickle)  # no weights / pickle only / missing shard: fail before any work
-    config = AutoConfig.from_pretrained(args.model)
-    adapters.adapter_for(config)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    windows, ev = prepare_windows(args, config, tok, calib_cfg, calib_text, eval_text)
-    ppl_dense = ppl_carved = None
-    if eval_text is not None:
-        with console.status("perplexity of the dense model (layer by layer)"):
-            ppl_dense = layerwise_perplexity(args.model, ev, device, dtype=dtype, allow_pickle=args.allow_pickle)
-    console.print(f"carving [bold]{args.model}[/] at [bold]{cfg.name}[/] on {windows.shape[0]}x{windows.shape[1]} calibration tokens, streamed layer by layer")
-    report = carve_streamed(args.model, cfg, windows, args.out, tokenizer=tok, device=device, dtype=dtype, overwrite=args.overwrite,
-                            resume=args.resume, allow_pickle=args.allow_pickle, max_shard_size=args.max_shard_size)  # fmt: skip
-    if eval_text is not None:
-        with console.status("perplexity of the carved model (layer by layer)"):
-            ppl_carved = layerwise_perplexity(args.out, ev, device, dtype=dtype)
-    print_summary(report, ppl_dense, ppl_carved)
-    console.print(f"saved to [bold]{args.out}[/]")
-    return 0

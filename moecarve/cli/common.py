@@ -1,4 +1,15 @@
-"""Arguments and output shared by several subcommands."""
+"""Arguments and output shared by several subcommands: one spelling per concept.
+
+| concept                          | flag                          | old spellings (hidden, one release) |
+| output folder / replace it       | --out DIR, --overwrite        | compare --out was a file stem        |
+| calibration or training text     | --calib SOURCE                | finetune --data                      |
+| its windows                      | --samples N, --seqlen L       |                                      |
+| perplexity text                  | --ppl SET                     | carve/finetune/condense --eval       |
+| its characters / window length   | --ppl-chars N, --ppl-seqlen L | --eval-chars, --max-chars / --eval-seqlen, eval/compare --seqlen |
+| where and how a model loads      | --device --dtype --device-map --revision --trust-remote-code | |
+
+Nothing here imports torch or transformers: `moecarve --help` builds every parser.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +17,140 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from ..io.loading import DTYPE_CHOICES
 
 # a pipe or a log file gets wide tables instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (exit code 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default once, at the end of its help; not for flags, None, or help
+    that already explains its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def add_command(sub, name: str, help: str, description: str) -> Parser:
+    """A subcommand parser with moecarve's help formatting."""
+    return sub.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
+
+
+def at_least(lo: int | float, kind: type = int):
+    """An argparse type: a number of `kind` >= lo."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        return value
+
+    return parse
+
+
+def in_range(lo: float, hi: float, hi_open: bool = False):
+    """An argparse type: a float in [lo, hi] ([lo, hi) with hi_open)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if not (lo <= value < hi if hi_open else lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}{')' if hi_open else ']'}, got {text}")
+        return value
+
+    return parse
+
+
+def positive(kind: type = float):
+    """An argparse type: a number > 0."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def alias(p: argparse.ArgumentParser, *names: str, dest: str, **kw) -> None:
+    """Old spellings of an option: still accepted, hidden from --help (kept for one release)."""
+    p.add_argument(*names, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+
+
+def add_output_args(p: argparse.ArgumentParser, what: str = "output folder (written atomically)") -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help=what)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a folder moecarve wrote (or an empty one)")  # fmt: skip
+
+
+def add_calib_args(p: argparse.ArgumentParser, samples: int, seqlen: int, what: str = "calibration",
+                   required: bool = False) -> None:  # fmt: skip
+    """--calib SOURCE --samples N --seqlen L: the text a command fits to, and its windows.
+
+    required: checked by the command, not argparse, so that old spellings (finetune --data) count.
+    """
+    source = "required" if required else "default: the corpus shipped with moecarve"
+    p.add_argument("--calib", default=None, metavar="SOURCE",
+                   help=f"{what} text: a text file or a local datasets folder ({source})")  # fmt: skip
+    p.add_argument("--samples", type=at_least(1), default=samples, help=f"{what} windows")
+    p.add_argument("--seqlen", type=at_least(2), default=seqlen,
+                   help=f"tokens per {what} window (clipped to the model's max positions)")  # fmt: skip
+
+
+def add_ppl_args(p: argparse.ArgumentParser, chars: int | None, seqlen: int, what: str) -> None:
+    """--ppl SET --ppl-chars N --ppl-seqlen L, with their old spellings as hidden aliases."""
+    p.add_argument("--ppl", default=None, metavar="SET", help=what)
+    p.add_argument("--ppl-chars", type=at_least(1), default=chars, metavar="N",
+                   help="use only the first N characters of the perplexity text" + ("" if chars else " (default: all)"))  # fmt: skip
+    p.add_argument("--ppl-seqlen", type=at_least(2), default=seqlen, metavar="L",
+                   help="perplexity window length in tokens (clipped to the model's max positions)")  # fmt: skip
+    alias(p, "--eval", dest="ppl")
+    alias(p, "--eval-chars", "--max-chars", dest="ppl_chars", type=at_least(1))
+    alias(p, "--eval-seqlen", dest="ppl_seqlen", type=at_least(2))
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Where and how the model loads: every command that loads a model has these."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto = CUDA when available)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: auto = bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, metavar="DTYPE",
+                   help="float32, bfloat16, float16 (default: auto = bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="an accelerate device map for loading, e.g. auto (spreads the model over GPUs and CPU); "
+                   "replaces --device")  # fmt: skip
+    p.add_argument("--revision", default=None, help="hub models: the branch, tag or commit to load")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="hub or local models with their own modeling code: allow running it")  # fmt: skip
+
+
+def add_seed_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seeds window sampling and every random step")
+
+
+def load_kwargs(args) -> dict:
+    """load_any's keyword arguments from add_model_args' options."""
+    return {"revision": args.revision, "trust_remote_code": args.trust_remote_code, "device_map": args.device_map}
 
 
 def fmt_params(n: int) -> str:
@@ -25,9 +161,14 @@ def fmt_params(n: int) -> str:
 
 
 def table(title: str, columns: list[str], rows: list[list], **kw) -> Table:
-    t = Table(title=title, **kw)
+    t = Table(title=escape(title), **kw)
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        t.add_column(escape(c), justify="left" if i == 0 else "right")
     for r in rows:
-        t.add_row(*[str(v) for v in r])
+        t.add_row(*[escape(str(v)) for v in r])
     return t
+
+
+def bold(value) -> str:
+    """A user-supplied value (a path, a model name) in bold, its brackets not read as rich markup."""
+    return f"[bold]{escape(str(value))}[/]"

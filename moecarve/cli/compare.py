@@ -1,37 +1,38 @@
-"""`moecarve compare DENSE CARVED [CARVED ...]`: one side-by-side table, plus JSON and a PNG plot."""
+"""`moecarve compare DENSE CARVED [CARVED ...] --out DIR`: one side-by-side table; DIR gets
+compare.json and compare.png."""
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+from .common import (
+    add_command, add_model_args, add_ppl_args, add_seed_arg, alias, at_least, bold, console, fmt_params, load_kwargs,
+    table,
+)  # fmt: skip
+from .eval import add_kernels_arg, add_task_args, task_config
 
-from ..eval.compare import CompareConfig, CompareRow, compare, write_json
-from ..eval.tasks import TaskConfig
-from .common import add_model_args, console, fmt_params, table
+JSON_FILE = "compare.json"
+PLOT_FILE = "compare.png"
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "compare",
+    p = add_command(
+        sub, "compare",
         help="side-by-side table of a dense model and carved versions",
         description="Evaluate a dense model and one or more carved folders one after the other and print one "
         "table: perplexity, change vs the first model, task accuracies, total and active parameters per token, "
-        "carve time (from carve_report.json) and tokens/s of a short greedy generation. Also writes the table "
-        "as JSON and a quality-vs-active-parameters plot as PNG.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+        "carve time (from carve_report.json) and tokens/s of a short greedy generation. Every model is checked "
+        f"before the first is measured. --out gets the table as {JSON_FILE} and a quality-vs-active-parameters "
+        f"plot as {PLOT_FILE}.",
+    )  # fmt: skip
     p.add_argument("models", nargs="+", metavar="MODEL", help="the dense model first, then carved folders")
-    p.add_argument("--ppl", default=None, metavar="SET", help="wikitext2, c4, a .txt file or a save_to_disk folder")
-    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (clipped to max positions)")
-    p.add_argument("--max-chars", type=int, default=None, help="use only the first N characters of the test text")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--tasks", default=None, help="comma-separated lm_eval tasks")
-    p.add_argument("--fewshot", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None, help="examples per task")
-    p.add_argument("--include-path", default=None, help="a folder of extra lm_eval task YAMLs")
-    p.add_argument("--gen-tokens", type=int, default=32, help="tokens generated for tokens/s (0: skip)")
-    p.add_argument("--out", default="compare", help="output stem: writes STEM.json and STEM.png")
-    p.add_argument("--seed", type=int, default=0)
+    add_ppl_args(p, chars=None, seqlen=2048, what="perplexity text: wikitext2, c4, a .txt file or a save_to_disk folder")
+    alias(p, "--seqlen", dest="ppl_seqlen", type=at_least(2))
+    p.add_argument("--batch-size", type=at_least(1), default=4, help="windows / harness requests per forward pass")
+    add_task_args(p)
+    p.add_argument("--gen-tokens", type=at_least(0), default=32, help="tokens generated for tokens/s (0: skip)")
+    p.add_argument("--out", default="compare", metavar="DIR", help=f"output folder for {JSON_FILE} and {PLOT_FILE} (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a folder moecarve wrote (or an empty one)")
+    add_kernels_arg(p)
+    add_seed_arg(p)
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -40,7 +41,7 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def render(rows: list[CompareRow], title: str = "compare"):
+def render(rows, title: str = "compare"):
     """The rich table of compare rows."""
     task_names = list(dict.fromkeys(t for r in rows for t in r.tasks))
     cols = ["model", "config", "perplexity", "Δ% vs dense", *task_names, "params total", "active / token", "carve s", "tokens/s"]
@@ -55,27 +56,32 @@ def render(rows: list[CompareRow], title: str = "compare"):
 
 
 def run(args) -> int:
+    from ..eval.compare import CompareConfig, CompareError, compare, write_json
     from ..eval.plots import plot_quality
+    from ..io.atomic import atomic_dir, check_output
+    from ..io.loading import check_kernels, check_model, load_defaults, resolve_device, resolve_dtype
 
-    task_cfg = None
-    if args.tasks is not None:
-        task_cfg = TaskConfig.parse(args.tasks, num_fewshot=args.fewshot, limit=args.limit,
-                                    batch_size=args.batch_size, include_path=args.include_path, seed=args.seed)  # fmt: skip
-    cfg = CompareConfig(ppl=args.ppl, seqlen=args.seqlen, max_chars=args.max_chars, batch_size=args.batch_size,
-                        tasks=task_cfg, gen_tokens=args.gen_tokens, dtype=args.dtype, device=args.device)  # fmt: skip
-    stem = Path(args.out)
-    json_path = stem.with_name(stem.name + ".json")
-    done: list[CompareRow] = []
+    if len(args.models) < 2:
+        raise CompareError("compare needs a dense model and at least one carved model")
+    cfg = CompareConfig(ppl=args.ppl, seqlen=args.ppl_seqlen, max_chars=args.ppl_chars, batch_size=args.batch_size,
+                        tasks=task_config(args), gen_tokens=args.gen_tokens, dtype=args.dtype, device=args.device)  # fmt: skip
+    device = resolve_device(args.device)
+    resolve_dtype(args.dtype, device)
+    check_kernels(args.kernels, device)
+    refs = [check_model(m, args.revision) for m in args.models]  # every model, before the first is measured
+    check_output(args.out, args.overwrite, inputs=[*(r.path for r in refs), args.ppl])
 
-    def on_row(row: CompareRow) -> None:  # keep what is measured so far: long runs can be cut short
-        done.append(row)
-        write_json(done, cfg, json_path)
-        console.print(f"measured [bold]{row.name}[/]")
+    def on_row(row) -> None:  # long runs: each model's numbers reach the log as soon as they exist
+        ppl = "" if row.perplexity is None else f": perplexity {row.perplexity:.3f}"
+        console.print(f"measured {bold(row.name)}{ppl}")
 
-    rows = compare(args.models, cfg, on_row=on_row)
-    src = f"{args.ppl}, seq {args.seqlen}" + (f", first {args.max_chars:,} chars" if args.max_chars else "") if args.ppl else ""
+    with load_defaults(kernels=args.kernels, **load_kwargs(args)):
+        rows = compare(args.models, cfg, on_row=on_row)
+    src = f"{args.ppl}, seq {args.ppl_seqlen}" + (f", first {args.ppl_chars:,} chars" if args.ppl_chars else "") if args.ppl else ""
     console.print(render(rows, f"compare ({src})" if src else "compare"))
-    png_path = plot_quality([vars(r) for r in rows], stem.with_name(stem.name + ".png"),
-                            title=f"quality vs active parameters ({src})" if src else "quality vs active parameters")  # fmt: skip
-    console.print(f"wrote {json_path} and {png_path}")
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        write_json(rows, cfg, tmp / JSON_FILE)
+        plot_quality([vars(r) for r in rows], tmp / PLOT_FILE,
+                     title=f"quality vs active parameters ({src})" if src else "quality vs active parameters")  # fmt: skip
+    console.print(f"wrote {bold(args.out)}: {JSON_FILE}, {PLOT_FILE}")
     return 0

@@ -3,24 +3,15 @@
 
 from __future__ import annotations
 
-import argparse
-
-import torch
-
-from .. import adapters
-from ..calibration import load_windows, read_text
-from ..condense import MOECARVE_SAVE_FORMAT, CondenseConfig, condense, save_condensed
-from ..config import CalibConfig
-from ..eval.perplexity import perplexity, test_windows
-from ..io.atomic import check_output
-from ..io.loading import is_carved, load_any
-from ..io.save import load_report
-from .common import add_model_args, console, fmt_params, table
+from .common import (
+    add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, at_least, bold, console,
+    fmt_params, load_kwargs, positive, table,
+)  # fmt: skip
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "condense",
+    p = add_command(
+        sub, "condense",
         help="shrink MoE layers into small dense layers (CD-MoE; optional fine-tune of those layers)",
         description="Condense L MoE layers of a model with shared experts (a moecarve carved model, Qwen2-MoE, "
         "DeepSeek-V2/V3; Mixtral, OLMoE, Qwen3-MoE with --experts >= 1) into dense layers: the shared experts "
@@ -29,65 +20,86 @@ def register(sub) -> None:
         "layers alone are then trained by next-token loss on --calib text (everything else stays frozen). The "
         "result saves in the source architecture where its config can hold the condensed layers as dense layers, "
         "else in moecarve's format.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    )  # fmt: skip
     p.add_argument("model", help="a carved moecarve folder, a local MoE model folder or a hub id")
-    p.add_argument("--layers", type=int, required=True, help="L: MoE layers to condense")
-    p.add_argument("--experts", type=int, default=0, help="R: routed experts kept always-on per condensed layer")
-    p.add_argument("--beam", type=int, default=1, help="beam size of the greedy layer search")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--calib", default=None, help="calibration text file or local datasets folder (default: the corpus shipped with moecarve)")
-    p.add_argument("--samples", type=int, default=8, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (clipped to the model's max positions)")
-    p.add_argument("--max-tokens", type=int, default=None, help="calibration tokens used by the per-layer expert search (default: all)")
+    p.add_argument("--layers", type=at_least(1), required=True, help="L: MoE layers to condense")
+    p.add_argument("--experts", type=at_least(0), default=0, help="R: routed experts kept always-on per condensed layer")
+    p.add_argument("--beam", type=at_least(1), default=1, help="beam size of the greedy layer search")
+    add_output_args(p)
+    add_calib_args(p, samples=8, seqlen=512)
+    p.add_argument("--max-tokens", type=at_least(1), default=None,
+                   help="calibration tokens used by the per-layer expert search (default: all)")  # fmt: skip
     p.add_argument("--weighting", default="mean", choices=["mean", "expected"],
-                   help="kept experts' weight: mean routing weight over the tokens that chose them (paper), or over all tokens")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--finetune-steps", type=int, default=0, help="AdamW steps training only the condensed layers (0: training-free)")
-    p.add_argument("--finetune-samples", type=int, default=64,
-                   help="windows of --calib text (--seqlen tokens) to fine-tune on; the first --samples are the search's")
-    p.add_argument("--finetune-lr", type=float, default=1e-4)
-    p.add_argument("--finetune-batch-size", type=int, default=4)
-    p.add_argument("--finetune-lora-r", type=int, default=0, help="0: train the condensed layers fully; r: a rank-r LoRA on them")
-    p.add_argument("--eval", dest="eval_text", default=None, metavar="TEXT", help="also report perplexity before and after on this text file")
-    p.add_argument("--eval-chars", type=int, default=200_000, help="characters of --eval text to use")
-    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
+                   help="kept experts' weight: mean routing weight over the tokens that chose them (the paper), or over all tokens")  # fmt: skip
+    add_seed_arg(p)
+    p.add_argument("--finetune-steps", type=at_least(0), default=0, help="AdamW steps training only the condensed layers (0: training-free)")
+    p.add_argument("--finetune-samples", type=at_least(1), default=64,
+                   help="windows of --calib text (--seqlen tokens) to fine-tune on; the first --samples are the search's")  # fmt: skip
+    p.add_argument("--finetune-lr", type=positive(), default=1e-4, help="learning rate of the condensed layers' fine-tune")
+    p.add_argument("--finetune-batch-size", type=at_least(1), default=4, help="windows per fine-tuning step")
+    p.add_argument("--finetune-lora-r", type=at_least(0), default=0, help="0: train the condensed layers fully; r: a rank-r LoRA on them")
+    add_ppl_args(p, chars=200_000, seqlen=512, what="also report perplexity before and after on this text "
+                 "(a .txt file, a save_to_disk folder, wikitext2 or c4)")  # fmt: skip
     add_model_args(p)
     p.set_defaults(func=run)
 
 
+def check_condensable(ref, cfg, dtype) -> None:
+    """The model's skeleton (meta device: no weights read) checked as condense checks the real model:
+    MoE layers it knows, enough of them, R within each layer's routed experts."""
+    import torch
+
+    from ..condense.pipeline import _validate
+    from ..stream.skeleton import build_skeleton
+
+    _validate(build_skeleton(ref.config_dir, dtype), cfg, torch.zeros(1, 2, dtype=torch.long))
+
+
 def run(args) -> int:
+    import torch
+
+    from ..adapters import clip_seqlen
+    from ..calibration import read_text, tokenize_windows
+    from ..condense import MOECARVE_SAVE_FORMAT, CondenseConfig, condense, save_condensed
+    from ..eval.data import load_eval_text
+    from ..eval.perplexity import eval_windows, perplexity
+    from ..io.atomic import check_output
+    from ..io.loading import check_model, load_any, resolve_device, resolve_dtype
+    from ..io.save import load_report
+
     cfg = CondenseConfig(n_layers=args.layers, n_experts=args.experts, beam=args.beam, max_tokens=args.max_tokens,
                          weighting=args.weighting, seed=args.seed, finetune_steps=args.finetune_steps,
                          finetune_lr=args.finetune_lr, finetune_batch_size=args.finetune_batch_size,
                          finetune_lora_r=args.finetune_lora_r)  # fmt: skip
-    check_output(args.out, args.overwrite)
-    n_windows = max(args.samples, args.finetune_samples if cfg.finetune_steps else 0)
-    # one seeded draw: its first --samples windows are exactly those a plain `--samples` run searches on
-    calib_cfg = CalibConfig(source=args.calib, n_samples=n_windows, seqlen=args.seqlen, seed=args.seed)
-    eval_text = read_text(args.eval_text) if args.eval_text else None
+    dtype = resolve_dtype(args.dtype, resolve_device(args.device))
+    ref = check_model(args.model, args.revision)
+    check_condensable(ref, cfg, dtype)
+    check_output(args.out, args.overwrite, inputs=[ref.path, args.calib, args.ppl])
+    calib_text = read_text(args.calib)  # a missing, empty or binary source fails before the model loads
+    ppl_text = load_eval_text(args.ppl) if args.ppl else None
     torch.manual_seed(args.seed)
-    model, tok = load_any(args.model, args.dtype, args.device)
-    all_windows = load_windows(tok, calib_cfg, adapters.max_positions(model.config))
+    model, tok = load_any(ref, args.dtype, args.device, **load_kwargs(args))
+    # one seeded draw: its first --samples windows are exactly those a plain `--samples` run searches on
+    n_windows = max(args.samples, args.finetune_samples if cfg.finetune_steps else 0)
+    all_windows = tokenize_windows(tok, calib_text, n_windows, clip_seqlen(model.config, args.seqlen), args.seed)
     windows, tune_windows = all_windows[: args.samples], all_windows[: args.finetune_samples]
     ppl = {}
-    if eval_text is not None:
-        ev = test_windows(tok, eval_text, adapters.clip_seqlen(model.config, args.eval_seqlen), args.eval_chars)
-        with console.status("perplexity before"):
-            ppl["before"] = perplexity(model, ev, batch_size=8)
-    console.print(f"condensing [bold]{args.model}[/]: {cfg.n_layers} layers, R={cfg.n_experts}, beam {cfg.beam}, "
+    if ppl_text is not None:
+        ev = eval_windows(tok, args.ppl, clip_seqlen(model.config, args.ppl_seqlen), args.ppl_chars, ppl_text)
+        console.print("perplexity before condensing")
+        ppl["before"] = perplexity(model, ev, batch_size=8, progress=True)
+    console.print(f"condensing {bold(args.model)}: {cfg.n_layers} layers, R={cfg.n_experts}, beam {cfg.beam}, "
                   f"on {windows.shape[0]}x{windows.shape[1]} calibration tokens")  # fmt: skip
     report = condense(model, cfg, windows, finetune_windows=tune_windows)
-    if eval_text is not None:
-        with console.status("perplexity after"):
-            ppl["after"] = perplexity(model, ev, batch_size=8)
-    carve_report = load_report(args.model) if is_carved(args.model) else None
+    if ppl_text is not None:
+        console.print("perplexity after condensing")
+        ppl["after"] = perplexity(model, ev, batch_size=8, progress=True)
+    carve_report = load_report(ref.path) if ref.carved else None
     save_condensed(model, args.out, report, tokenizer=tok, carve_report=carve_report, overwrite=args.overwrite)
     print_summary(report, ppl)
     native = report.format != MOECARVE_SAVE_FORMAT
     fmt = f"its own {report.format} format (plain transformers)" if native else "moecarve's format"
-    console.print(f"saved to [bold]{args.out}[/] in {fmt}: {report.format_reason}", soft_wrap=True, highlight=False)
+    console.print(f"saved to {bold(args.out)} in {fmt}: {report.format_reason}", soft_wrap=True, highlight=False)
     return 0
 
 

@@ -2,88 +2,125 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 from pathlib import Path
 
-from ..errors import MoecarveError
-from ..eval.data import load_eval_text
-from ..eval.perplexity import PerplexityResult, eval_perplexity, eval_windows
-from ..eval.tasks import STANDARD_TASKS, TaskConfig, run_tasks
-from ..io.loading import load_any, resolve_device
-from ..modules.fast import BACKENDS
-from .common import add_model_args, console, table
-
-
-class LayerwiseUnavailable(MoecarveError, RuntimeError):
-    """--layerwise asked for, but moecarve.eval.streaming is not installed."""
+from .common import add_command, add_model_args, add_ppl_args, add_seed_arg, alias, at_least, console, load_kwargs, table
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "eval",
+    p = add_command(
+        sub, "eval",
         help="perplexity (GPTQ protocol) and lm-evaluation-harness tasks",
         description="Evaluate a dense model or a carved folder. Perplexity follows the GPTQ / SparseGPT / Wanda "
         "protocol: the test documents joined with a blank line, tokenized once, cut into non-overlapping "
-        "windows of --seqlen tokens, exp of the mean NLL over every predicted token. wikitext2 and c4 are read "
-        "from the local datasets cache only (never downloaded). Tasks run through lm_eval on the in-memory model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+        "windows of --ppl-seqlen tokens, exp of the mean NLL over every predicted token. wikitext2 and c4 are "
+        "read from the local datasets cache only (never downloaded). Tasks run through lm_eval on the in-memory model.",
+    )  # fmt: skip
     p.add_argument("model", help="a local model folder (dense or carved) or a hub id")
-    p.add_argument("--ppl", default=None, metavar="SET", help="wikitext2, c4, a .txt file or a save_to_disk folder")
-    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (clipped to the model's max positions)")
-    p.add_argument("--max-chars", type=int, default=None, help="use only the first N characters of the test text")
-    p.add_argument("--batch-size", type=int, default=4, help="windows / harness requests per forward pass")
+    add_ppl_args(p, chars=None, seqlen=2048, what="perplexity text: wikitext2, c4, a .txt file or a save_to_disk folder")
+    alias(p, "--seqlen", dest="ppl_seqlen", type=at_least(2))
+    p.add_argument("--batch-size", type=at_least(1), default=4, help="windows / harness requests per forward pass")
     p.add_argument("--layerwise", action="store_true", help="perplexity with weights moved to the device one decoder "
                    "layer at a time (needs moecarve.eval.streaming)")  # fmt: skip
-    p.add_argument("--tasks", default=None, help=f"comma-separated lm_eval tasks, e.g. {','.join(STANDARD_TASKS)}")
-    p.add_argument("--fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
-    p.add_argument("--limit", type=int, default=None, help="examples per task (quick runs)")
-    p.add_argument("--include-path", default=None, help="a folder of extra lm_eval task YAMLs")
-    p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--kernels", default="none", choices=("none", *BACKENDS),
-                   help="carved folders: run the MoE layers through moecarve's fast paths (same results to "
-                   "float rounding; auto = CPU path on CPU, Triton on CUDA)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
+    add_task_args(p)
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE",
+                   help="also write the results as JSON (an existing FILE is replaced only if it is an earlier "
+                   "result of moecarve eval)")  # fmt: skip
+    add_kernels_arg(p)
+    add_seed_arg(p)
     add_model_args(p)
     p.set_defaults(func=run)
 
 
+def add_task_args(p) -> None:
+    """lm-evaluation-harness options (eval and compare)."""
+    p.add_argument("--tasks", default=None, help="comma-separated lm_eval tasks, e.g. piqa,arc_easy,hellaswag")
+    p.add_argument("--fewshot", type=at_least(0), default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--limit", type=at_least(1), default=None, help="examples per task, for quick runs (default: all)")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="a folder of extra lm_eval task YAMLs")
+
+
+def add_kernels_arg(p) -> None:
+    """--kernels: how a carved model's MoE layers run (eval and compare)."""
+    p.add_argument("--kernels", default="none",
+                   help="carved folders: run the MoE layers through moecarve's fast paths, same results to float "
+                   "rounding: none, auto (CPU path on CPU, Triton on CUDA), cpu, triton (CUDA only), torch")  # fmt: skip
+
+
+def task_config(args):
+    """The harness settings of add_task_args' options (validated), or None without --tasks."""
+    from ..eval.tasks import TaskConfig
+
+    if args.tasks is None:
+        return None
+    return TaskConfig.parse(args.tasks, num_fewshot=args.fewshot, limit=args.limit, batch_size=args.batch_size,
+                            include_path=args.include_path, seed=args.seed)  # fmt: skip
+
+
+def check_json_out(path: str) -> None:
+    """--json FILE: a writable location, and an existing file only if it is an earlier eval result."""
+    from ..io.atomic import UnsafeOutput, check_writable
+
+    path = Path(path)
+    if path.is_dir():
+        raise UnsafeOutput(f"--json {path} is a folder; name a file, e.g. {path / 'eval.json'}")
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "model" in earlier):
+            raise UnsafeOutput(f"refusing to replace {path}: it is not an earlier result of moecarve eval; "
+                               "choose another --json file")  # fmt: skip
+    check_writable(path.absolute().parent)
+
+
 def run(args) -> int:
+    import importlib.util
+
+    from ..errors import MoecarveError, UsageError
+    from ..eval.data import load_eval_text
+    from ..eval.perplexity import eval_perplexity
+    from ..eval.tasks import run_tasks
+    from ..io.loading import check_kernels, check_model, load_any, resolve_device, resolve_dtype
+
     if args.ppl is None and args.tasks is None:
-        raise MoecarveError("nothing to evaluate: pass --ppl and/or --tasks")
+        raise UsageError("nothing to evaluate: pass --ppl and/or --tasks")
     if args.layerwise and args.ppl is None:
-        raise MoecarveError("--layerwise evaluates perplexity: pass --ppl too")
-    task_cfg = None
-    if args.tasks is not None:  # validate before loading the model
-        task_cfg = TaskConfig.parse(args.tasks, num_fewshot=args.fewshot, limit=args.limit,
-                                    batch_size=args.batch_size, include_path=args.include_path, seed=args.seed)  # fmt: skip
+        raise UsageError("--layerwise evaluates perplexity: pass --ppl too")
+    task_cfg = task_config(args)  # validated before loading the model
+    device = resolve_device(args.device)
+    resolve_dtype(args.dtype, device)
+    check_kernels(args.kernels, device)
+    if args.json_out:
+        check_json_out(args.json_out)
+    ref = check_model(args.model, args.revision)
     layerwise = None
     if args.layerwise:
         if importlib.util.find_spec("moecarve.eval.streaming") is None:
-            raise LayerwiseUnavailable("--layerwise needs moecarve.eval.streaming, which this installation lacks")
+            raise MoecarveError("--layerwise needs moecarve.eval.streaming, which this installation lacks")
+        if ref.path is None:
+            raise UsageError(f"--layerwise reads a local folder; {args.model!r} is a hub id: download it first")
         layerwise = importlib.import_module("moecarve.eval.streaming").layerwise_perplexity
     text = load_eval_text(args.ppl) if args.ppl is not None else None  # fails before any model loads
     out: dict = {"model": args.model}
     rows = []
     if layerwise is not None:
-        ppl = _layerwise(args, layerwise, text)
+        ppl = _layerwise(args, ref, layerwise, text)
         out["perplexity"] = ppl.to_dict()
-        label = f"perplexity ({ppl.source}, seq {ppl.seqlen}, {ppl.n_windows} windows, layer-wise)"
-        rows.append([label, f"{ppl.perplexity:.4f}"])
+        rows.append([f"perplexity ({ppl.source}, seq {ppl.seqlen}, {ppl.n_windows} windows, layer-wise)", f"{ppl.perplexity:.4f}"])
     if (args.ppl is not None and layerwise is None) or task_cfg is not None:
-        model, tok = load_any(args.model, args.dtype, args.device, kernels=args.kernels)
+        model, tok = load_any(ref, args.dtype, args.device, kernels=args.kernels, **load_kwargs(args))
         if args.ppl is not None and layerwise is None:
-            with console.status("perplexity"):
-                ppl = eval_perplexity(model, tok, args.ppl, args.seqlen, args.max_chars, args.batch_size, text=text)
+            console.print("perplexity")
+            ppl = eval_perplexity(model, tok, args.ppl, args.ppl_seqlen, args.ppl_chars, args.batch_size, progress=True, text=text)
             out["perplexity"] = ppl.to_dict()
-            label = f"perplexity ({ppl.source}, seq {ppl.seqlen}, {ppl.n_windows} windows)"
-            rows.append([label, f"{ppl.perplexity:.4f}"])
+            rows.append([f"perplexity ({ppl.source}, seq {ppl.seqlen}, {ppl.n_windows} windows)", f"{ppl.perplexity:.4f}"])
         if task_cfg is not None:
             results = run_tasks(model, tok, task_cfg)
             out["tasks"] = {t: r.metrics for t, r in results.items()}
-            rows += [[f"{t} acc" + (f" / acc_norm" if "acc_norm" in r.metrics else ""),
+            rows += [[f"{t} acc" + (" / acc_norm" if "acc_norm" in r.metrics else ""),
                       f"{r.accuracy:.4f}" + (f" / {r.metrics['acc_norm']:.4f}" if "acc_norm" in r.metrics else "")]
                      for t, r in results.items()]  # fmt: skip
     console.print(table(f"eval {args.model}", ["", "value"], rows))
@@ -97,15 +134,17 @@ def run(args) -> int:
     return 0
 
 
-def _layerwise(args, layerwise_perplexity, text: str) -> PerplexityResult:
+def _layerwise(args, ref, layerwise_perplexity, text: str):
     """Perplexity through the streaming evaluator: only the tokenizer and config are loaded here."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .. import adapters
+    from ..adapters import clip_seqlen
+    from ..eval.perplexity import PerplexityResult, eval_windows
+    from ..io.loading import resolve_device
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    seqlen = adapters.clip_seqlen(AutoConfig.from_pretrained(args.model), args.seqlen)
-    windows = eval_windows(tok, args.ppl, seqlen, args.max_chars, text)
-    with console.status("layer-wise perplexity"):
-        ppl = float(layerwise_perplexity(args.model, windows, resolve_device(args.device)))
+    tok = AutoTokenizer.from_pretrained(ref.path)
+    seqlen = clip_seqlen(AutoConfig.from_pretrained(ref.path), args.ppl_seqlen)
+    windows = eval_windows(tok, args.ppl, seqlen, args.ppl_chars, text)
+    console.print("perplexity, layer by layer")
+    ppl = float(layerwise_perplexity(args.model, windows, resolve_device(args.device), progress=True))
     return PerplexityResult(args.ppl, seqlen, windows.shape[0], windows.shape[0] * (seqlen - 1), ppl)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..calibration import read_text_file
 from ..errors import MoecarveError
 
 DOC_SEPARATOR = "\n\n"
@@ -109,7 +110,7 @@ def load_eval_text(source: str) -> str:
             raise EvalDataError(
                 f"perplexity source {source!r} is neither {' nor '.join(NAMED_SETS)} nor an existing file or folder"
             )
-        text = _from_folder(path) if path.is_dir() else path.read_text(encoding="utf-8", errors="replace")
+        text = _from_folder(path) if path.is_dir() else read_text_file(path, "perplexity source", EvalDataError)
     if not text.strip():
         raise EvalDataError(f"perplexity source {source!r} holds no text")
     return text

@@ -42,7 +42,10 @@ def _weight_map(folder: Path, index_name: str, single_name: str) -> dict[str, st
     """tensor name -> file name, from the index or the single file; None when neither exists."""
     index = folder / index_name
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = dict(json.loads(index.read_text())["weight_map"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is damaged ({type(e).__name__}: {e}); replace it with a complete copy") from e
         missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
         if missing:
             raise CheckpointError(f"{index} names shard(s) missing from {folder}: {', '.join(missing)}")

@@ -53,14 +53,36 @@ class Entry:
     shape: list[int]
 
 
+class TruncatedFile(MoecarveError, OSError):
+    """A safetensors file that is cut short or is not a safetensors file at all."""
+
+
+_MAX_HEADER = 100 << 20  # safetensors itself refuses headers above 100 MB
+
+
 def read_header(path: Path) -> list[Entry]:
-    """The tensors of a safetensors file, in file order (reads the header only)."""
+    """The tensors of a safetensors file, in file order (reads the header only).
+
+    Raises TruncatedFile when the file is shorter than its header says (a cut-off copy or an
+    interrupted write) or is not a safetensors file: every later read can trust the offsets.
+    """
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    entries = [Entry(k, path, 8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0], v["dtype"], v["shape"])
-               for k, v in header.items()]  # fmt: skip
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+        if n is None or n > min(size - 8, _MAX_HEADER):
+            raise TruncatedFile(f"{path} is truncated or not a safetensors file ({size} bytes); replace it with a complete copy")
+        try:
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            entries = [Entry(k, path, 8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0], v["dtype"], v["shape"])
+                       for k, v in header.items()]  # fmt: skip
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise TruncatedFile(f"{path} has a damaged safetensors header ({type(e).__name__}); replace it with a complete copy") from e
+    end = max((e.start + e.nbytes for e in entries), default=8 + n)
+    if end > size:
+        raise TruncatedFile(f"{path} is truncated: its header describes {end} bytes, the file holds {size}; "
+                            "replace it with a complete copy")  # fmt: skip
     return sorted(entries, key=lambda e: e.start)
 
 
@@ -81,6 +103,8 @@ def _write_one(dest: Path, entries: list[Entry]) -> None:
                 left = e.nbytes
                 while left:
                     chunk = src.read(min(left, _COPY_CHUNK))
+                    if not chunk:  # the file shrank after its header was read: stop, never spin
+                        raise TruncatedFile(f"{e.file} is truncated: tensor {e.name!r} ends past the end of the file")
                     out.write(chunk)
                     left -= len(chunk)
 
