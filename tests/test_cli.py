@@ -209,3 +209,43 @@ def test_load_windows_clips_to_the_model_as_the_cli_does(reference_tokenizer):
     model = tiny_model("llama")  # max_position_embeddings 128
     assert moecarve.load_windows(reference_tokenizer, cfg, model=model).shape == (2, 128)
     assert moecarve.load_windows(reference_tokenizer, cfg, model=model.config).shape == (2, 128)
+
+
+def test_error_messages_print_verbatim(monkeypatch, capsys):
+    """Brackets in a message are text, not markup: "[n >= 1, seqlen >= 2]" once printed as "must be , got"."""
+    from moecarve.cli import carve as carve_cmd
+    from moecarve.errors import MoecarveError
+
+    def fail(args):
+        raise MoecarveError("training windows must be [n >= 1, seqlen >= 2], got (0, 64)")
+
+    monkeypatch.setattr(carve_cmd, "run", fail)
+    assert main(["carve", "m", "--out", "o"]) == 2
+    assert capsys.readouterr().err == "error: training windows must be [n >= 1, seqlen >= 2], got (0, 64)\n"
+
+
+@pytest.mark.parametrize("before,after,losses,warned", [(88.8, 8192.0, [4.5, 9.0], True), (20.0, 18.0, [3.0, 2.9], False),
+                                                        (20.0, 18.0, [3.0, float("nan")], True)])  # fmt: skip
+def test_a_diverged_finetune_is_reported(before, after, losses, warned, caplog):
+    from types import SimpleNamespace
+
+    from moecarve.cli.finetune import warn_if_diverged
+
+    warn_if_diverged(SimpleNamespace(ppl_before=before, ppl_after=after, losses=losses), lr=2e-4)
+    assert any("diverged" in r.getMessage() for r in caplog.records) == warned
+
+
+def test_finetune_no_merge_saves_the_adapter_alone(tmp_path, reference_tokenizer, capsys):
+    vocab = len(reference_tokenizer)
+    model = tiny_model("llama", vocab_size=vocab)
+    windows = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    moecarve.carve(model, moecarve.CarveConfig.from_string("S1A1E4", method="cmoe"), windows, progress=False)
+    moecarve.save(model, tmp_path / "carved", tokenizer=reference_tokenizer)
+    data = tmp_path / "train.txt"
+    data.write_text(CALIB_TXT.read_text()[:20_000])
+    args = ["finetune", str(tmp_path / "carved"), "--calib", str(data), "--samples", "2", "--seqlen", "32", "--heldout", "0",
+            "--batch-size", "2", "--out", str(tmp_path / "adapter"), "--no-merge", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    names = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "finetune_report.json"} <= names
+    assert not any(n.startswith("model") for n in names)  # the adapter alone, no merged weights

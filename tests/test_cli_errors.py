@@ -9,6 +9,7 @@ would destroy it), with the Hugging Face Hub forced offline.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import moecarve
 from moecarve.cli import main
@@ -89,6 +90,10 @@ def world(tmp_path_factory, reference_tokenizer) -> Path:
         (root / name / "config.json").write_text(json.dumps(body))
     (root / "badjson").mkdir()
     (root / "badjson" / "config.json").write_text('{"model_type": "llama", ')
+    shutil.copytree(dense, root / "pickled")  # pickle weights holding an object torch's safe loader refuses
+    state = load_file(str(root / "pickled" / "model.safetensors"))
+    (root / "pickled" / "model.safetensors").unlink()
+    torch.save({**state, "extra": argparse.Namespace(a=1)}, root / "pickled" / "pytorch_model.bin")
     (root / "empty").mkdir()
     (root / "notes").mkdir()
     (root / "notes" / "notes.txt").write_text("my notes, not moecarve's")
@@ -225,6 +230,7 @@ CASES = [
     ("eval --kernels triton", ["eval", "carved", "--ppl", "text.txt", "--kernels", "triton"], "runs on CUDA only", NO_CUDA),
     ("eval --kernels x", ["eval", "carved", "--ppl", "text.txt", "--kernels", "fastest"], "unknown kernels 'fastest'"),
     ("eval truncated weights", ["eval", "dense_trunc", "--ppl", "text.txt"], "model.safetensors is truncated"),
+    ("eval pickle refused", ["eval", "pickled", "--ppl", "text.txt"], "which torch's safe loader refuses"),
     ("eval missing --ppl", ["eval", "dense", "--ppl", "no-such.txt"], "nor an existing file or folder"),
     ("eval binary --ppl", ["eval", "dense", "--ppl", "binary.bin"], "is not a text file"),
     ("eval --layerwise alone", ["eval", "dense", "--tasks", "piqa", "--layerwise"], "pass --ppl too"),
@@ -308,32 +314,12 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(argv, message, world, 
     assert snapshot(world) == before
 
 
-def test_truncated_partial_resume_fails_at_once(world, tmp_path, reference_tokenizer):
-    """The issue's hang: a streamed carve stopped after layer 0, its layer file cut short, then
-    `--resume` in a real process: exit 2 and "is truncated" within the timeout, not a spin."""
+def test_stopped_streamed_carve_then_truncated_resume(world, tmp_path, reference_tokenizer, capsys):
+    """A streamed carve that stops after layer 0 says that --resume continues it. Then the issue's
+    hang: that layer's file cut short and `--resume` in a real process: exit 2 and "is truncated"
+    within the timeout, not a spin, and nothing changed."""
     model = tiny_model("llama", vocab_size=len(reference_tokenizer))
     with torch.no_grad():  # layer 1 poisoned: the carve stops there, after layer 0 is on disk
-        model.model.layers[1].post_attention_layernorm.weight.fill_(float("nan"))
-    model.save_pretrained(tmp_path / "m")
-    reference_tokenizer.save_pretrained(tmp_path / "m")
-    argv = ["carve", str(tmp_path / "m"), "--out", str(tmp_path / "st"), "--offload", "disk", "--calib", str(world / "text.txt"),
-            "--samples", "2", "--seqlen", "32", "--config", "S1A1E4"]  # fmt: skip
-    assert main(argv) == 2
-    layer0 = tmp_path / "st.partial" / "layer-00000.safetensors"
-    assert layer0.exists()
-    _truncate(layer0, 0.3)
-    before = snapshot(tmp_path)
-    run = subprocess.run([sys.executable, "-m", "moecarve", *argv, "--resume"], capture_output=True, text=True, timeout=240,
-                         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    assert run.returncode == 2, run.stderr
-    assert "Traceback" not in run.stderr
-    assert "layer-00000.safetensors is truncated" in run.stderr and "--overwrite" in run.stderr
-    assert snapshot(tmp_path) == before
-
-
-def test_stopped_streamed_carve_says_resume_continues_it(world, tmp_path, reference_tokenizer, capsys):
-    model = tiny_model("llama", vocab_size=len(reference_tokenizer))
-    with torch.no_grad():
         model.model.layers[1].post_attention_layernorm.weight.fill_(float("nan"))
     model.save_pretrained(tmp_path / "m")
     reference_tokenizer.save_pretrained(tmp_path / "m")
@@ -343,6 +329,15 @@ def test_stopped_streamed_carve_says_resume_continues_it(world, tmp_path, refere
     err = capsys.readouterr().err
     assert len(problem_lines(err)) == 1, err
     assert "NaN" in err and "keeps 1 finished layer(s): rerun the same command with --resume" in err
+    layer0 = tmp_path / "st.partial" / "layer-00000.safetensors"
+    _truncate(layer0, 0.3)
+    before = snapshot(tmp_path)
+    run = subprocess.run([sys.executable, "-m", "moecarve", *argv, "--resume"], capture_output=True, text=True, timeout=240,
+                         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and len(problem_lines(run.stderr)) == 1, run.stderr
+    assert "layer-00000.safetensors is truncated" in run.stderr and "--overwrite" in run.stderr
+    assert snapshot(tmp_path) == before
 
 
 def test_write_shards_stops_on_a_file_that_shrank(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 import sys
 
 from ..errors import MoecarveError
@@ -56,9 +57,13 @@ def is_user_error(e: BaseException) -> bool:
     return type(e).__module__.startswith("safetensors") and type(e).__name__ == "SafetensorError"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def one_line(e: BaseException) -> str:
-    """The message of `e` on one line (transformers' OSErrors span several)."""
-    return " ".join(str(e).split()) or type(e).__name__
+    """The message of `e` on one line, without terminal colour codes (transformers' and torch's
+    messages span several lines and carry some)."""
+    return " ".join(_ANSI.sub("", str(e)).split()) or type(e).__name__
 
 
 class _WarningLines(logging.Handler):

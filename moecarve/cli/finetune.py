@@ -45,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="checkpoint folder (default: OUT.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     p.add_argument("--max-steps", type=at_least(1), default=None, help="stop after this many steps in all (resume later)")
+    p.add_argument("--no-merge", action="store_true",
+                   help="save the LoRA adapter alone (PEFT format) to OUT instead of the merged model; apply it with "
+                   "moecarve.finetune.load_adapter(MODEL, OUT)")  # fmt: skip
     add_seed_arg(p)
     add_ppl_args(p, chars=200_000, seqlen=512, what="also report perplexity before / after on this text "
                  "(a .txt file, a save_to_disk folder, wikitext2 or c4)")  # fmt: skip
@@ -85,10 +88,11 @@ def run(args) -> int:
     from ..eval.data import load_eval_text
     from ..eval.perplexity import eval_windows
     from ..finetune import FinetuneConfig, finetune
+    from ..finetune.adapter import save_adapter
     from ..finetune.checkpoint import latest
     from ..io.atomic import atomic_dir, check_output
     from ..io.loading import check_model, load_any, resolve_device, resolve_dtype
-    from ..io.save import load_report, save
+    from ..io.save import load_report, ordinary_permissions, save
 
     if args.calib is None:
         raise UsageError("finetune needs --calib TEXT: the training text (a text file or a local datasets folder)")
@@ -120,7 +124,8 @@ def run(args) -> int:
         console.print("perplexity on --ppl before fine-tuning")
         ev_before = eval_text_metrics(model, ev, args.batch_size)
     console.print(f"fine-tuning {bold(args.model)} on {train.shape[0]}x{train.shape[1]} tokens, {cfg.epochs} epoch(s)")
-    report = finetune(model, cfg, train, eval_windows=held if args.heldout else None, checkpoint_dir=ckpt_dir, resume=args.resume)
+    report = finetune(model, cfg, train, eval_windows=held if args.heldout else None, checkpoint_dir=ckpt_dir,
+                      resume=args.resume, merge=not args.no_merge)  # fmt: skip
     warn_if_diverged(report, args.lr)
     rows = [["steps", f"{report.steps} (resumed at {report.start_step})" if report.start_step else report.steps],
             ["trainable parameters", f"{report.trainable_params:,}"], ["time", f"{report.seconds:.1f} s"]]  # fmt: skip
@@ -140,7 +145,9 @@ def run(args) -> int:
         if carved:
             rows += [[f"{name} load worst layer before / after", f"{ev_before['load_worst']:.2f} / {ev_after['load_worst']:.2f}"]]
     extra = {REPORT_FILE: json.dumps(summary, indent=2)}
-    if carved:
+    if args.no_merge:
+        save_adapter(model, args.out, cfg, base_model=args.model, overwrite=args.overwrite, extra_files=extra)
+    elif carved:
         save(model, args.out, tokenizer=tok, report=load_report(args.model), overwrite=args.overwrite, extra_files=extra)
     else:  # a dense model: an ordinary Hugging Face folder
         with atomic_dir(args.out, args.overwrite) as tmp:
@@ -148,8 +155,10 @@ def run(args) -> int:
             tok.save_pretrained(tmp)
             for file, body in extra.items():
                 (tmp / file).write_text(body)
+            ordinary_permissions(tmp)
     console.print(table("finetune summary", ["", "value"], rows))
-    console.print(f"saved to {bold(args.out)} (checkpoints in {ckpt_dir})")
+    what = "the adapter" if args.no_merge else "the fine-tuned model"
+    console.print(f"saved {what} to {bold(args.out)} (checkpoints in {ckpt_dir})")
     return 0
 
 

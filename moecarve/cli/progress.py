@@ -14,6 +14,11 @@ import time
 from contextlib import contextmanager
 
 
+def _progress(bar: str | None) -> str | None:
+    """A bar without its timing part ("[00:14<00:04, 4.81s/it]"), which changes on every redraw."""
+    return bar if bar is None else bar.split("[", 1)[0]
+
+
 class LogLines(io.TextIOBase):
     """A text stream that turns tqdm's carriage-return redraws into throttled plain lines."""
 
@@ -36,7 +41,7 @@ class LogLines(io.TextIOBase):
                 self._emit(self._bar)
             return len(s)
         if s == "\n" and self._bar is not None:  # tqdm closes its bar: show the final state once
-            if self._bar and self._bar != self._shown:
+            if self._bar and _progress(self._bar) != _progress(self._shown):
                 self._emit(self._bar)
             self._bar, self._last = None, float("-inf")
             return len(s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -310,7 +311,12 @@ def load_any(name_or_ref, dtype="auto", device="auto", kernels: str | None = Non
             model = load(ref.path, dtype=dt, kernels=kernels, device_map=device_map)
         else:
             model = AutoModelForCausalLM.from_pretrained(ref.source, dtype=dt, device_map=device_map, **opts)
-    except (OSError, ValueError, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:  # transformers reads pytorch_model*.bin with torch's weights_only loader
+        what = re.search(r"GLOBAL (\S+)", str(e))
+        raise ModelNotFound(f"cannot load model {ref.name!r}: its pickle weights (pytorch_model*.bin) hold "
+                            f"{what.group(1) if what else 'an object'}, which torch's safe loader refuses; convert them to "
+                            "safetensors where you trust the file") from e  # fmt: skip
+    except (OSError, ValueError) as e:
         raise ModelNotFound(f"cannot load model {ref.name!r}: {_first_line(e)}") from e
     if device_map is None:
         model = model.to(dev)
