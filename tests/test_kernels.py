@@ -37,7 +37,7 @@ def random_moe(
     hot: expert every token picks first (a large router bias); cold: experts no token picks.
     probes: the fitted router's probe neurons. The shadow router's codes are random.
     """
-    extra = {"shadow_bits": 4} if router == "shadow" else {}
+    extra = {"shadow_bits": 4, "shadow_layout": "nibbles"} if router == "shadow" else {}
     spec = MoESpec(
         hidden_size=d, expert_size=m, n_shared=S, n_routed=E, top_k=A, act=act, gated=gated,
         in_bias=in_bias, out_bias=out_bias, router=router, norm_topk_prob=norm_topk_prob, router_probes=probes, **extra,
@@ -314,6 +314,44 @@ def test_tri_own_router_matches_reference(case: str, T: int) -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("case,T,bits,threshold", [
+    ("s1a1", 1, 4, None), ("s2a2", 5, 4, None), ("plain_bias", 3, 4, None), ("single_neurons", 2, 4, None),
+    ("small_odd", 1, 8, None), ("single_neurons", 3, 4, 0.6),
+])  # fmt: skip
+def test_tri_shadow_matches_reference(case: str, T: int, bits: int, threshold: float | None) -> None:
+    """The shadow router's Triton kernels: quantise, score (packed 4-bit or int8 codes), select
+    (top-A by bisection, or a threshold) and the decode experts, against the reference module."""
+    from moecarve.kernels.triton_shadow import shadow_route_triton
+
+    from .test_native import SHADOW_CASES, shadow_moe
+
+    moe = shadow_moe(bits, threshold, **SHADOW_CASES[case])
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+    w, idx = shadow_route_triton(x, moe_tensors(moe))
+    with torch.no_grad():
+        w_ref, idx_ref = moe.router(x)
+    for t in range(T):  # the same experts with the same weights (slot order may differ)
+        got = {int(e): float(v) for e, v in zip(idx[t], w[t]) if e >= 0}
+        ref = {int(e): float(v) for e, v in zip(idx_ref[t], w_ref[t]) if v != 0}
+        assert got.keys() == ref.keys()
+        assert all(abs(got[e] - ref[e]) < 1e-5 for e in got)
+    torch.testing.assert_close(fast(moe, x, "triton"), reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+def test_tri_shadow_quantises_like_the_reference() -> None:
+    from moecarve.kernels.triton_shadow import _pow2, _quantize_kernel
+    from moecarve.modules.moe import quantize_tokens
+
+    x = torch.randn(4, D) * 3
+    x[0, :6] = torch.tensor([127.0, 0.5, 1.5, -2.5, 63.5, -0.4])  # ties to even at scale 1
+    q, s = torch.empty(4, D), torch.empty(4)
+    _quantize_kernel[(4,)](x, q, s, D, BLOCK_D=_pow2(D))
+    q_ref, s_ref = quantize_tokens(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref[:, 0])
+
+
+@needs_interpreter
 def test_tri_router_and_32_tokens() -> None:
     from moecarve.kernels.triton_decode import route_triton
 
@@ -370,6 +408,13 @@ def test_tri_custom_ops_are_well_formed() -> None:
     args = (x, idx, w, t.in_proj, t.out_proj, t.in_bias, t.shared_in, t.shared_out, t.shared_in_bias, t.out_bias)
     args += (True, "silu")
     torch.library.opcheck(td.experts_op, args, test_utils=checks)
+    from moecarve.kernels import triton_shadow as ts
+
+    from .test_native import shadow_moe
+
+    t = moe_tensors(shadow_moe(A=2))
+    args = (x, t.shadow_codes, t.shadow_scale, t.shadow_bias, t.router_bias, t.router_scale, None, t.expert_size, 2)
+    torch.library.opcheck(ts.shadow_route_op, args + (True, "silu"), test_utils=checks)
 
 
 @needs_interpreter
@@ -414,6 +459,19 @@ def test_triton_kernels_compile_for_sm90() -> None:
           ("N", "D", "M", "E", "stride_we", "stride_be"), ("slots_ptr", "tile_expert_ptr"))  # fmt: skip
     build(tp._gemm_down_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, **dot),
           ("N", "D", "M", "E", "stride_we"), ("slots_ptr", "tile_expert_ptr"))  # fmt: skip
+
+    from moecarve.kernels import triton_shadow as ts
+
+    def build_typed(kernel, consts: dict, ints: tuple[str, ...], types: dict[str, str]) -> None:  # other pointers fp32
+        sig = {n: "constexpr" if n in consts else "i32" if n in ints else types.get(n, "*fp32") for n in kernel.arg_names}
+        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32))
+
+    build_typed(ts._quantize_kernel, dict(BLOCK_D=4096), ("D",), {"x_ptr": "*bf16"})
+    build_typed(ts._scores_kernel, dict(PACKED=True, GATED=True, HAS_BIAS=False, ACT=0, BLOCK_T=16, BLOCK_J=32, BLOCK_K=64),
+                ("T", "D", "E", "M", "KW"), {"codes_ptr": "*u8", "b_ptr": "*bf16"})  # fmt: skip
+    build_typed(ts._select_kernel, dict(A_PAD=4, HAS_THRESHOLD=False, BLOCK_E=16), ("E", "K"),
+                {"idx_ptr": "*i32", "scale_ptr": "*bf16"})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- real GPU

@@ -241,7 +241,8 @@ def carve_ffn_fitted(
     grouping = group_by_profiles(h, cfg.n_shared, cfg.n_routed, cfg.profile_iters, cfg.seed)
     threshold = cfg.selection == "threshold"
     if cfg.shadow_bits:
-        spec = replace(spec, router="shadow", shadow_bits=cfg.shadow_bits, selection=cfg.selection)
+        layout = "nibbles" if packs_nibbles(cfg.shadow_bits, ffn.hidden_size) else "int8"
+        spec = replace(spec, router="shadow", shadow_bits=cfg.shadow_bits, shadow_layout=layout, selection=cfg.selection)
         if threshold:  # up to 2A experts above the threshold, A on average
             spec = replace(spec, top_k=min(spec.n_routed, 2 * cfg.n_active), mean_active=float(cfg.n_active))
         tensors = shadow_router(ffn, grouping, cfg.shadow_bits)

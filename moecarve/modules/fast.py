@@ -7,19 +7,22 @@ module-level function (no closure over the module) it survives deepcopy and pick
 
 Backends (T = tokens in the call):
   torch   the reference forward (sorted tokens + torch._grouped_mm); removes any fast path.
-  cpu     kernels.cpu for T <= CPU_MAX_TOKENS (gathered experts, or one masked dense GEMM over
-          the picked experts' span, by a bytes-read rule), else the reference (any device; reads
-          expert ids on the host, which is free on CPU only).
+  cpu     kernels.cpu for T <= CPU_MAX_TOKENS: the C kernels (kernels/native.c: each picked
+          expert read once, in place, one call per layer), or where no C compiler is available
+          gathered experts / one masked dense GEMM over the picked experts' span by a bytes-read
+          rule; else the reference (any device; reads expert ids on the host, free on CPU only).
   triton  kernels.triton_decode for T <= 32, kernels.triton_prefill above (CUDA, or CPU tensors
           under TRITON_INTERPRET=1).
   auto    per call: CPU tensors -> cpu; CUDA tensors -> Triton decode for T <= 32, and for larger
           T the reference where torch._grouped_mm runs (bf16 on sm90+), else Triton prefill.
-Routers: the analytic and linear routers run inside the kernels (fused in Triton decode); any other
-router (the "fitted" one) is called as the module's own `router` and its choice fed to the same
-expert kernels. Every path falls back to the reference for unsupported activations and whenever
-autograd is recording (run inference under torch.no_grad / inference_mode, as generate() does).
-The CPU path calls .tolist(), so under torch.compile it splits the graph; the Triton paths are
-single custom ops and trace whole.
+Routers: the analytic and linear routers run inside the kernels (fused in Triton decode); the
+shadow router has its own kernels (C on CPU: kernels/native.c, one call per layer; Triton:
+kernels/triton_shadow.py); any other router (the "fitted" probe router) is called as the module's
+own `router` and its choice fed to the same expert kernels. Every path falls back to the
+reference for unsupported activations and whenever autograd is recording (run inference under
+torch.no_grad / inference_mode, as generate() does). The CPU path calls C through ctypes (or
+.tolist() without it), so under torch.compile it splits the graph; the Triton paths are single
+custom ops and trace whole.
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ def _cpu_forward(moe: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | 
     return moe_decode_cpu(x, _cached_tensors(moe)).view(hidden_states.shape)
 
 
-_TRITON: tuple | None = None  # (triton_decode, triton_prefill) once use_kernels has imported them
+_TRITON: tuple | None = None  # (triton_decode, triton_prefill, triton_shadow) once use_kernels has imported them
 
 
 def _load_triton() -> tuple | None:
@@ -128,10 +131,10 @@ def _load_triton() -> tuple | None:
     global _TRITON
     if _TRITON is None:
         try:
-            from ..kernels import triton_decode, triton_prefill
+            from ..kernels import triton_decode, triton_prefill, triton_shadow
         except Exception:  # no triton, no driver: the reference path still works
             return None
-        _TRITON = (triton_decode, triton_prefill)
+        _TRITON = (triton_decode, triton_prefill, triton_shadow)
     return _TRITON
 
 
@@ -140,13 +143,15 @@ def _triton_call(moe: nn.Module, hidden_states: torch.Tensor, prefill: str) -> t
     torch._grouped_mm runs, else Triton)."""
     if _TRITON is None:
         return None
-    decode, grouped = _TRITON
+    decode, grouped, shadow = _TRITON
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     T = x.shape[0]
     t = moe_tensors(moe)
     if T == 0 or not decode.supports(t) or _recording(x, moe):
         return None
     if T <= decode.MAX_DECODE_TOKENS:
+        if t.router == "shadow":  # scored, selected and run in Triton
+            return shadow.shadow_decode_triton(x, t).view(hidden_states.shape)
         if t.router_fn is not None:  # e.g. "fitted": the module routes, the kernels run the experts
             weights, idx = t.router_fn(x)
             return decode.experts_triton(x, idx, weights, t).view(hidden_states.shape)

@@ -36,6 +36,7 @@ class MoESpec:
     norm_topk_prob: bool = False  # linear router: renormalise the top-k probabilities
     router_probes: int = 0  # fitted router: probe neurons whose |h| feeds the scores
     shadow_bits: int = 0  # shadow router: bits of its quantised copy of the experts' input rows
+    shadow_layout: str = "int8"  # shadow router codes: "nibbles" (two per byte) or "int8" (folders before packing)
     selection: str = "topk"  # shadow router: "topk" (top_k experts) or "threshold" (up to top_k above a threshold)
     mean_active: float = 0.0  # "threshold": routed experts picked per token on average (calibrated); else top_k
 
@@ -237,9 +238,10 @@ class ShadowRouter(nn.Module):
     the full-precision oracle would.
     selected = top-A of (score + bias); combine weight = 1 + softmax(score)_e * scale_e.
 
-    Storage: `codes` uint8 [E, rows, d/2], two 4-bit codes per byte (pack_nibbles), for
-    shadow_bits <= 4 (1/4 of the bf16 rows' bytes at 4 bits); int8 [E, rows, d] for 5..8 bits.
-    Folders written before the packed layout (int8 codes at every width) are packed on load.
+    Storage (spec.shadow_layout): "nibbles", `codes` uint8 [E, rows, d/2] with two 4-bit codes
+    per byte (pack_nibbles; what carves write for shadow_bits <= 4: 1/4 of the bf16 rows' bytes),
+    or "int8", int8 [E, rows, d] (5..8 bits, and folders written before the packed layout, which
+    load and run as they are).
     """
 
     def __init__(self, spec: MoESpec):
@@ -247,7 +249,7 @@ class ShadowRouter(nn.Module):
         E, m, d = spec.n_routed, spec.expert_size, spec.hidden_size
         rows = 2 * m if spec.gated else m
         self.top_k, self.gated = spec.top_k, spec.gated
-        packed = packs_nibbles(spec.shadow_bits, d)
+        packed = spec.shadow_layout == "nibbles"
         codes = torch.zeros(E, rows, d // 2 if packed else d, dtype=torch.uint8 if packed else torch.int8)
         self.register_buffer("codes", codes)  # [E, 2m, d/2] uint8 or [E, 2m, d] int8
         self.row_scale = nn.Parameter(torch.empty(E, rows, dtype=torch.float32), requires_grad=False)  # [E, 2m]
@@ -255,8 +257,10 @@ class ShadowRouter(nn.Module):
         self.scale = nn.Parameter(torch.zeros(E))
         self.register_buffer("bias", torch.zeros(E, dtype=torch.float32))
         self.selection = spec.selection
-        # "threshold": every expert whose score + bias exceeds it is picked (at most top_k)
-        self.register_buffer("threshold", torch.tensor(float("inf")))
+        if spec.selection == "threshold":  # every expert whose score + bias exceeds it is picked (at most top_k)
+            self.register_buffer("threshold", torch.tensor(float("inf")))
+        else:
+            self.threshold = None
         self.act = ACT2FN[spec.act]
 
     def _apply(self, fn, recurse=True):
@@ -266,14 +270,6 @@ class ShadowRouter(nn.Module):
         if self.row_scale.dtype != torch.float32:
             self.row_scale.data = self.row_scale.data.float()
         return self
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "codes"
-        old = state_dict.get(key)
-        if old is not None and old.dtype == torch.int8 and self.codes.dtype == torch.uint8:
-            state_dict[key] = pack_nibbles(old)  # a folder from before the packed layout
-        state_dict.setdefault(prefix + "threshold", self.threshold)  # nor did it have a threshold
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def code_matrix(self) -> torch.Tensor:
         """The codes as a float32 matrix [E * rows, d] (the kernels read them packed instead)."""

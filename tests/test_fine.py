@@ -1,0 +1,131 @@
+"""Fine-grained carving (experts down to single neurons), threshold selection and static width
+pruning (A = 0): grouping, calibration and the carved modules against what the maths says."""
+
+from __future__ import annotations
+
+import torch
+
+import moecarve
+from moecarve import CarveConfig, carve
+from moecarve.carving import profile_grouping
+from moecarve.carving.ffn import DenseFFN
+from moecarve.carving.methods import carve_ffn
+from moecarve.carving.profile_grouping import balanced_bisection, group_by_profiles
+from moecarve.modules.condensed import CondensedMLP
+from moecarve.modules.fast import use_kernels
+
+from .conftest import random_windows, tiny_model
+
+
+def random_ffn(d: int = 32, inter: int = 64, seed: int = 0) -> DenseFFN:
+    g = torch.Generator().manual_seed(seed)
+    return DenseFFN(
+        gate=torch.randn(inter, d, generator=g) / d**0.5, up=torch.randn(inter, d, generator=g) / d**0.5,
+        down=torch.randn(d, inter, generator=g) / inter**0.5, act="silu",
+    )  # fmt: skip
+
+
+def test_bisection_is_exactly_balanced_and_finds_planted_groups():
+    k, m, T = 12, 5, 400  # 12 planted groups of 5 neurons sharing a direction, k not a power of two
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.randn(T, k, generator=g).abs()
+    truth = torch.randperm(k * m, generator=g) % k
+    profiles = dirs[:, truth] + 0.05 * torch.rand(T, k * m, generator=g)
+    labels = balanced_bisection(profiles.clone(), k, iters=10)
+    assert torch.bincount(labels, minlength=k).tolist() == [m] * k
+    for j in range(k):  # every found group is one planted group
+        assert truth[labels == j].unique().numel() == 1
+
+
+def test_single_neuron_experts_skip_grouping():
+    h = torch.randn(200, 64).abs()
+    h[:, :8] += 3.0  # the 8 most active neurons become shared
+    grouping = group_by_profiles(h, n_shared=8, n_routed=56, iters=10)
+    assert grouping.experts.shape == (56, 1)
+    assert grouping.shared.tolist() == list(range(8))
+    assert sorted(grouping.experts.flatten().tolist()) == list(range(8, 64))
+
+
+def test_large_groupings_use_bisection(monkeypatch):
+    monkeypatch.setattr(profile_grouping, "LP_MAX_VARIABLES", 10)  # force it at test size
+    calls = []
+    real = profile_grouping.balanced_bisection
+    monkeypatch.setattr(profile_grouping, "balanced_bisection", lambda *a: calls.append(1) or real(*a))
+    grouping = group_by_profiles(torch.randn(100, 64).abs(), n_shared=0, n_routed=16, iters=3)
+    assert calls and grouping.experts.shape == (16, 4)
+    assert sorted(grouping.experts.flatten().tolist()) == list(range(64))
+    assert all((row[1:] > row[:-1]).all() for row in grouping.experts)  # rows ascending
+
+
+def test_single_neuron_carve_runs_saves_and_matches_kernels(tmp_path):
+    model = tiny_model("llama")
+    ids = random_windows(1, 16)
+    report = carve(model, CarveConfig.from_string("S8A24E128"), random_windows(4, 64), device="cpu", progress=False)
+    assert all(r.expert_size == 1 for r in report.layers)
+    with torch.no_grad():
+        expected = model(ids).logits
+        use_kernels(model, "cpu")
+        torch.testing.assert_close(model(ids[:, :1]).logits, expected[:, :1], atol=1e-4, rtol=1e-4)
+        use_kernels(model, "torch")
+    moecarve.save(model, tmp_path / "fine", report=report)
+    loaded = moecarve.load(tmp_path / "fine")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_threshold_picks_A_experts_on_average():
+    ffn = random_ffn(d=32, inter=256)
+    x = torch.randn(2048, 32, generator=torch.Generator().manual_seed(1))
+    cfg = CarveConfig.from_string("S0A64E256", selection="threshold", refit=False)
+    moe, report = carve_ffn(ffn, x, cfg)
+    assert moe.spec.selection == "threshold" and moe.spec.top_k == 128 and moe.spec.mean_active == 64
+    with torch.no_grad():
+        w, _ = moe.router(x)
+    picked = (w != 0).sum(-1).float()
+    assert abs(picked.mean().item() - 64) < 2  # calibrated on these tokens
+    assert picked.std() > 0  # a per-token count, not a fixed one
+    assert sum(report.load) == int(picked.sum())
+
+
+def test_threshold_carve_round_trips(tmp_path):
+    model = tiny_model("llama")
+    ids = random_windows(1, 16)
+    carve(model, CarveConfig.from_string("S0A32E128", selection="threshold"), random_windows(4, 64), device="cpu",
+          progress=False)  # fmt: skip
+    with torch.no_grad():
+        expected = model(ids).logits
+    moecarve.save(model, tmp_path / "thr")
+    loaded = moecarve.load(tmp_path / "thr")
+    routers = [m for m in loaded.modules() if type(m).__name__ == "ShadowRouter"]
+    assert routers and all(torch.isfinite(r.threshold) for r in routers)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_static_pruning_is_the_dense_mlp_on_the_top_neurons():
+    ffn = random_ffn()
+    x = torch.randn(512, 32, generator=torch.Generator().manual_seed(2))
+    mlp, report = carve_ffn(ffn, x, CarveConfig.from_string("S2A0E8", method="cmoe"))  # no refit: plain slicing
+    assert isinstance(mlp, CondensedMLP) and mlp.spec.intermediate_size == 16
+    assert report.router == "none" and report.statistic == "activation rate"
+    # the kept neurons are the 16 most often active; the output is the dense FFN restricted to them
+    from moecarve.carving.stats import activation_markers, activation_rates
+
+    kept = torch.argsort(activation_rates(activation_markers(ffn, x, 10)), descending=True, stable=True)[:16].sort().values
+    h = torch.nn.functional.silu(x @ ffn.gate[kept].t()) * (x @ ffn.up[kept].t())
+    torch.testing.assert_close(mlp(x), h @ ffn.down[:, kept].t(), atol=1e-5, rtol=1e-5)
+
+
+def test_static_fitted_refit_does_not_hurt_and_round_trips(tmp_path):
+    model = tiny_model("llama")
+    ids = random_windows(1, 16)
+    report = carve(model, CarveConfig.from_string("S4A0E8"), random_windows(8, 64), device="cpu", progress=False)
+    for r in report.layers:
+        assert r.refit_error[1] <= r.refit_error[0]  # held-out error after <= before (or vetoed: equal)
+    assert report.params_active == report.params_total  # nothing routed: every kept weight is active
+    with torch.no_grad():
+        expected = model(ids).logits
+    moecarve.save(model, tmp_path / "static", report=report)
+    with torch.no_grad():
+        torch.testing.assert_close(moecarve.load(tmp_path / "static")(ids).logits, expected, atol=1e-6, rtol=1e-6)
+
