@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..config import METHODS, ROUTERS
 from .common import (
-    add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, at_least, bold, console,
-    fmt_params, load_kwargs, table,
+    add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, at_least, bold,
+    check_load_args, console, fmt_params, load_kwargs, table,
 )  # fmt: skip
 
 
@@ -69,6 +69,7 @@ def run(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     parse_size(args.max_shard_size)
     ref = check_model(args.model, args.revision, files=False)  # config.json first: the architecture decides
+    check_load_args(args, [ref])
     skeleton = check_carvable(ref, cfg, dtype)
     check_export_args(args, skeleton)
     check_files(ref)  # then complete weights and a tokenizer
@@ -121,6 +122,9 @@ def wants_streaming(args, ref, device, dtype) -> bool:
                 raise UsageError(f"{flag} applies to streamed carves only; drop it, or use --offload disk instead of none")
         return False
     if args.offload == "disk" or args.resume:
+        if args.device_map is not None:
+            raise UsageError("--device-map applies to in-memory carves; a streamed carve (--offload disk, --resume) "
+                             "places one layer at a time on --device")  # fmt: skip
         if ref.path is None:
             raise UsageError(f"a streamed carve (--offload disk, --resume) reads a local folder; {args.model!r} is a hub "
                              "id: download it first (hf download) and pass the folder")  # fmt: skip

@@ -148,6 +148,17 @@ def add_seed_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds window sampling and every random step")
 
 
+def check_load_args(args, refs) -> None:
+    """Refuse add_model_args' options that would be ignored: --revision when no model is a hub
+    model, --device-map together with a --device."""
+    from ..errors import UsageError
+
+    if args.revision is not None and all(r.path is not None for r in refs):
+        raise UsageError(f"--revision picks a version of a hub model; {refs[0].name!r} is a local folder (drop --revision)")
+    if args.device_map is not None and args.device != "auto":
+        raise UsageError("--device-map places the model itself; drop --device (or --device-map)")
+
+
 def load_kwargs(args) -> dict:
     """load_any's keyword arguments from add_model_args' options."""
     return {"revision": args.revision, "trust_remote_code": args.trust_remote_code, "device_map": args.device_map}

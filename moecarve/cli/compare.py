@@ -4,8 +4,8 @@ compare.json and compare.png."""
 from __future__ import annotations
 
 from .common import (
-    add_command, add_model_args, add_ppl_args, add_seed_arg, alias, at_least, bold, console, fmt_params, load_kwargs,
-    table,
+    add_command, add_model_args, add_ppl_args, add_seed_arg, alias, at_least, bold, check_load_args, console, fmt_params,
+    load_kwargs, table,
 )  # fmt: skip
 from .eval import add_kernels_arg, add_task_args, task_config
 
@@ -44,9 +44,10 @@ def _fmt(v, spec: str) -> str:
 def render(rows, title: str = "compare"):
     """The rich table of compare rows."""
     task_names = list(dict.fromkeys(t for r in rows for t in r.tasks))
-    cols = ["model", "config", "perplexity", "Δ% vs dense", *task_names, "params total", "active / token", "carve s", "tokens/s"]
+    cols = ["model", "config", "method", "perplexity", "Δ% vs dense", *task_names, "params total", "active / token", "carve s",
+            "tokens/s"]  # fmt: skip
     body = [
-        [r.name, r.config, _fmt(r.perplexity, ".3f"), "-" if r.delta_pct is None else f"{r.delta_pct:+.1f}%",
+        [r.name, r.config, r.method, _fmt(r.perplexity, ".3f"), "-" if r.delta_pct is None else f"{r.delta_pct:+.1f}%",
          *[_fmt(r.tasks.get(t), ".4f") for t in task_names], fmt_params(r.params_total),
          f"{fmt_params(r.params_active)} ({r.params_active / r.params_total:.0%})", _fmt(r.carve_seconds, ".1f"),
          _fmt(r.tokens_per_s, ".1f")]
@@ -56,7 +57,7 @@ def render(rows, title: str = "compare"):
 
 
 def run(args) -> int:
-    from ..eval.compare import CompareConfig, CompareError, compare, write_json
+    from ..eval.compare import CompareConfig, CompareError, compare, describe, write_json
     from ..eval.plots import plot_quality
     from ..io.atomic import atomic_dir, check_output
     from ..io.loading import check_kernels, check_model, load_defaults, resolve_device, resolve_dtype
@@ -69,6 +70,7 @@ def run(args) -> int:
     resolve_dtype(args.dtype, device)
     check_kernels(args.kernels, device)
     refs = [check_model(m, args.revision) for m in args.models]  # every model, before the first is measured
+    check_load_args(args, refs)
     check_output(args.out, args.overwrite, inputs=[*(r.path for r in refs), args.ppl])
 
     def on_row(row) -> None:  # long runs: each model's numbers reach the log as soon as they exist
@@ -77,7 +79,7 @@ def run(args) -> int:
 
     with load_defaults(kernels=args.kernels, **load_kwargs(args)):
         rows = compare(args.models, cfg, on_row=on_row)
-    src = f"{args.ppl}, seq {args.ppl_seqlen}" + (f", first {args.ppl_chars:,} chars" if args.ppl_chars else "") if args.ppl else ""
+    src = describe(cfg, rows)  # the windows the rows really used, not only the one asked for
     console.print(render(rows, f"compare ({src})" if src else "compare"))
     with atomic_dir(args.out, args.overwrite) as tmp:
         write_json(rows, cfg, tmp / JSON_FILE)

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from .common import (
-    add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, at_least, bold, console,
-    fmt_params, load_kwargs, positive, table,
+    add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, at_least, bold,
+    check_load_args, console, fmt_params, load_kwargs, positive, table,
 )  # fmt: skip
 
 
@@ -73,6 +73,7 @@ def run(args) -> int:
                          finetune_lora_r=args.finetune_lora_r)  # fmt: skip
     dtype = resolve_dtype(args.dtype, resolve_device(args.device))
     ref = check_model(args.model, args.revision)
+    check_load_args(args, [ref])
     check_condensable(ref, cfg, dtype)
     check_output(args.out, args.overwrite, inputs=[ref.path, args.calib, args.ppl])
     calib_text = read_text(args.calib)  # a missing, empty or binary source fails before the model loads

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import add_command, add_model_args, add_ppl_args, add_seed_arg, alias, at_least, console, load_kwargs, table
+from .common import (
+    add_command, add_model_args, add_ppl_args, add_seed_arg, alias, at_least, check_load_args, console, load_kwargs, table,
+)  # fmt: skip
 
 
 def register(sub) -> None:
@@ -96,6 +98,9 @@ def run(args) -> int:
     if args.json_out:
         check_json_out(args.json_out)
     ref = check_model(args.model, args.revision)
+    check_load_args(args, [ref])
+    if args.kernels != "none" and not ref.carved:
+        raise UsageError(f"--kernels runs a carved folder's MoE layers; {args.model!r} is a dense model (drop --kernels)")
     layerwise = None
     if args.layerwise:
         if importlib.util.find_spec("moecarve.eval.streaming") is None:

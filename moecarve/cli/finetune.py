@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .common import (
     add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, alias, at_least, bold,
-    console, in_range, load_kwargs, positive, table,
+    check_load_args, console, in_range, load_kwargs, positive, table,
 )  # fmt: skip
 
 REPORT_FILE = "finetune_report.json"
@@ -104,6 +104,7 @@ def run(args) -> int:
     )  # fmt: skip  (validated before loading anything)
     resolve_dtype(args.dtype, resolve_device(args.device))
     ref = check_model(args.model, args.revision)
+    check_load_args(args, [ref])
     inputs = [ref.path, args.calib, args.ppl]
     check_output(args.out, args.overwrite, inputs)
     ckpt_dir = Path(args.checkpoint_dir or f"{str(args.out).rstrip('/')}.ckpt")
