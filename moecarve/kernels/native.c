@@ -256,12 +256,14 @@ static inline float bf16_to_f32(uint16_t b) {
 #define LD_F32(p, k) ((p)[k])
 #define LD_BF16(p, k) bf16_to_f32((p)[k])
 
-/* The same four micro-kernels for float32 and bfloat16 weights (W: the tensor, o: element offsets;
+/* The same micro-kernels for float32 and bfloat16 weights (W: the tensor, o: element offsets;
  * activations x / h and outputs are float32). Several independent accumulators per loop keep the
  * FMA units busy; each weight element is loaded once per call.
  *   dots4    four rows against one vector:    out[r] = W[o_r : o_r + n] . x
+ *   dots8    eight rows against one vector
  *   dots2x4  two rows against four vectors:   out[r * 4 + i] = W[o_r : o_r + n] . x_i
  *   axpy     y += h * W[o : o + n]
+ *   axpy4    y += sum_r h_r * W[o_r : o_r + n]   (four rows, one pass over y)
  *   axpy_s   y[k] += h * W[o + k * stride]    (a column of a row-major block) */
 #define DEFINE_MICRO_KERNELS(SUF, TYPE, LD)                                                              \
   static void dots4_##SUF(const void* W, const int64_t* o, const float* x, int n, float* out) {         \
@@ -295,6 +297,25 @@ static inline float bf16_to_f32(uint16_t b) {
   static void axpy_s_##SUF(const void* W, int64_t o, int64_t stride, float h, float* y, int n) {        \
     const TYPE* w = (const TYPE*)W + o;                                                                  \
     _Pragma("omp simd") for (int k = 0; k < n; k++) y[k] += LD(w, k * stride) * h;                       \
+  }                                                                                                      \
+  static void dots8_##SUF(const void* W, const int64_t* o, const float* x, int n, float* out) {         \
+    const TYPE *w0 = (const TYPE*)W + o[0], *w1 = (const TYPE*)W + o[1], *w2 = (const TYPE*)W + o[2];   \
+    const TYPE *w3 = (const TYPE*)W + o[3], *w4 = (const TYPE*)W + o[4], *w5 = (const TYPE*)W + o[5];   \
+    const TYPE *w6 = (const TYPE*)W + o[6], *w7 = (const TYPE*)W + o[7];                                \
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, a4 = 0.0f, a5 = 0.0f, a6 = 0.0f, a7 = 0.0f;       \
+    _Pragma("omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)") for (int k = 0; k < n; k++) {     \
+      const float xk = x[k];                                                                             \
+      a0 += LD(w0, k) * xk; a1 += LD(w1, k) * xk; a2 += LD(w2, k) * xk; a3 += LD(w3, k) * xk;            \
+      a4 += LD(w4, k) * xk; a5 += LD(w5, k) * xk; a6 += LD(w6, k) * xk; a7 += LD(w7, k) * xk;            \
+    }                                                                                                    \
+    out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3; out[4] = a4; out[5] = a5; out[6] = a6; out[7] = a7; \
+  }                                                                                                      \
+  static void axpy4_##SUF(const void* W, const int64_t* o, const float* h, float* y, int n) {           \
+    const TYPE *w0 = (const TYPE*)W + o[0], *w1 = (const TYPE*)W + o[1];                                \
+    const TYPE *w2 = (const TYPE*)W + o[2], *w3 = (const TYPE*)W + o[3];                                \
+    const float h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3];                                              \
+    _Pragma("omp simd") for (int k = 0; k < n; k++)                                                      \
+      y[k] += LD(w0, k) * h0 + LD(w1, k) * h1 + LD(w2, k) * h2 + LD(w3, k) * h3;                         \
   }
 
 DEFINE_MICRO_KERNELS(f32, float, LD_F32)
@@ -302,14 +323,16 @@ DEFINE_MICRO_KERNELS(bf16, uint16_t, LD_BF16)
 
 typedef struct {
   void (*dots4)(const void*, const int64_t*, const float*, int, float*);
+  void (*dots8)(const void*, const int64_t*, const float*, int, float*);
   void (*dots2x4)(const void*, const int64_t*, const float* const*, int, float*);
   void (*axpy)(const void*, int64_t, float, float*, int);
+  void (*axpy4)(const void*, const int64_t*, const float*, float*, int);
   void (*axpy_s)(const void*, int64_t, int64_t, float, float*, int);
 } WeightOps;
 
 static const WeightOps OPS[2] = {
-    {dots4_f32, dots2x4_f32, axpy_f32, axpy_s_f32},
-    {dots4_bf16, dots2x4_bf16, axpy_bf16, axpy_s_bf16},
+    {dots4_f32, dots8_f32, dots2x4_f32, axpy_f32, axpy4_f32, axpy_s_f32},
+    {dots4_bf16, dots8_bf16, dots2x4_bf16, axpy_bf16, axpy4_bf16, axpy_s_bf16},
 };
 
 static inline float load_w(const void* w, int64_t i, int wdtype) {
@@ -343,10 +366,42 @@ static void expert_rows(const WeightOps* ops, const void* W, int64_t base, int R
   }
 }
 
+/* y += O h for a block O [d, M] with M a compile-time constant: the compiler vectorises over the
+ * output features with M-strided loads and the inner loop unrolled (no horizontal sums). */
+#define DEFINE_DOWN_M(M)                                                                                  \
+  static void down_m##M##_f32(const void* W, int64_t o, const float* h, float* y, int d) {              \
+    const float* w = (const float*)W + o;                                                                \
+    for (int k = 0; k < d; k++) {                                                                        \
+      float acc = 0.0f;                                                                                  \
+      for (int j = 0; j < M; j++) acc += w[(int64_t)k * M + j] * h[j];                                   \
+      y[k] += acc;                                                                                       \
+    }                                                                                                    \
+  }                                                                                                      \
+  static void down_m##M##_bf16(const void* W, int64_t o, const float* h, float* y, int d) {             \
+    const uint16_t* w = (const uint16_t*)W + o;                                                          \
+    for (int k = 0; k < d; k++) {                                                                        \
+      float acc = 0.0f;                                                                                  \
+      for (int j = 0; j < M; j++) acc += bf16_to_f32(w[(int64_t)k * M + j]) * h[j];                     \
+      y[k] += acc;                                                                                       \
+    }                                                                                                    \
+  }
+DEFINE_DOWN_M(2) DEFINE_DOWN_M(3) DEFINE_DOWN_M(4) DEFINE_DOWN_M(6) DEFINE_DOWN_M(8) DEFINE_DOWN_M(12) DEFINE_DOWN_M(16)
+
+typedef void (*DownFn)(const void*, int64_t, const float*, float*, int);
+
+static DownFn down_fixed(int m, int wdtype) {
+#define CASE(M) case M: return wdtype ? down_m##M##_bf16 : down_m##M##_f32;
+  switch (m) { CASE(2) CASE(3) CASE(4) CASE(6) CASE(8) CASE(12) CASE(16) default: return NULL; }
+#undef CASE
+}
+
 /* y += O h for a row-major block O [d, m] (an expert's down projection) */
 static void down_block(const WeightOps* ops, const void* O, int64_t off, int d, int m, const float* h, float* y) {
+  const DownFn fixed = down_fixed(m, ops == &OPS[1]);
   if (m == 1) {
     ops->axpy(O, off, h[0], y, d);
+  } else if (fixed) {
+    fixed(O, off, h, y, d);
   } else if (m >= 16) {  /* long rows: four output features per pass */
     int k = 0;
     for (; k + 4 <= d; k += 4) {
@@ -369,6 +424,59 @@ static void down_block(const WeightOps* ops, const void* O, int64_t off, int d, 
 
 /* ------------------------------------------------------------------ routed / shared experts */
 
+/* One token (decode): the picked experts' neurons as one list, four at a time across expert
+ * boundaries (eight rows per pass when gated), so tiny experts cost no more per neuron than big
+ * ones; down rows four at a time for single-neuron experts, per expert block otherwise. */
+static int experts_one_token(const WeightOps* ops, const float* x, int d, const void* in_proj, const void* in_bias,
+                             const void* out_proj, int wdtype, int E, int m, int gated, int act, const int64_t* idx,
+                             const float* w, int A, float* y) {
+  const int R = gated ? 2 * m : m;
+  int64_t* expert = (int64_t*)malloc((size_t)A * m * sizeof(int64_t) + 8);
+  float* h = (float*)malloc((size_t)A * m * sizeof(float) + 4);
+  if (!expert || !h) { free(expert); free(h); return -1; }
+  int N = 0;  /* neuron i: expert expert[i], index j = i % m */
+  for (int a = 0; a < A; a++)
+    if (idx[a] >= 0 && idx[a] < E)
+      for (int j = 0; j < m; j++) expert[N++] = idx[a];
+  for (int i = 0; i < N; i += 4) {
+    int64_t o[8];
+    float out[8];
+    for (int k = 0; k < 4; k++) {
+      const int ik = i + k < N ? i + k : i;  /* past the end: repeat a neuron, ignore its result */
+      const int64_t row = expert[ik] * R + ik % m;
+      o[k] = row * d;
+      o[4 + k] = (gated ? row + m : row) * d;
+    }
+    if (gated) ops->dots8(in_proj, o, x, d, out);
+    else ops->dots4(in_proj, o, x, d, out);
+    for (int k = 0; k < 4 && i + k < N; k++) {
+      const int64_t row = expert[i + k] * R + (i + k) % m;
+      float v = out[k] + (in_bias ? load_w(in_bias, row, wdtype) : 0.0f);
+      v = act_f(v, act);
+      if (gated) v *= out[4 + k] + (in_bias ? load_w(in_bias, row + m, wdtype) : 0.0f);
+      h[i + k] = v;
+    }
+  }
+  int i = 0;
+  for (int a = 0; a < A; a++) {  /* combine weights, in the same order as the neurons */
+    if (idx[a] < 0 || idx[a] >= E) continue;
+    for (int j = 0; j < m; j++) h[i + j] *= w[a];
+    i += m;
+  }
+  if (m == 1) {
+    int k = 0;
+    for (; k + 4 <= N; k += 4) {
+      const int64_t o[4] = {expert[k] * d, expert[k + 1] * d, expert[k + 2] * d, expert[k + 3] * d};
+      ops->axpy4(out_proj, o, h + k, y, d);
+    }
+    for (; k < N; k++) ops->axpy(out_proj, expert[k] * d, h[k], y, d);
+  } else {
+    for (int k = 0; k < N; k += m) down_block(ops, out_proj, expert[k] * d * m, d, m, h + k, y);
+  }
+  free(expert); free(h);
+  return 0;
+}
+
 /* y[t] += sum_a w[t,a] * out_e (act(gate_e x_t + b) * (up_e x_t + b)),  e = idx[t,a].
  * in_proj [E, rows, d], in_bias [E, rows] or NULL, out_proj [E, d, m]; idx int64 [T, A]
  * (entries outside 0..E-1 are skipped: "no expert"), w float [T, A], y float [T, d].
@@ -378,6 +486,7 @@ static void down_block(const WeightOps* ops, const void* O, int64_t off, int d, 
 int moe_experts(const float* x, int T, int d, const void* in_proj, const void* in_bias, const void* out_proj,
                 int wdtype, int E, int m, int gated, int act, const int64_t* idx, const float* w, int A, float* y) {
   const WeightOps* ops = &OPS[wdtype ? 1 : 0];
+  if (T == 1) return experts_one_token(ops, x, d, in_proj, in_bias, out_proj, wdtype, E, m, gated, act, idx, w, A, y);
   const int R = gated ? 2 * m : m, S = T * A > 0 ? T * A : 1, Tn = T > 0 ? T : 1;
   int32_t* start = (int32_t*)calloc((size_t)E + 1, sizeof(int32_t));
   int32_t* fill = (int32_t*)malloc((size_t)E * sizeof(int32_t));
