@@ -6,8 +6,8 @@ offsets of the file's header: one copy in memory, nothing else resident. (A memo
 is closed, so reading a layer through it costs the layer twice.) Pickle checkpoints
 (`pytorch_model*.bin`) can run code when unpickled, so they are read only when explicitly
 allowed (and then memory-mapped with `torch.load(mmap=True)`, copied, and unmapped by close()).
-Every structural problem (no weights, a missing shard) is found when the checkpoint is opened,
-before any work starts.
+Every structural problem (no weights, a missing shard, a file shorter than its header says) is
+found when the checkpoint is opened, before any work starts.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoecarveError
-from .shards import Entry, read_header
+from .shards import Entry, TruncatedFile, read_header
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -80,11 +80,14 @@ class Checkpoint:
                     "loaded; convert them to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust them"
                 )
             weight_map, self.pickle = bins, True
-        # safetensors: where each tensor lies, from the headers (read now: a bad file fails early)
+        # safetensors: where each tensor lies, from the headers (read now: a bad or truncated file fails early)
         self._entries: dict[str, Entry] = {}
         if not self.pickle:
             files = sorted(set(weight_map.values())) if weight_map else [SAFE_SINGLE]
-            self._entries = {e.name: e for f in files for e in read_header(self.folder / f)}
+            try:
+                self._entries = {e.name: e for f in files for e in read_header(self.folder / f)}
+            except TruncatedFile as e:
+                raise CheckpointError(str(e)) from e
         if not weight_map:  # a single file: its tensor names come from its own header
             single = BIN_SINGLE if self.pickle else SAFE_SINGLE
             names = self._open(single).keys() if self.pickle else self._entries
