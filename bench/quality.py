@@ -85,7 +85,22 @@ def column(name: str, spec: str, args, calib, ev) -> tuple[float, float, float |
         if name.endswith("oracle"):
             swap_oracle(model)
     seconds = time.perf_counter() - t0
-    return perplexity(model, ev, batch_size=4), seconds, recall
+    picked = watch_selection(model) if name == "threshold" else None
+    ppl = perplexity(model, ev, batch_size=4)
+    if picked:  # the threshold's mean count on the evaluation text, against the A it was calibrated for
+        n = torch.cat(picked).mean().item()
+        print(f"  {spec} {name}: routed experts per token on the evaluation text {n:.2f} "
+              f"(calibrated for A = {CarveConfig.from_string(spec).n_active})", flush=True)  # fmt: skip
+    return ppl, seconds, recall
+
+
+def watch_selection(model) -> list[torch.Tensor]:
+    """A list that fills with each routed token's number of picked experts (nonzero weights) as the model runs."""
+    counts: list[torch.Tensor] = []
+    for mod in model.modules():
+        if isinstance(mod, CarvedMoE):
+            mod.router.register_forward_hook(lambda m, a, out: counts.append((out[0] != 0).sum(-1).float()))
+    return counts
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ the CPU path with its T > 1 choice forced (see moecarve.kernels.cpu.use_union), 
 CarveConfig field; the routers that gives (analytic, fitted, ...) are printed and kept in the JSON
 meta: the kernels compute analytic/linear routers themselves and call any other router module.
 
-Sections: the FFN of layer 0 alone (decode: batch 1/8/32 tokens; prefill: 2048 tokens) and the
+Sections: the FFN of layer 0 alone on hidden states the dense model produces (decode: batch 1/8/32
+tokens; prefill: 2048 tokens) and the
 whole model (decode: one new token for each of B sequences with a KV cache; prefill: 2048 tokens,
 logits of the last one only). Times are medians; `vs_dense` = dense ms / row ms (> 1 is faster).
 
@@ -36,7 +37,6 @@ import copy
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from moecarve import adapters  # noqa: E402
 from moecarve.carving.methods import carve_ffn  # noqa: E402
 from moecarve.config import METHODS, CarveConfig  # noqa: E402
+from moecarve.eval.timing import decode_stepper, measure  # noqa: E402
 from moecarve.kernels.cpu import CPU_MAX_TOKENS, moe_decode_cpu  # noqa: E402
 from moecarve.modules.fast import _cached_tensors, use_kernels  # noqa: E402
 
@@ -60,7 +61,6 @@ SECTIONS = (
     "e2e_decode_b1", "e2e_decode_b8", "e2e_decode_b32", "e2e_prefill_2048",
 )  # fmt: skip
 PREFILL = 2048
-PROMPT = 16  # decode: tokens already in the KV cache
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -183,40 +183,6 @@ def install_row(model: nn.Module, modules: list[nn.Module]) -> None:
 # ------------------------------------------------------------------------------------------ timing
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(
-    rows: dict[str, tuple[Callable[[], None], Callable[[], None]]], device: torch.device,
-    rounds: int, inner: int, warmup: int = 2, interleave: bool = True,
-) -> dict[str, float]:  # fmt: skip
-    """Median ms per call of each row's step; rows[name] = (setup, step).
-
-    Per round and row: setup() (untimed), then `inner` calls timed as one block. Interleaved,
-    every round visits every row, so a noisy neighbour slows all rows alike.
-    """
-    samples: dict[str, list[float]] = {name: [] for name in rows}
-    order = [list(rows)] * rounds if interleave else [[n] for n in rows for _ in range(rounds)]
-    warmed: set[str] = set()
-    for names in order:
-        for name in names:
-            setup, step = rows[name]
-            setup()
-            if name not in warmed:
-                for _ in range(warmup):
-                    step()
-                warmed.add(name)
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                step()
-            _sync(device)
-            samples[name].append((time.perf_counter() - t0) * 1e3 / inner)
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
 def cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
     """Replay `step` from a CUDA graph (no launch overhead); eager if it cannot be captured."""
     try:
@@ -250,31 +216,11 @@ def ffn_section(rows, x: torch.Tensor, device, rounds, inner, graphs: bool) -> d
 
 def e2e_decode_section(model, rows, batch: int, device, rounds, inner, compile_: bool) -> dict[str, float]:
     """One decode step (B sequences, one new token each) on a warm KV cache, per row."""
-    from transformers import DynamicCache, StaticCache
-
-    gen = torch.Generator().manual_seed(batch)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT), generator=gen).to(device)
-    nxt = torch.randint(0, model.config.vocab_size, (batch, 1), generator=gen).to(device)
 
     def make_row(mods):
         """(setup, step) for one row: its KV cache filled with the prompt, its forward."""
         install_row(model, mods)
-        if compile_:
-            cache = StaticCache(config=model.config, max_cache_len=PROMPT + rounds * inner + 16)
-            forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
-        else:
-            cache, forward = DynamicCache(config=model.config), model.forward
-        with torch.no_grad():
-            model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                  cache_position=torch.arange(PROMPT, device=device))  # fmt: skip
-        pos = [PROMPT]
-
-        def step():
-            cp = torch.tensor([pos[0]], device=device)
-            with torch.no_grad():
-                forward(input_ids=nxt, past_key_values=cache, use_cache=True, cache_position=cp)
-            pos[0] += 1
-
+        step = decode_stepper(model, batch, rounds * inner + 8, compile_=compile_)
         return (lambda: install_row(model, mods)), step
 
     if compile_:  # one row at a time: a fresh dynamo cache and one StaticCache alive (7B, B=32: 2 GB)
@@ -377,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(shape, device, dtype)
     rows = build_rows(model, configs, args.calib_tokens, carve_overrides(args), args.cpu_paths and cpu)
     t_built = time.perf_counter()
-    d = model.config.hidden_size
+    layer0_inputs = ffn_inputs(model, PREFILL)[0]  # [2048, d] (random tokens through the dense model)
 
     results: dict[str, dict[str, float]] = {}
     for sec in sections:
@@ -385,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         n = int(size.lstrip("b"))
         with torch.no_grad():
             if kind == "ffn":
-                x = torch.randn(1, n, d, device=device, dtype=dtype)
+                x = layer0_inputs[:n].unsqueeze(0)  # [1, n, d] hidden states the model really produces
                 if what == "decode":
                     r = ffn_section(rows, x, device, rounds=15 if cpu else 10, inner=10 if cpu else 100, graphs=not cpu)
                 else:

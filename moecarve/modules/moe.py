@@ -227,6 +227,12 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([lo, hi], dim=-1)
 
 
+def _int_mm_ok(q: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether torch._int_mm (an int8 GEMM, 2x a float32 one on CPU) takes these shapes."""
+    return hasattr(torch, "_int_mm") and q.device.type == "cpu" and q.shape[0] > 16 and q.shape[1] % 8 == 0 \
+        and codes.shape[0] % 8 == 0
+
+
 class ShadowRouter(nn.Module):
     """Routes by a low-bit copy ("shadow") of the routed experts' own input rows.
 
@@ -272,14 +278,19 @@ class ShadowRouter(nn.Module):
         return self
 
     def code_matrix(self) -> torch.Tensor:
-        """The codes as a float32 matrix [E * rows, d] (the kernels read them packed instead)."""
+        """The codes as an int8 matrix [E * rows, d] (the kernels read them packed instead)."""
         codes = unpack_nibbles(self.codes) if self.codes.dtype == torch.uint8 else self.codes
-        return codes.reshape(-1, codes.shape[-1]).float()
+        return codes.reshape(-1, codes.shape[-1])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E] float32
         E, rows = self.row_scale.shape
         q, s = quantize_tokens(x)  # [T, d] integers, [T, 1]
-        dots = F.linear(q, self.code_matrix()).view(-1, E, rows)  # exact integer dot products
+        codes = self.code_matrix()
+        if _int_mm_ok(q, codes):
+            dots = torch._int_mm(q.to(torch.int8), codes.t()).float()  # int8 GEMM (prefill): the same integers
+        else:
+            dots = F.linear(q, codes.float())  # exact in float32 too
+        dots = dots.view(-1, E, rows)
         h = dots * (s.unsqueeze(-1) * self.row_scale)  # [T, E, 2m]
         if self.in_bias is not None:
             h = h + self.in_bias.float()

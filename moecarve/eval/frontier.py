@@ -1,0 +1,341 @@
+"""The quality / speed frontier of carving one model on this machine.
+
+`frontier(model, tokenizer, calibration, eval_windows, FrontierConfig(...))` carves every
+candidate (a carving recipe at a configuration), measures its perplexity on held-out text and its
+decode speed against the dense model (decoding the evaluation text), interleaved with it in the
+same run through the shipped kernels, and marks the Pareto frontier: the carves no other point beats on perplexity and
+whole-model decode speed at once. Static width pruning (A = 0) and the dense model are points
+too, so a carve is on the frontier only where it is faster than dense at a quality nothing
+cheaper reaches.
+
+Shared across candidates: the tokenized calibration and evaluation windows, and the dense model's
+perplexity. Each carve is its own sequential pass: layer l is carved on the outputs of the carved
+layers 0..l-1, which differ from config to config, so beyond the first layer no statistic is the
+same for two configs. Speed ratios are measured against the dense model in the same minute,
+which makes them comparable across candidates on a busy machine.
+
+Results go to OUT/frontier.json after every candidate (atomically), so an interrupted sweep
+resumes where it stopped; `write_outputs` adds frontier.md and frontier.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import adapters
+from ..carve import carve
+from ..config import CarveConfig
+from ..errors import MoecarveError
+from ..modules.fast import use_kernels
+from .perplexity import perplexity
+from .timing import decode_stepper, ffn_stepper, measure
+
+# recipe name -> (CarveConfig fields, the `moecarve carve` flags that give them)
+METHODS: dict[str, tuple[dict, str]] = {
+    "default": ({}, ""),
+    "threshold": ({"selection": "threshold"}, "--selection threshold"),
+    "probe": ({"shadow_bits": 0}, "--shadow-bits 0"),
+    "cmoe": ({"method": "cmoe"}, "--method cmoe"),
+}
+SPEEDS = ("ffn_decode_b1", "e2e_decode_b1", "e2e_decode_b8")
+
+
+class FrontierError(MoecarveError, ValueError):
+    """A frontier sweep that cannot run as asked."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One carve to measure: a recipe (a METHODS name) at a configuration (S{N_s}A{A}E{N})."""
+
+    method: str
+    config: str
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise FrontierError(f"unknown method {self.method!r}; choose among {', '.join(METHODS)}")
+        CarveConfig.from_string(self.config)  # ConfigError when it does not parse
+
+    @property
+    def kind(self) -> str:
+        """What the plot groups it with: "static" for A = 0 (no router), else the method."""
+        return "static" if CarveConfig.from_string(self.config).static else self.method
+
+    def carve_config(self, seed: int = 0) -> CarveConfig:
+        return CarveConfig.from_string(self.config, seed=seed, **METHODS[self.method][0])
+
+    def command(self, model: str, out: str | None = None) -> str:
+        """The `moecarve carve` command that makes this carve."""
+        flags = METHODS[self.method][1]
+        out = out or f"{Path(model).name}-{self.config}" + ("" if self.method == "default" else f"-{self.method}")
+        return " ".join(p for p in ("moecarve carve", model, "--config", self.config, flags, "--out", out) if p)
+
+
+@dataclass
+class Point:
+    """One measured carve (or the dense model); speeds are dense ms / carved ms in the same run."""
+
+    method: str
+    config: str
+    kind: str
+    ppl: float
+    ffn_decode_b1: float = 1.0
+    e2e_decode_b1: float = 1.0
+    e2e_decode_b8: float = 1.0
+    carve_seconds: float = 0.0
+    on_frontier: bool = False
+    command: str = ""
+    measured: dict = field(default_factory=dict)  # ms of both models, when, load average
+
+
+@dataclass(frozen=True)
+class FrontierConfig:
+    """What to sweep and how to measure it.
+
+    candidates: the carves; ppl_batch: eval windows per forward; speed_rounds: interleaved timing
+    rounds per speed figure (more: steadier on a busy machine); kernels: the backend the carved
+    models run through (moecarve.use_kernels); seed: the carves' seed.
+    """
+
+    candidates: tuple[Candidate, ...]
+    ppl_batch: int = 4
+    speed_rounds: int = 15
+    kernels: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.candidates:
+            raise FrontierError("no candidates to measure")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise FrontierError("a candidate is listed twice")
+        if self.speed_rounds < 3 or self.ppl_batch < 1:
+            raise FrontierError("speed_rounds must be >= 3 and ppl_batch >= 1")
+
+
+def candidates(configs: list[str], methods: list[str]) -> tuple[Candidate, ...]:
+    """Every method at every config, except that static configs (A = 0) run once per distinct
+    recipe that changes them (the router flags do not: "default" stands for "probe"/"threshold")."""
+    out = []
+    for config in configs:
+        static = CarveConfig.from_string(config).static
+        for method in methods:
+            if static and method in ("probe", "threshold"):
+                continue
+            out.append(Candidate(method, config))
+    return tuple(dict.fromkeys(out))
+
+
+def pareto(points: list[Point]) -> list[Point]:
+    """Mark (and return, fastest first) the points no other point beats on both axes: higher
+    whole-model decode b1 speed and lower perplexity (equal on one, better on the other)."""
+    for p in points:
+        p.on_frontier = not any(
+            q is not p and q.e2e_decode_b1 >= p.e2e_decode_b1 and q.ppl <= p.ppl
+            and (q.e2e_decode_b1 > p.e2e_decode_b1 or q.ppl < p.ppl)
+            for q in points
+        )  # fmt: skip
+    return sorted((p for p in points if p.on_frontier), key=lambda p: -p.e2e_decode_b1)
+
+
+def ffn_inputs(model: nn.Module, text: torch.Tensor, layer: int = 0) -> torch.Tensor:
+    """Hidden states [n, d] entering layer `layer`'s FFN when the dense model reads text [b, L]."""
+    captured = []
+    mod = adapters.ffn_input_module(model.config, adapters.decoder_layers(model)[layer])
+    hook = mod.register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            model(text.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def speed_ratios(dense: nn.Module, carved: nn.Module, text: torch.Tensor, rounds: int) -> tuple[dict[str, float], dict]:
+    """Decode speed of `carved` relative to `dense` (dense ms / carved ms), each figure timed with
+    the two models interleaved round by round: the FFN of layer 0 alone on one real token, the
+    whole model decoding real text (windows [>= 8, L]) for 1 and 8 sequences on a KV cache."""
+    device = next(dense.parameters()).device
+    x = ffn_inputs(dense, text[:1, :64])[40:41].unsqueeze(0)  # one token with context, [1, 1, d]
+    models = {"dense": dense, "carved": carved}
+    mlp = {n: m.get_submodule(adapters.mlp_path(m.config, 0)) for n, m in models.items()}
+    plans = {
+        "ffn_decode_b1": ({n: ffn_stepper(mlp[n], x) for n in models}, rounds, 10),
+        "e2e_decode_b1": ({n: decode_stepper(m, 1, 4 * rounds + 8, text=text) for n, m in models.items()}, 2 * rounds, 2),
+        "e2e_decode_b8": ({n: decode_stepper(m, 8, 3 * rounds + 8, text=text) for n, m in models.items()},
+                          max(3, rounds // 2), 3),
+    }  # fmt: skip
+    ratios, ms = {}, {}
+    for name, (steps, n_rounds, inner) in plans.items():
+        t = measure({k: (lambda: None, s) for k, s in steps.items()}, device, n_rounds, inner)
+        ratios[name] = t["dense"] / t["carved"]
+        ms[name] = {k: round(v, 4) for k, v in t.items()}
+    return ratios, ms
+
+
+def _machine() -> dict:
+    return {
+        "platform": platform.platform(), "processor": _cpu_name(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }  # fmt: skip
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def load_points(path: Path) -> tuple[dict, list[Point]]:
+    """(meta, points) of a frontier.json."""
+    data = json.loads(Path(path).read_text())
+    return data.get("meta", {}), [Point(**p) for p in data.get("points", [])]
+
+
+@torch.no_grad()
+def frontier(
+    model: nn.Module, tokenizer, calibration: torch.Tensor, eval_windows: torch.Tensor, config: FrontierConfig,
+    out_dir: str | Path | None = None, model_name: str = "MODEL", meta: dict | None = None, progress: bool = True,
+) -> list[Point]:  # fmt: skip
+    """Measure every candidate against the dense `model` (left unchanged); returns all points,
+    dense first, with `on_frontier` marked. With `out_dir`, frontier.json is rewritten after every
+    point and points already there (same candidate, same settings in its meta) are not measured
+    again."""
+    out = Path(out_dir) if out_dir is not None else None
+    meta = {**_machine(), "model": model_name, "calibration": list(calibration.shape),
+            "eval_windows": list(eval_windows.shape), **(meta or {})}  # fmt: skip
+    done: dict[tuple[str, str], Point] = {}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "frontier.json").exists():
+            old_meta, old = load_points(out / "frontier.json")
+            same = all(old_meta.get(k) == meta[k] for k in ("model", "calibration", "eval_windows"))
+            done = {(p.method, p.config): p for p in old} if same else {}
+
+    def save(points: list[Point]) -> None:
+        pareto(points)
+        if out is not None:
+            _write_json(out / "frontier.json", {"meta": meta, "points": [asdict(p) for p in points]})
+
+    model.eval()
+    if ("dense", "dense") in done:
+        points = [done[("dense", "dense")]]
+    else:
+        points = [Point("dense", "dense", "dense", perplexity(model, eval_windows, config.ppl_batch))]
+        save(points)
+    bar = tqdm(config.candidates, desc="frontier", unit="carve", disable=not progress)
+    for cand in bar:
+        bar.set_postfix_str(f"{cand.method} {cand.config}")
+        if (cand.method, cand.config) in done:
+            points.append(done[(cand.method, cand.config)])
+            continue
+        carved = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        carve(carved, cand.carve_config(config.seed), calibration, device=next(model.parameters()).device, progress=False)
+        seconds = time.perf_counter() - t0
+        ppl = perplexity(carved, eval_windows, config.ppl_batch)
+        use_kernels(carved, config.kernels)
+        ratios, ms = speed_ratios(model, carved, eval_windows, config.speed_rounds)
+        point = Point(
+            cand.method, cand.config, cand.kind, ppl, **ratios, carve_seconds=round(seconds, 1),
+            command=cand.command(model_name), measured={"ms": ms, "load_avg_1min": _load()},
+        )  # fmt: skip
+        points.append(point)
+        save(points)
+        bar.write(f"  {cand.method:9s} {cand.config:14s} ppl {ppl:9.3f}  ffn b1 {ratios['ffn_decode_b1']:.2f}x  "
+                  f"e2e b1 {ratios['e2e_decode_b1']:.2f}x  b8 {ratios['e2e_decode_b8']:.2f}x  ({seconds:.0f} s carve)")  # fmt: skip
+        del carved
+    save(points)
+    return points
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def table(points: list[Point]) -> str:
+    """The points as a Markdown table, dense first then by whole-model decode speed."""
+    rows = [p for p in points if p.kind == "dense"] + sorted((p for p in points if p.kind != "dense"),
+                                                              key=lambda p: -p.e2e_decode_b1)  # fmt: skip
+    lines = ["| method | config | perplexity | FFN decode b1 | decode b1 | decode b8 | carve s | frontier |",
+             "|---|---|---:|---:|---:|---:|---:|:---:|"]  # fmt: skip
+    for p in rows:
+        lines.append(
+            f"| {p.kind if p.kind == 'static' else p.method} | {p.config} | {p.ppl:.3f} | {p.ffn_decode_b1:.2f}x | "
+            f"{p.e2e_decode_b1:.2f}x | {p.e2e_decode_b8:.2f}x | {p.carve_seconds:.0f} | {'**yes**' if p.on_frontier else ''} |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+MARKERS = {"dense": ("*", "black"), "static": ("s", "grey"), "cmoe": ("^", "tab:red"), "default": ("o", "tab:blue"),
+           "threshold": ("D", "tab:green"), "probe": ("v", "tab:orange")}  # fmt: skip
+
+
+def plot(points: list[Point], path: str | Path, title: str = "") -> Path:
+    """Perplexity (log) against measured whole-model decode speed-up, one marker per method, the
+    Pareto frontier drawn as a step line and its points labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for kind, (marker, color) in MARKERS.items():
+        pts = [p for p in points if p.kind == kind]
+        if pts:
+            ax.scatter([p.e2e_decode_b1 for p in pts], [p.ppl for p in pts], marker=marker, color=color, s=60,
+                       label=kind, zorder=3, edgecolors="white" if kind != "dense" else None)  # fmt: skip
+    front = sorted((p for p in points if p.on_frontier), key=lambda p: p.e2e_decode_b1)
+    if front:
+        ax.step([p.e2e_decode_b1 for p in front], [p.ppl for p in front], where="post", color="black", lw=1,
+                alpha=0.6, label="Pareto frontier", zorder=2)  # fmt: skip
+    for i, p in enumerate(front):
+        ax.annotate(p.config if p.kind != "dense" else "dense", (p.e2e_decode_b1, p.ppl), fontsize=8,
+                    xytext=(6, 8 if i % 2 else -12), textcoords="offset points")  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("whole-model decode speed-up at batch 1 (dense ms / carved ms, same run)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.axvline(1.0, color="black", lw=0.5, ls=":")
+    ax.set_title(title or "carving frontier: quality against measured speed")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(points: list[Point], out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """frontier.md (the table) and frontier.png beside frontier.json."""
+    out = Path(out_dir)
+    pareto(points)
+    md = out / "frontier.md"
+    md.write_text(table(points) + "\n")
+    return {"table": md, "plot": plot(points, out / "frontier.png", title)}

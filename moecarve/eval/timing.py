@@ -1,0 +1,102 @@
+"""Decode-speed timing shared by `moecarve frontier` and bench/speed.py.
+
+Decode is what a carve speeds up, and it is noisy to time: medians of blocks of calls, rows
+interleaved round by round (a busy machine slows every row alike), one warm-up per row. A decode
+step is one new token for each of B sequences on a KV cache filled with a short prompt, through
+the model as the user runs it (kernels bound or not).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+Step = Callable[[], None]
+PROMPT = 16  # decode: tokens already in the KV cache
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    rows: dict[str, tuple[Step, Step]], device: torch.device, rounds: int, inner: int, warmup: int = 2,
+    interleave: bool = True,
+) -> dict[str, float]:  # fmt: skip
+    """Median ms per call of each row's step; rows[name] = (setup, step).
+
+    Per round and row: setup() (untimed), then `inner` calls timed as one block. Interleaved,
+    every round visits every row, so a noisy neighbour slows all rows alike.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in rows}
+    order = [list(rows)] * rounds if interleave else [[n] for n in rows for _ in range(rounds)]
+    warmed: set[str] = set()
+    for names in order:
+        for name in names:
+            setup, step = rows[name]
+            setup()
+            if name not in warmed:
+                for _ in range(warmup):
+                    step()
+                warmed.add(name)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                step()
+            sync(device)
+            samples[name].append((time.perf_counter() - t0) * 1e3 / inner)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def decode_stepper(
+    model: nn.Module, batch: int, steps: int, compile_: bool = False, seed: int = 0, text: torch.Tensor | None = None
+) -> Step:
+    """A step() that decodes one new token for each of `batch` sequences on `model`'s KV cache.
+
+    The cache is filled with a PROMPT-token prompt first and holds `steps` more tokens. text: token
+    windows [>= batch, >= PROMPT + steps] to decode (real text, so that routers that pick a
+    variable number of experts see what they will see in use); else random tokens.
+    compile_: StaticCache + torch.compile(mode="reduce-overhead") (CUDA: eager decode is
+    launch-bound); else a DynamicCache and the eager forward.
+    """
+    from transformers import DynamicCache, StaticCache
+
+    device = next(model.parameters()).device
+    if text is None:
+        gen = torch.Generator().manual_seed(seed + batch)
+        text = torch.randint(0, model.config.vocab_size, (batch, PROMPT + 1), generator=gen)
+    text = text[:batch].to(device)
+    prompt = text[:, :PROMPT]
+    if compile_:
+        cache = StaticCache(config=model.config, max_cache_len=PROMPT + steps + 16)
+        forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+    else:
+        cache, forward = DynamicCache(config=model.config), model.forward
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1,
+              cache_position=torch.arange(PROMPT, device=device))  # fmt: skip
+    pos = [PROMPT]
+
+    def step() -> None:
+        cp = torch.tensor([pos[0]], device=device)
+        nxt = text[:, pos[0] : pos[0] + 1] if pos[0] < text.shape[1] else text[:, -1:]  # past its end: the last token
+        with torch.no_grad():
+            forward(input_ids=nxt, past_key_values=cache, use_cache=True, cache_position=cp)
+        pos[0] += 1
+
+    return step
+
+
+def ffn_stepper(mlp: nn.Module, x: torch.Tensor) -> Step:
+    """A step() that runs one FFN (dense MLP or carved module) on the hidden states x [1, T, d]."""
+
+    def step() -> None:
+        with torch.no_grad():
+            mlp(x)
+
+    return step
