@@ -159,7 +159,7 @@ CASES = [
     ("carve --out notes", carve("--out", "notes", "--overwrite"), "moecarve did not write it"),
     ("carve --out file", carve("--out", "afile", "--overwrite"), "exists and is not a folder"),
     ("carve --out exists", carve("--out", "carved"), "already exists; pass --overwrite"),
-    ("carve --out under a file", carve("--out", "afile/sub"), "afile is a file, not a folder"),
+    ("carve --out under a file", carve("--out", "afile/sub"), "cannot write afile/sub: "),
     ("carve --export-out notes", carve("--method", "cmoe", "--router", "linear", "--export", "qwen2_moe", "--export-out", "notes",
                                        "--overwrite"), "moecarve did not write it"),  # fmt: skip
     # the model
@@ -223,7 +223,7 @@ CASES = [
     ("inspect missing", ["inspect", "no-such-dir"], "is not a model folder (no config.json)"),
     ("inspect damaged config", ["inspect", "carved_badconfig"], "config.json is not valid JSON"),
     ("inspect cut-off report", ["inspect", "carved_badreport"], "carve_report.json is not valid JSON"),
-    ("inspect --plot-dir file", ["inspect", "carved", "--plot", "--plot-dir", "afile"], "afile is a file, not a folder"),
+    ("inspect --plot-dir file", ["inspect", "carved", "--plot", "--plot-dir", "afile"], "cannot write afile: afile is a file, not a folder"),
     # eval
     ("eval nothing", ["eval", "dense"], "nothing to evaluate"),
     ("eval --seqlen 1 (old spelling)", ["eval", "dense", "--ppl", "text.txt", "--seqlen", "1"], "argument --seqlen: must be >= 2"),
@@ -240,7 +240,7 @@ CASES = [
     ("eval --layerwise alone", ["eval", "dense", "--tasks", "piqa", "--layerwise"], "pass --ppl too"),
     ("eval --json folder", ["eval", "dense", "--ppl", "text.txt", "--json", "notes"], "is a folder; name a file"),
     ("eval --json other file", ["eval", "dense", "--ppl", "text.txt", "--json", "old.json"], "not an earlier result of moecarve eval"),
-    ("eval --json under a file", ["eval", "dense", "--ppl", "text.txt", "--json", "afile/r.json"], "afile is a file, not a folder"),
+    ("eval --json under a file", ["eval", "dense", "--ppl", "text.txt", "--json", "afile/r.json"], "cannot write afile/r.json: "),
     # compare: every model before the first is measured
     ("compare one model", ["compare", "dense", "--ppl", "text.txt"], "needs a dense model and at least one carved model"),
     ("compare second missing", ["compare", "dense", "no-such-model", "--ppl", "text.txt"], "'no-such-model' does not exist"),

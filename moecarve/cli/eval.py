@@ -75,7 +75,7 @@ def check_json_out(path: str) -> None:
         if not (isinstance(earlier, dict) and "model" in earlier):
             raise UnsafeOutput(f"refusing to replace {path}: it is not an earlier result of moecarve eval; "
                                "choose another --json file")  # fmt: skip
-    check_writable(path.absolute().parent)
+    check_writable(path.absolute().parent, path)
 
 
 def run(args) -> int:

@@ -35,8 +35,9 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_writable(folder: str | os.PathLike) -> Path:
-    """The nearest existing folder among `folder` and its parents, checked to accept new entries.
+def check_writable(folder: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
+    """The nearest existing folder among `folder` and its parents, checked to accept new entries
+    (target: what will be created there, for the message).
 
     Probes by creating (and removing at once) a temporary folder there: permission bits, read-only
     mounts and ACLs answer the way the real write will, before any work is done.
@@ -45,11 +46,11 @@ def check_writable(folder: str | os.PathLike) -> Path:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UnsafeOutput(f"cannot create {folder}: {probe} is a file, not a folder")
+        raise UnsafeOutput(f"cannot write {target or folder}: {probe} is a file, not a folder")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".moecarve-probe-", dir=probe))
     except OSError as e:
-        raise UnsafeOutput(f"cannot write into {probe} ({e.strerror}); choose another output location") from e
+        raise UnsafeOutput(f"cannot write {target or folder}: {probe} is not writable ({e.strerror})") from e
     return probe
 
 
@@ -60,8 +61,10 @@ def check_not_protected(path: str | os.PathLike, inputs: Iterable[str | os.PathL
     full = path.resolve()
     cwd = Path.cwd().resolve()
     if _inside(cwd, full):  # "/", ".", "..", the cwd by its absolute name
-        where = "/" if full == Path(full.anchor) else "the current folder" if full == cwd else "a parent of the current folder"
-        raise UnsafeOutput(f"refusing to write the output to {str(path)!r}: it is {where}; name a new folder, e.g. {path / 'out'}")
+        root = full == Path(full.anchor)
+        where = "/" if root else "the current folder" if full == cwd else "a parent of the current folder"
+        example = Path("out") if root else path / "out"
+        raise UnsafeOutput(f"refusing to write the output to {str(path)!r}: it is {where}; name a new folder, e.g. {example}")
     for inp in inputs:
         if inp is not None and Path(inp).exists() and _inside(Path(inp).resolve(), full):
             raise UnsafeOutput(f"refusing to write the output to {str(path)!r}: it is (or holds) the input {str(inp)!r}; "
@@ -88,7 +91,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: Itera
                 f"refusing to replace {path}: it is not empty and moecarve did not write it (no {MARKER} file); "
                 "choose another output folder, or move its files away yourself"
             )
-    check_writable(path.absolute().parent)
+    check_writable(path.absolute().parent, path)
     return path
 
 
