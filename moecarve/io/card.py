@@ -17,8 +17,9 @@ LOAD_SNIPPET = """```python
 import moecarve
 model = moecarve.load("{name}")  # moecarve's own modules; kernels="auto" for the fast paths
 # or, without moecarve installed:
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)  # it reads the config class too
 ```"""
 
 METHODS = {
