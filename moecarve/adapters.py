@@ -14,6 +14,7 @@ from torch import nn
 
 from .carving.ffn import DenseFFN
 from .errors import MoecarveError
+from .modules.hf import source_model_type
 
 
 class UnsupportedArchitecture(MoecarveError, ValueError):
@@ -89,6 +90,8 @@ def adapter_for(config) -> Adapter:
     """The adapter for a model or config, or UnsupportedArchitecture naming the supported ones."""
     config = getattr(config, "config", config)
     model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str):  # a carved model loaded with trust_remote_code: "moecarve_llama"
+        model_type = source_model_type(model_type)
     if model_type not in ADAPTERS:
         raise UnsupportedArchitecture(
             f"cannot carve model_type {model_type!r}: supported architectures are {', '.join(supported())}"

@@ -54,8 +54,13 @@ class CarveReport:
     @classmethod
     def from_dict(cls, d: dict) -> "CarveReport":
         config = CarveConfig.from_dict(d["config"])
-        # reports written before LayerReport named its statistic: "fitted" always measured mean |h|
-        legacy = {"statistic": "mean |h|" if config.method == "fitted" else "activation rate"}
+        # reports written before LayerReport named its statistic and router: "fitted" always
+        # measured mean |h| and routed by the shadow (shadow_bits > 0) or probe router
+        fitted = config.method == "fitted"
+        legacy = {
+            "statistic": "mean |h|" if fitted else "activation rate",
+            "router": ("shadow" if config.shadow_bits else "fitted") if fitted else config.router,
+        }
         layers = [LayerReport(**{**legacy, **r}) for r in d.get("layers", [])]
         keep = {k: d[k] for k in ("seconds", "n_windows", "seqlen", "params_dense", "params_total", "params_active") if k in d}
         return cls(config=config, layers=layers, **keep)
@@ -161,7 +166,10 @@ def carve(
     """Carve every FFN of `model` into an MoE layer, in place (CMoE, training-free).
 
     Args:
-        model: a Hugging Face causal LM of a supported architecture (see adapters).
+        model: a Hugging Face causal LM of a supported architecture (see adapters). It is carved
+            in its own dtype: load it with `dtype=torch.float32` to carve what the CLI carves on
+            CPU (`--dtype auto`: float32 on CPU, bfloat16 on CUDA); `from_pretrained` otherwise
+            keeps the checkpoint's dtype (often bfloat16), which changes the statistics and the result.
         config: what to carve (CarveConfig.from_string("S2A2E8")).
         calibration: token windows [n_samples, seqlen] (see calibration.load_windows).
         device: where each layer is carved; layers not already there are moved one at a time

@@ -15,6 +15,7 @@ from moecarve.finetune import FinetuneConfig, FinetuneError, finetune, merge_lor
 from moecarve.finetune.balance import LoadTracker
 from moecarve.finetune.checkpoint import latest
 from moecarve.finetune.lora import add_expert_lora, add_linear_lora, carved_layers
+from moecarve.modules.moe import pack_nibbles, quantize_rows, requantize_shadows
 from tests.conftest import random_windows, tiny_model
 
 
@@ -65,6 +66,7 @@ def test_adapters_start_as_identity_and_merge_exactly():
         for n, p in model.named_parameters():
             if "lora_B" in n or n.endswith(".B"):
                 p.normal_(0, 0.05)
+    requantize_shadows(model)  # the shadow routers score the adapted experts, as merge_lora makes them
     adapted = logits(model, ids)
     assert (adapted - ref).abs().max() > 1e-3  # the adapters do act, on attention and experts
     merge_lora(model)
@@ -96,13 +98,26 @@ def test_loss_goes_down_and_routing_is_observed():
     assert all(m.router.scale.abs().sum() > 0 for m in moes)  # the router scale was trained
 
 
+def shadow_codes(model) -> list[torch.Tensor]:
+    return [layer.router.codes.clone() for layer in carved_layers(model).values()]
+
+
 def test_merged_save_load_same_logits(tmp_path):
     model, ids = carved_tiny("llama"), random_windows(2, 24, seed=5)
     cfg = FinetuneConfig(epochs=2, batch_size=2, lr=5e-3, lora_dropout=0.1)
+    stale = shadow_codes(model)
     finetune(model, cfg, random_windows(4, 24, seed=2), merge=False, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(stale, shadow_codes(model)))  # training leaves the shadow as it was
+    requantize_shadows(model)  # score the adapted experts (what merging does), to compare like with like
     unmerged = logits(model, ids)
     merge_lora(model)
-    torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-5, rtol=1e-5)
+    fresh = shadow_codes(model)
+    # the shadow routers now score the merged experts: their codes are the merged rows, quantised
+    for layer, codes in zip(carved_layers(model).values(), fresh):
+        q, _ = quantize_rows(layer.experts.in_proj, layer.spec.shadow_bits)
+        assert torch.equal(codes, pack_nibbles(q))
+    assert any(not torch.equal(a, b) for a, b in zip(stale, fresh))  # the fine-tune moved some rows across a step
+    torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-5, rtol=1e-5)  # the merge itself is exact
     moecarve.save(model, tmp_path / "ft")
     loaded = moecarve.load(tmp_path / "ft", dtype=torch.float32)
     torch.testing.assert_close(logits(loaded, ids), unmerged, atol=1e-5, rtol=1e-5)
@@ -241,6 +256,7 @@ def test_adapter_saved_alone_applies_to_the_carved_folder(tmp_path):
     moecarve.save(model, tmp_path / "carved")
     cfg = FinetuneConfig(epochs=2, batch_size=2, lr=5e-3, lora_r=4, lora_alpha=8.0, lora_dropout=0.1)
     finetune(model, cfg, random_windows(4, 24, seed=2), merge=False, progress=False)
+    requantize_shadows(model)  # the shadow routers score the adapted experts, as they will once merged
     unmerged = logits(model, ids)
     save_adapter(model, tmp_path / "adapter", cfg, base_model=str(tmp_path / "carved"))
     names = {p.name for p in (tmp_path / "adapter").iterdir()}
@@ -254,13 +270,14 @@ def test_adapter_saved_alone_applies_to_the_carved_folder(tmp_path):
     applied = load_adapter(tmp_path / "carved", tmp_path / "adapter")
     torch.testing.assert_close(logits(applied, ids), merged, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(logits(applied, ids), unmerged, atol=1e-5, rtol=1e-5)
-    # PEFT alone applies the LoRA factors; the routers' trained scale and bias need load_adapter
+    # PEFT alone applies the LoRA factors; the routers' trained scale and bias and the fresh
+    # shadow codes need load_adapter (or requantize_shadows)
     plain = PeftModel.from_pretrained(moecarve.load(tmp_path / "carved"), str(tmp_path / "adapter"))
     moes_plain, moes_ft = carved_layers(plain).values(), carved_layers(model).values()
     for a, b in zip(moes_plain, moes_ft):
         with torch.no_grad():
-            a.router.scale.copy_(b.router.scale)
-            a.router.bias.copy_(b.router.bias)
+            for name in ("scale", "bias", "codes", "row_scale"):
+                getattr(a.router, name).copy_(getattr(b.router, name))
     torch.testing.assert_close(logits(plain, ids), unmerged, atol=1e-5, rtol=1e-5)
 
 

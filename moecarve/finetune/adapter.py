@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 from ..errors import MoecarveError
 from ..io.atomic import atomic_dir
 from ..io.save import ordinary_permissions
+from ..modules.moe import requantize_shadows
 from .config import FinetuneConfig
 from .lora import StackedLoRA, carved_layers, peft_lora_config
 
@@ -135,8 +136,9 @@ def load_adapter(model_or_dir: nn.Module | str | Path, adapter_dir: str | Path, 
     """Apply an adapter folder written by save_adapter to a model (in place) or a model folder
     (carved: moecarve.load, else transformers; load_kwargs go to the loader).
 
-    Returns the merged model (merge=True: the fine-tuned model, saveable with moecarve.save), or
-    the PeftModel (merge=False).
+    Returns the merged model (merge=True: the fine-tuned model, its shadow routers re-quantised
+    from the merged experts, saveable with moecarve.save), or the PeftModel (merge=False; after a
+    merge_and_unload of your own, call moecarve.modules.moe.requantize_shadows(model)).
     """
     from peft import PeftModel
 
@@ -158,4 +160,8 @@ def load_adapter(model_or_dir: nn.Module | str | Path, adapter_dir: str | Path, 
         if unexpected:
             raise AdapterError(f"{adapter_dir} does not fit this model: it has no {unexpected[:3]}")
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return peft_model.merge_and_unload() if merge else peft_model
+    if not merge:
+        return peft_model
+    merged = peft_model.merge_and_unload()
+    requantize_shadows(merged)  # the shadow routers score the merged experts
+    return merged

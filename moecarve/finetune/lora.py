@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import adapters
-from ..modules.moe import CarvedMoE
+from ..modules.moe import CarvedMoE, requantize_shadows
 
 EXPERT_WEIGHTS = ("experts.in_proj", "experts.out_proj", "shared.in_proj", "shared.out_proj")
 
@@ -128,7 +128,9 @@ def add_linear_lora(model: nn.Module, r: int, alpha: float, dropout: float):
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight, in place; the model becomes an ordinary carved model."""
+    """Fold every adapter into its base weight, in place; the model becomes an ordinary carved
+    model, its shadow routers re-quantised from the merged expert rows (else they would score
+    the experts as they were before fine-tuning)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, m in list(model.named_modules()):
@@ -144,4 +146,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
     for p in model.parameters():
         p.requires_grad_(False)
+    requantize_shadows(model)
     return model

@@ -428,6 +428,18 @@ class CarvedMoE(nn.Module):
         )
 
 
+@torch.no_grad()
+def requantize_shadows(model: nn.Module) -> int:
+    """Rebuild every shadow router's codes from its experts' current input rows (after the experts
+    changed, e.g. a merged LoRA fine-tune; a carve's codes already match). Returns how many."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, CarvedMoE) and isinstance(mod.router, ShadowRouter):
+            mod.router.requantize(mod.experts.in_proj, mod.spec.shadow_bits)
+            n += 1
+    return n
+
+
 MODULE_TYPES = {"moe": (MoESpec, CarvedMoE), "identity": (None, nn.Identity)}
 
 
@@ -444,16 +456,3 @@ def install_modules(model: nn.Module, entries: dict[str, dict]) -> None:
     """Replace submodules (dotted path -> config entry) by empty carved modules."""
     for path, entry in entries.items():
         model.set_submodule(path, build_module(entry))
-
-
-def carved_model_class(base: type) -> type:
-    """A subclass of a transformers causal-LM class whose FFNs are the carved modules listed in
-    `config.moecarve["modules"]`; weights then load through the ordinary from_pretrained."""
-
-    class Carved(base):
-        def __init__(self, config, *args, **kwargs):
-            super().__init__(config, *args, **kwargs)
-            install_modules(self, config.moecarve["modules"])
-
-    Carved.__name__ = Carved.__qualname__ = f"MoeCarve{base.__name__}"
-    return Carved
