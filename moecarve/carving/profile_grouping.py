@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from .grouping import Grouping, balanced_assignment
 
 LP_MAX_VARIABLES = 400_000  # n * k above which the groups come from balanced_bisection
+SKETCH_ABOVE = 50_000_000  # profile elements above which the bisection splits a random sketch of them
+SKETCH_DIM = 256
 
 
 def mass_profiles(h: torch.Tensor, down: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,12 +83,17 @@ def balanced_bisection(profiles: torch.Tensor, k: int, iters: int) -> torch.Tens
     each, by a balanced 2-means whose assignment step is exact (with centroids c1, c2 fixed, the n1
     neurons with the largest cos(z, c1) - cos(z, c2) go left: that maximises the total similarity
     under the size constraint). Centroids start at the neuron farthest from the set's mean and the
-    one farthest from it. O(T n log k iters): seconds for a 7B layer. Profiles are normalised in
-    place (the caller's scratch copy).
+    one farthest from it. Profiles larger than SKETCH_ABOVE elements (a 7B layer on 8x2048 tokens)
+    are first projected onto SKETCH_DIM random directions, which keeps the cosines the splits compare
+    and makes every split cheap. Profiles are normalised in place (the caller's scratch copy).
     """
     n = profiles.shape[1]
     m = n // k
     z = profiles.div_(profiles.norm(dim=0).clamp_min(1e-12))  # [T, n] unit columns
+    if z.numel() > SKETCH_ABOVE:  # a 7B layer on 8x2048 tokens: split on a random sketch of the profiles
+        g = torch.Generator().manual_seed(0)
+        sketch = torch.randn(SKETCH_DIM, z.shape[0], generator=g).to(z.device) / SKETCH_DIM**0.5
+        z = F.normalize(sketch @ z, dim=0)  # [r, n]: cosines kept to ~1/sqrt(r) (Johnson-Lindenstrauss)
     labels = torch.empty(n, dtype=torch.long)
     todo = [(torch.arange(n, device=z.device), 0, k)]  # (neurons, first label, groups)
     while todo:
