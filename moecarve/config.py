@@ -175,7 +175,7 @@ class CarveConfig(DictConfig):
     def expert_size(self, intermediate_size: int) -> int:
         """m = intermediate_size / N, or a ConfigError when N does not divide it."""
         if intermediate_size % self.n_experts:
-            divisors = [n for n in (4, 8, 16, 32, 64, 128, intermediate_size) if intermediate_size % n == 0]
+            divisors = sorted({n for n in (4, 8, 16, 32, 64, 128, intermediate_size) if intermediate_size % n == 0})
             raise ConfigError(
                 f"{self.name}: {self.n_experts} experts do not divide the intermediate size "
                 f"{intermediate_size}; choose N among {divisors or 'its divisors'}"
