@@ -150,9 +150,11 @@ def _native(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
     from . import native
 
     if t.router == "shadow" and t.shadow_codes is not None:
-        return native.moe_layer_shadow(x, t).to(x.dtype)
-    weights, idx = route(x, t)  # [T, A]
-    return native.moe_layer(x, t, idx, weights).to(x.dtype)
+        y = native.moe_layer_shadow(x, t)
+    else:
+        weights, idx = route(x, t)  # [T, A]
+        y = native.moe_layer(x, t, idx, weights)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def moe_decode_cpu(x: torch.Tensor, t: MoETensors, path: str = "auto") -> torch.Tensor:

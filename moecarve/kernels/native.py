@@ -134,6 +134,11 @@ def supports(act_name: str, weight: torch.Tensor) -> bool:
     return act_name in ACTS and weight.dtype in WEIGHT_DTYPES and weight.device.type == "cpu"
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous float32 (itself when it already is: this runs per decode step)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.detach().float().contiguous()
+
+
 def _check(rc: int, what: str) -> None:
     if rc < 0:
         raise MemoryError(f"moecarve CPU kernel {what}: out of memory")
@@ -209,12 +214,12 @@ def moe_layer(x: torch.Tensor, t: MoETensors, idx: torch.Tensor, weights: torch.
 def moe_layer_shadow(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
     """A carved layer routed by its shadow router, in one C call: score, select (top-A, or its
     threshold), run -> float32 [T, d] (native.c `moe_layer_shadow`)."""
-    x = x.float().contiguous()
+    x = _f32(x)
     T, d = x.shape
     codes, scale = t.shadow_codes, t.shadow_scale
     assert codes.is_contiguous() and scale.dtype == torch.float32 and scale.is_contiguous()
-    sbias = None if t.shadow_bias is None else t.shadow_bias.float().contiguous()
-    bias, rscale = t.router_bias.float().contiguous(), t.router_scale.detach().float().contiguous()
+    sbias = None if t.shadow_bias is None else _f32(t.shadow_bias)
+    bias, rscale = _f32(t.router_bias), _f32(t.router_scale)
     y = torch.empty(T, d, dtype=torch.float32)
     rc = library().moe_layer_shadow(
         x.data_ptr(), T, d, codes.data_ptr(), 4 if codes.dtype == torch.uint8 else 8, scale.data_ptr(), _ptr(sbias),
