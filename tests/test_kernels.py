@@ -339,6 +339,18 @@ def test_tri_shadow_matches_reference(case: str, T: int, bits: int, threshold: f
 
 
 @needs_interpreter
+@pytest.mark.parametrize("case,T", [("single_neurons", 1), ("single_neurons_shared", 3), ("m3", 2), ("m17", 1)])
+def test_tri_small_experts_match_reference(case: str, T: int) -> None:
+    """Experts of <= 16 neurons run as one flat list of picked neurons (kernels.triton_neurons);
+    m17 stays on the per-expert kernels."""
+    from .test_native import FINE_CASES
+
+    moe = random_moe(**FINE_CASES[case])
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+    torch.testing.assert_close(fast(moe, x, "triton"), reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
 def test_tri_shadow_quantises_like_the_reference() -> None:
     from moecarve.kernels.triton_shadow import _pow2, _quantize_kernel
     from moecarve.modules.moe import quantize_tokens
@@ -472,6 +484,11 @@ def test_triton_kernels_compile_for_sm90() -> None:
                 ("T", "D", "E", "M", "KW"), {"codes_ptr": "*u8", "b_ptr": "*bf16"})  # fmt: skip
     build_typed(ts._select_kernel, dict(A_PAD=4, HAS_THRESHOLD=False, BLOCK_E=16), ("E", "K"),
                 {"idx_ptr": "*i32", "scale_ptr": "*bf16"})  # fmt: skip
+    from moecarve.kernels import triton_neurons as tn
+
+    build_typed(tn._rows_kernel, dict(GATED=True, HAS_BIAS=False, ACT=0, BLOCK_N=64, BLOCK_K=128), ("D", "M", "N", "A"),
+                {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "idx_ptr": "*i32", "cw_ptr": "*bf16"})  # fmt: skip
+    build_typed(tn._down_kernel, dict(BLOCK_N=32, BLOCK_D=128), ("D", "M", "N", "A"), {"w_ptr": "*bf16", "idx_ptr": "*i32"})
 
 
 # ------------------------------------------------------------------------------------- real GPU

@@ -13,7 +13,8 @@ sync (CUDA-graph capturable), behind one `torch.library.custom_op`:
    expert above it (ties to the lower index) is written in expert order; with a threshold, only
    those above it (at most A; unused slots idx -1, weight 0). Combine weight 1 + softmax * scale.
 
-The picked experts then run through kernels.triton_decode's experts kernels, which skip idx -1.
+The picked experts then run through kernels.triton_decode's (or, for small experts,
+kernels.triton_neurons') kernels, which skip idx -1.
 Also runs under TRITON_INTERPRET=1 on CPU tensors (how the CPU tests check it).
 """
 
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .tensors import MoETensors
-from .triton_decode import ACTS, _act, _pow2, experts_triton
+from .triton_decode import ACTS, _act, _pow2
 
 
 @triton.jit
@@ -197,9 +198,3 @@ def shadow_route_triton(x: torch.Tensor, t: MoETensors) -> tuple[torch.Tensor, t
         x, t.shadow_codes, t.shadow_scale, t.shadow_bias, t.router_bias, t.router_scale, t.shadow_threshold,
         t.expert_size, t.top_k, t.gated, t.act_name,
     )  # fmt: skip
-
-
-def shadow_decode_triton(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
-    """The carved FFN routed by its shadow router, for decode: x [T <= 32, d] -> [T, d]."""
-    weights, idx = shadow_route_triton(x, t)
-    return experts_triton(x, idx, weights, t)

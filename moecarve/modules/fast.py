@@ -11,8 +11,8 @@ Backends (T = tokens in the call):
           expert read once, in place, one call per layer), or where no C compiler is available
           gathered experts / one masked dense GEMM over the picked experts' span by a bytes-read
           rule; else the reference (any device; reads expert ids on the host, free on CPU only).
-  triton  kernels.triton_decode for T <= 32, kernels.triton_prefill above (CUDA, or CPU tensors
-          under TRITON_INTERPRET=1).
+  triton  kernels.triton_decode for T <= 32 (kernels.triton_neurons for experts of <= 16
+          neurons), kernels.triton_prefill above (CUDA, or CPU tensors under TRITON_INTERPRET=1).
   auto    per call: CPU tensors -> cpu; CUDA tensors -> Triton decode for T <= 32, and for larger
           T the reference where torch._grouped_mm runs (bf16 on sm90+), else Triton prefill.
 Routers: the analytic and linear routers run inside the kernels (fused in Triton decode); the
@@ -123,7 +123,7 @@ def _cpu_forward(moe: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | 
     return moe_decode_cpu(x, _cached_tensors(moe)).view(hidden_states.shape)
 
 
-_TRITON: tuple | None = None  # (triton_decode, triton_prefill, triton_shadow) once use_kernels has imported them
+_TRITON: tuple | None = None  # (triton_decode, triton_prefill, triton_shadow, triton_neurons) once imported
 
 
 def _load_triton() -> tuple | None:
@@ -131,10 +131,10 @@ def _load_triton() -> tuple | None:
     global _TRITON
     if _TRITON is None:
         try:
-            from ..kernels import triton_decode, triton_prefill, triton_shadow
+            from ..kernels import triton_decode, triton_neurons, triton_prefill, triton_shadow
         except Exception:  # no triton, no driver: the reference path still works
             return None
-        _TRITON = (triton_decode, triton_prefill, triton_shadow)
+        _TRITON = (triton_decode, triton_prefill, triton_shadow, triton_neurons)
     return _TRITON
 
 
@@ -143,19 +143,27 @@ def _triton_call(moe: nn.Module, hidden_states: torch.Tensor, prefill: str) -> t
     torch._grouped_mm runs, else Triton)."""
     if _TRITON is None:
         return None
-    decode, grouped, shadow = _TRITON
+    decode, grouped, shadow, neurons = _TRITON
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     T = x.shape[0]
     t = moe_tensors(moe)
     if T == 0 or not decode.supports(t) or _recording(x, moe):
         return None
     if T <= decode.MAX_DECODE_TOKENS:
-        if t.router == "shadow":  # scored, selected and run in Triton
-            return shadow.shadow_decode_triton(x, t).view(hidden_states.shape)
-        if t.router_fn is not None:  # e.g. "fitted": the module routes, the kernels run the experts
+        if t.router == "shadow":  # scored and selected in Triton
+            weights, idx = shadow.shadow_route_triton(x, t)
+        elif t.router_fn is not None:  # e.g. the probe router: the module routes, the kernels run the experts
             weights, idx = t.router_fn(x)
-            return decode.experts_triton(x, idx, weights, t).view(hidden_states.shape)
-        return decode.moe_decode_triton(x, t).view(hidden_states.shape)
+        else:
+            weights, idx = decode.route_triton(x, t)
+        if t.expert_size <= neurons.MAX_EXPERT_SIZE:  # small experts: one flat list of picked neurons
+            y = neurons.neurons_triton(x, idx, weights, t).to(x.dtype)
+            if moe.shared is not None:
+                y = y + moe.shared(x)
+            if moe.out_bias is not None:
+                y = y + moe.out_bias
+            return y.view(hidden_states.shape)
+        return decode.experts_triton(x, idx, weights, t).view(hidden_states.shape)
     if prefill == "auto" and _grouped_mm_ok(x):
         return None
     return grouped.moe_prefill_triton(x, t).view(hidden_states.shape)
