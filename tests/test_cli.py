@@ -2,6 +2,7 @@
 bad inputs -> clear error, exit 2, no output (the full table is tests/test_cli_errors.py)."""
 
 import io
+import json
 import re
 import subprocess
 import sys
@@ -178,7 +179,7 @@ print(sorted(m for m in ("torch", "transformers", "datasets", "peft") if m in sy
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["carve", "--help"], ["eval", "--help"], ["--version"]])
+@pytest.mark.parametrize("argv", [["--help"], ["carve", "--help"], ["eval", "--help"], ["frontier", "--help"], ["--version"]])
 def test_help_imports_no_torch(argv):
     """The CLI's own modules import torch and transformers only inside commands. (The package's
     __init__ still imports the whole API: it is bypassed here so that the CLI is measured alone.)"""
@@ -235,17 +236,96 @@ def test_a_diverged_finetune_is_reported(before, after, losses, warned, caplog):
     assert any("diverged" in r.getMessage() for r in caplog.records) == warned
 
 
-def test_finetune_no_merge_saves_the_adapter_alone(tmp_path, reference_tokenizer, capsys):
-    vocab = len(reference_tokenizer)
+def carved_folder(tmp_path, tok):
+    """A tiny llama carved at S1A1E4 by cmoe (shared experts: condensable), saved with the
+    reference tokenizer, and a training text; (folder, text)."""
+    vocab = len(tok)
     model = tiny_model("llama", vocab_size=vocab)
     windows = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
     moecarve.carve(model, moecarve.CarveConfig.from_string("S1A1E4", method="cmoe"), windows, progress=False)
-    moecarve.save(model, tmp_path / "carved", tokenizer=reference_tokenizer)
+    moecarve.save(model, tmp_path / "carved", tokenizer=tok)
     data = tmp_path / "train.txt"
     data.write_text(CALIB_TXT.read_text()[:20_000])
-    args = ["finetune", str(tmp_path / "carved"), "--calib", str(data), "--samples", "2", "--seqlen", "32", "--heldout", "0",
+    return tmp_path / "carved", data
+
+
+def test_finetune_no_merge_saves_the_adapter_alone(tmp_path, reference_tokenizer, capsys):
+    carved, data = carved_folder(tmp_path, reference_tokenizer)
+    args = ["finetune", str(carved), "--calib", str(data), "--samples", "2", "--seqlen", "32", "--heldout", "0",
             "--batch-size", "2", "--out", str(tmp_path / "adapter"), "--no-merge", "--device", "cpu"]  # fmt: skip
     assert main(args) == 0
     names = {p.name for p in (tmp_path / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "finetune_report.json"} <= names
     assert not any(n.startswith("model") for n in names)  # the adapter alone, no merged weights
+
+
+def short_texts(tmp_path):
+    """(calib.txt, test.txt): slices of the corpus, so that tokenizing them costs nothing."""
+    calib, test = tmp_path / "calib.txt", tmp_path / "test.txt"
+    calib.write_text(CALIB_TXT.read_text()[:20_000])
+    test.write_text(TEST_TXT.read_text()[:3_000])
+    return calib, test
+
+
+PERPLEXITY_ROW = r"\| perplexity \(`test.txt`, seq (\d+)\) \| source [\d.]+ → this model [\d.]+ \|"
+
+
+def test_carve_by_expert_size_with_threshold_selection(tmp_path, tiny_folder, capsys):
+    """--expert-size/--active/--shared resolve to the S/A/E spec from config.json's FFN width;
+    the folder's card names the texts; inspect shows what the folder holds."""
+    model, out = tiny_folder("llama"), tmp_path / "c"
+    calib, test = short_texts(tmp_path)
+    argv = carve_args(model, out, "--expert-size", "16", "--active", "0.5", "--shared", "0.25", "--selection", "threshold",
+                      "--calib", str(calib), "--ppl", str(test), "--ppl-seqlen", "64")  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "--expert-size 16 on intermediate size 128: S2A2E8 (2 shared + 2 routed of 8 experts" in text
+    carve = json.loads((out / "config.json").read_text())["moecarve"]["carve"]
+    assert (carve["n_shared"], carve["n_active"], carve["n_experts"], carve["selection"]) == (2, 2, 8, "threshold")
+    card = (out / "README.md").read_text()
+    assert f"| source model | `{model}` |" in card and "| calibration | calib.txt, 2 × 128 tokens |" in card
+    assert re.search(PERPLEXITY_ROW, card).group(1) == "64"
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    for word in ("moecarve_llama", "MoeCarveLlamaForCausalLM", "4-bit", "selection=threshold,", "provenance", "torch",
+                 "shared mean |h|", "routed mean |h|"):  # fmt: skip
+        assert word in shown, word
+    for word in ("router=", "k_act=", "probes_per_expert=", "kmeans_iters="):  # not read by the fitted shadow router
+        assert word not in shown, word
+
+
+@pytest.mark.parametrize(
+    "extra,shown,hidden",
+    [
+        (["--config", "S2A0E4"], ["none", "refit=True,", "static"], ["shadow_bits=", "router=", " nan "]),
+        (["--config", "S1A1E4", "--method", "cmoe"], ["router=analytic,", "k_act=10,", "analytic", "activation rate"],
+         ["profile_iters=", "shadow_bits=", "refit=", " nan "]),
+    ],
+)  # fmt: skip
+def test_summary_and_inspect_show_what_applies(extra, shown, hidden, tmp_path, tiny_folder, capsys):
+    """Static pruning has no router or routed figures (no " nan "); each method lists only its settings."""
+    out = tmp_path / "c"
+    assert main(carve_args(tiny_folder("llama"), out, "--calib", str(short_texts(tmp_path)[0]), *extra)) == 0
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    for word in shown:
+        assert word in text, word
+    for word in hidden:
+        assert word not in text, word
+
+
+def test_finetune_and_condense_write_cards(tmp_path, reference_tokenizer):
+    carved, data = carved_folder(tmp_path, reference_tokenizer)
+    test = short_texts(tmp_path)[1]
+    common = ["--calib", str(data), "--samples", "2", "--seqlen", "32", "--ppl", str(test), "--ppl-seqlen", "32",
+              "--device", "cpu"]  # fmt: skip
+    ft = ["finetune", str(carved), "--heldout", "2", "--batch-size", "2", "--out", str(tmp_path / "ft"), *common]
+    assert main(ft) == 0
+    card = (tmp_path / "ft" / "README.md").read_text()
+    assert "Fine-tuned by `moecarve finetune`: LoRA r=8" in card and "1 step on 2 × 32 tokens of `train.txt`" in card
+    assert re.search(PERPLEXITY_ROW, card).group(1) == "32"
+    cd = ["condense", str(carved), "--layers", "1", "--experts", "1", "--out", str(tmp_path / "cd"), *common]
+    assert main(cd) == 0
+    card = (tmp_path / "cd" / "README.md").read_text()
+    assert "| calibration | train.txt |" in card and "Condensed (CD-MoE)" in card
+    assert re.search(PERPLEXITY_ROW, card).group(1) == "32"

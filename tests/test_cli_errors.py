@@ -105,6 +105,10 @@ def world(tmp_path_factory, reference_tokenizer) -> Path:
     (root / "binary.bin").write_bytes(bytes(range(256)) * 64)
     (root / "control.txt").write_bytes(bytes(b % 31 + 1 for b in range(8000)))  # no NUL, mostly control characters
     (root / "old.json").write_text('{"not": "an eval result"}')
+    for name, body in [("fr_badjson", "{"), ("fr_other", '{"points": 1}')]:  # earlier frontier sweeps, damaged
+        (root / name).mkdir()
+        (root / name / MARKER).write_text("")
+        (root / name / "frontier.json").write_text(body)
 
     # an unfinished streamed carve of stream_out, a damaged one, one whose layer file is gone
     for name, state in [("stream_out", {"done": 0, "fingerprint": {}}), ("badstate", None), ("gone", {"done": 1, "fingerprint": {}})]:
@@ -142,11 +146,22 @@ CARVE = ["carve", "dense", "--out", "out", "--calib", "text.txt", "--samples", "
 FT = ["finetune", "carved", "--calib", "text.txt", "--samples", "2", "--seqlen", "32", "--heldout", "0"]
 CONDENSE = ["condense", "carved", "--layers", "1", "--experts", "1", "--out", "out", "--calib", "text.txt", "--samples", "2", "--seqlen", "32"]
 EXPORT = ["export", "carved", "--out", "out"]
+FRONTIER = ["frontier", "dense", "--configs", "S1A1E4", "--ppl", "text.txt", "--ppl-seqlen", "64", "--calib", "text.txt",
+            "--samples", "2", "--seqlen", "32", "--out", "out"]  # fmt: skip
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
 def carve(*extra, model="dense"):
     return [CARVE[0], model, *CARVE[2:], *extra]
+
+
+def granular(*extra):
+    """carve with --expert-size instead of --config."""
+    return [*CARVE[:-2], "--expert-size", *extra]
+
+
+def frontier(*extra, model="dense"):
+    return [FRONTIER[0], model, *FRONTIER[2:], *extra]
 
 
 CASES = [
@@ -189,6 +204,15 @@ CASES = [
     ("carve --seqlen x", carve("--seqlen", "x"), "expected an integer, got 'x'"),
     ("carve --shadow-bits 9", carve("--shadow-bits", "9"), "shadow_bits must be 0"),
     ("carve --router linear fitted", carve("--router", "linear"), "is a choice of method 'cmoe'"),
+    ("carve --selection threshold cmoe", carve("--selection", "threshold", "--method", "cmoe"), "calibrated on the shadow router"),
+    ("carve --selection x", carve("--selection", "all"), "argument --selection: invalid choice: 'all'"),
+    ("carve --config and --expert-size", carve("--expert-size", "32", "--active", "0.5"), "pass either --config or --expert-size"),
+    ("carve --expert-size alone", granular("32"), "--expert-size needs --active F"),
+    ("carve --active alone", carve("--active", "0.5"), "pass --expert-size too, or use --config"),
+    ("carve --expert-size not dividing", granular("48", "--active", "0.5"), "expert size 48 does not divide the intermediate size 128"),
+    ("carve --active 0", granular("32", "--active", "0"), "need 0 < active <= 1"),
+    ("carve --shared above --active", granular("32", "--active", "0.25", "--shared", "0.5"), "0 <= shared <= active"),
+    ("carve --active 2", granular("32", "--active", "2"), "argument --active: must be in [0.0, 1.0]"),
     ("carve --method x", carve("--method", "x"), "argument --method: invalid choice"),
     ("carve --dtype int8", carve("--dtype", "int8"), "argument --dtype: invalid choice: 'int8'"),
     ("carve --device banana", carve("--device", "banana"), "unknown device 'banana'"),
@@ -248,6 +272,34 @@ CASES = [
     ("compare --out .", ["compare", "dense", "carved", "--out", ".", "--overwrite"], "it is the current folder"),
     ("compare --out notes", ["compare", "dense", "carved", "--out", "notes", "--overwrite"], "moecarve did not write it"),
     ("compare --gen-tokens -1", ["compare", "dense", "carved", "--gen-tokens", "-1"], "argument --gen-tokens: must be >= 0"),
+    # frontier: every candidate, the texts and the output folder before the model loads
+    ("frontier no --configs", ["frontier", "dense", "--ppl", "text.txt", "--out", "out"], "required: --configs"),
+    ("frontier no --ppl", [*FRONTIER[:4], *FRONTIER[6:]], "frontier measures perplexity: pass --ppl TEXT"),
+    ("frontier unknown method", frontier("--methods", "default,fast"), "unknown method 'fast'"),
+    ("frontier bad config string", frontier("--configs", "S1A1E4,2-2-8"), "cannot parse carving config '2-2-8'"),
+    ("frontier empty list item", frontier("--configs", "S1A1E4,"), "has an empty item"),
+    ("frontier N does not divide", frontier("--configs", "S1A1E4,S2A2E7"), "do not divide the intermediate size 128"),
+    ("frontier probe in one-neuron experts", frontier("--configs", "S0A64E128", "--methods", "probe"),
+     "cannot hold the probe router's 2 probes"),  # fmt: skip
+    ("frontier carved model", frontier(model="carved"), "is already carved"),
+    ("frontier truncated weights", frontier(model="dense_trunc"), "model.safetensors is truncated"),
+    ("frontier missing --ppl", frontier("--ppl", "no-such.txt"), "is neither wikitext2 nor c4"),
+    ("frontier binary --ppl", frontier("--ppl", "binary.bin"), "is not a text file"),
+    ("frontier empty calib", frontier("--calib", "empty.txt"), "the calibration text is empty"),
+    ("frontier --ppl-seqlen 32", frontier("--ppl-seqlen", "32"), "too short to time decoding"),
+    ("frontier --speed-rounds 2", frontier("--speed-rounds", "2"), "argument --speed-rounds: must be >= 3"),
+    ("frontier --threads 0", frontier("--threads", "0"), "argument --threads: must be >= 1"),
+    ("frontier --kernels none", frontier("--kernels", "none"), "use --kernels torch"),
+    ("frontier --kernels triton", frontier("--kernels", "triton"), "runs on CUDA only", NO_CUDA),
+    ("frontier --device-map", frontier("--device-map", "auto"), "drop --device-map"),
+    ("frontier --out exists", frontier("--out", "carved"), "already exists; pass --resume to continue its sweep"),
+    ("frontier --out .", frontier("--out", ".", "--overwrite"), "it is the current folder"),
+    ("frontier --out input", frontier("--out", "text.txt", "--overwrite"), "is (or holds) the input"),
+    ("frontier --overwrite notes", frontier("--out", "notes", "--overwrite"), "moecarve did not write it"),
+    ("frontier --resume and --overwrite", frontier("--resume", "--overwrite"), "pass one of them"),
+    ("frontier --resume someone's folder", frontier("--out", "notes", "--resume"), "was not written by moecarve"),
+    ("frontier --resume damaged json", frontier("--out", "fr_badjson", "--resume"), "frontier.json is not valid JSON"),
+    ("frontier --resume other json", frontier("--out", "fr_other", "--resume"), "is not the result of moecarve frontier"),
     # finetune
     ("finetune --samples 0", [*FT, "--out", "out", "--samples", "0"], "argument --samples: must be >= 1"),
     ("finetune --seqlen 0", [*FT, "--out", "out", "--seqlen", "0"], "argument --seqlen: must be >= 2"),

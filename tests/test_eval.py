@@ -13,7 +13,7 @@ from moecarve.cli import main
 from moecarve.eval.data import EvalDataError, load_eval_text
 from moecarve.eval.perplexity import eval_perplexity, eval_windows, perplexity
 from moecarve.eval.tasks import TaskConfig, TaskError
-from tests.conftest import REFERENCE_LM, TEST_TXT
+from tests.conftest import REFERENCE_LM, TEST_TXT, random_windows, tiny_model
 
 needs_reference = pytest.mark.skipif(not REFERENCE_LM.exists(), reason="../shared/reference-lm is not available")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -73,6 +73,34 @@ def test_cli_layerwise_matches_full_model(tmp_path):
     full, lw = (json.loads((tmp_path / f).read_text())["perplexity"] for f in ("full.json", "lw.json"))
     assert lw["n_windows"] == full["n_windows"]
     assert lw["perplexity"] == pytest.approx(full["perplexity"], rel=1e-4)
+
+
+@needs_reference
+@pytest.mark.skipif(importlib.util.find_spec("moecarve.eval.streaming") is None, reason="no moecarve.eval.streaming")
+def test_cli_layerwise_reads_a_carved_folder(tmp_path, reference_tokenizer):
+    """A carved folder's tokenizer and config are read without its remote code (model_type moecarve_llama)."""
+    from moecarve import CarveConfig, carve, save
+
+    model = tiny_model("llama", vocab_size=len(reference_tokenizer))  # max positions 128: --ppl-seqlen is clipped
+    carve(model, CarveConfig.from_string("S1A1E4", method="cmoe"), random_windows(2, 32, vocab=len(reference_tokenizer)),
+          progress=False)  # fmt: skip
+    save(model, tmp_path / "carved", tokenizer=reference_tokenizer)
+    args = ["eval", str(tmp_path / "carved"), "--ppl", str(TEST_TXT), "--ppl-seqlen", "256", "--ppl-chars", "4000",
+            "--device", "cpu"]  # fmt: skip
+    assert main(args + ["--layerwise", "--json", str(tmp_path / "lw.json")]) == 0
+    assert main(args + ["--json", str(tmp_path / "full.json")]) == 0
+    full, lw = (json.loads((tmp_path / f).read_text())["perplexity"] for f in ("full.json", "lw.json"))
+    assert lw["seqlen"] == full["seqlen"] == 128 and lw["n_windows"] == full["n_windows"]
+    assert lw["perplexity"] == pytest.approx(full["perplexity"], rel=1e-4)
+
+
+def test_task_rows_show_accuracy_with_its_standard_error():
+    from moecarve.cli.eval import task_rows
+    from moecarve.eval.tasks import TaskResult
+
+    results = {"piqa": TaskResult("piqa", {"acc": 0.61, "acc_norm": 0.64}, stderr={"acc": 0.011, "acc_norm": 0.012}),
+               "local": TaskResult("local", {"acc": 0.5})}  # fmt: skip
+    assert task_rows(results) == [["piqa acc / acc_norm", "0.6100 ± 0.0110 / 0.6400 ± 0.0120"], ["local acc", "0.5000"]]
 
 
 # --- test sets ---------------------------------------------------------------------------------------
@@ -198,6 +226,7 @@ def test_compare_table_json_and_plot(tmp_path, reference_model, reference_tokeni
     assert carved["delta_pct"] == pytest.approx(100 * (carved["perplexity"] / dense["perplexity"] - 1))
     assert all(r["tokens_per_s"] > 0 for r in doc["models"])
     assert (out / "compare.png").read_bytes()[:8] == PNG
+    assert (doc["settings"]["kernels"], doc["settings"]["trust_remote_code"]) == ("none", False)  # how the models loaded
 
 
 def test_compare_labels_are_unique_and_short(tmp_path):

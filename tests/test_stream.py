@@ -145,9 +145,8 @@ def test_checkpoint_reads_tensors_exactly(tmp_path):
     assert torch.equal(ckpt.get("bf16", torch.float32), tensors["bf16"].float())
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:-8])  # the last tensor loses its end
-    last = max((e for e in Checkpoint(tmp_path)._entries.values() if e.nbytes), key=lambda e: e.start).name
-    with pytest.raises(CheckpointError, match="truncated"):
-        Checkpoint(tmp_path).get(last)
+    with pytest.raises(CheckpointError, match="truncated"):  # caught when the checkpoint opens
+        Checkpoint(tmp_path)
 
 
 def test_streamed_equals_in_memory_reference(tmp_path):

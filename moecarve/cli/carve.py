@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from ..config import METHODS, ROUTERS
+from ..config import METHODS, ROUTERS, SELECTIONS
 from .common import (
-    add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, at_least, bold,
-    check_load_args, console, fmt_params, load_kwargs, table,
+    add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, at_least, bold, card_info,
+    check_load_args, console, fmt_params, in_range, load_kwargs, routed, table,
 )  # fmt: skip
+
+DEFAULT_CONFIG = "S2A2E8"
 
 
 def register(sub) -> None:
@@ -20,7 +22,15 @@ def register(sub) -> None:
         "the output folder) runs before the model loads.",
     )  # fmt: skip
     p.add_argument("model", help="a local model folder or a hub id")
-    p.add_argument("--config", default="S2A2E8", help="S<shared>A<active>E<experts>")
+    p.add_argument("--config", default=None,
+                   help=f"S<shared>A<active>E<experts> (default: {DEFAULT_CONFIG}, unless --expert-size is given)")  # fmt: skip
+    p.add_argument("--expert-size", type=at_least(1), default=None, metavar="M",
+                   help="instead of --config: experts of M neurons (M divides the intermediate size), with --active "
+                   "and --shared giving the fraction of the FFN active per token and always on")  # fmt: skip
+    p.add_argument("--active", type=in_range(0.0, 1.0), default=None, metavar="F",
+                   help="with --expert-size: fraction of the FFN active per token, shared experts included")  # fmt: skip
+    p.add_argument("--shared", type=in_range(0.0, 1.0), default=None, metavar="F",
+                   help="with --expert-size: fraction of the FFN in always-on shared experts, at most --active (default: 0)")  # fmt: skip
     add_output_args(p)
     add_calib_args(p, samples=8, seqlen=2048)
     p.add_argument("--k-act", type=at_least(1), default=10, help="neurons marked active per token for activation rates")
@@ -31,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--shadow-bits", type=int, default=4,
                    help="fitted: bits of the shadow router's copy of the experts' input rows (2-8); 0: the cheaper "
                    "probe router (faster, lower quality)")  # fmt: skip
+    p.add_argument("--selection", choices=list(SELECTIONS), default="topk",
+                   help="fitted with the shadow router: topk, exactly A routed experts per token; threshold, every "
+                   "expert scoring above a per-layer threshold calibrated to pick A per token on average (at most 2A)")  # fmt: skip
     p.add_argument("--router", choices=list(ROUTERS), default="analytic",
                    help="cmoe only: analytic, CMoE's training-free router; linear, a softmax-over-linear-gate router "
                    "fitted on the calibration tokens (needed by --export)")  # fmt: skip
@@ -62,15 +75,20 @@ def run(args) -> int:
     from ..io.loading import check_files, check_model, resolve_device, resolve_dtype
     from ..stream.shards import parse_size
 
-    cfg = CarveConfig.from_string(args.config, k_act=args.k_act, seed=args.seed, router=args.router,
-                                  method=args.method, shadow_bits=args.shadow_bits)  # fmt: skip
+    settings = dict(k_act=args.k_act, seed=args.seed, router=args.router, method=args.method, shadow_bits=args.shadow_bits,
+                    selection=args.selection)  # fmt: skip
+    check_config_args(args)
+    # a bad spec or setting fails before the model is looked at; --expert-size needs the model's FFN width
+    cfg = None if args.expert_size is not None else CarveConfig.from_string(args.config or DEFAULT_CONFIG, **settings)
     calib_cfg = CalibConfig(source=args.calib, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     parse_size(args.max_shard_size)
     ref = check_model(args.model, args.revision, files=False)  # config.json first: the architecture decides
     check_load_args(args, [ref])
-    skeleton = check_carvable(ref, cfg, dtype)
+    skeleton = model_skeleton(ref, dtype)
+    cfg = cfg or config_from_granularity(args, skeleton, **settings)
+    check_carvable(skeleton, cfg)
     check_export_args(args, skeleton)
     check_files(ref)  # then complete weights and a tokenizer
     streamed = wants_streaming(args, ref, device, dtype)
@@ -87,25 +105,62 @@ def run(args) -> int:
     return run_in_memory(args, ref, cfg, calib_cfg, calib_text, ppl_text) or export_carved(args)
 
 
-def check_carvable(ref, cfg, dtype):
-    """The model's skeleton (meta device: no weights read), checked against the carve config exactly
-    as moecarve.carve checks the real model: architecture, N dividing every FFN, k_act."""
+def check_config_args(args) -> None:
+    """--config or --expert-size (with --active, optionally --shared), not both."""
+    from ..errors import UsageError
+
+    if args.expert_size is None:
+        if args.active is not None or args.shared is not None:
+            raise UsageError("--active and --shared size the experts of --expert-size M; pass --expert-size too, or use --config")
+    elif args.config is not None:
+        raise UsageError("pass either --config or --expert-size (with --active), not both")
+    elif args.active is None:
+        raise UsageError("--expert-size needs --active F: the fraction of the FFN active per token, e.g. --active 0.25")
+
+
+def model_skeleton(ref, dtype):
+    """A dense model's skeleton on the meta device (no weights read); a carved folder or an unknown
+    family is refused before transformers builds anything."""
     from types import SimpleNamespace
 
-    import torch
-
     from .. import adapters
-    from ..carve import validate
     from ..errors import UsageError
     from ..stream.skeleton import build_skeleton
 
     if ref.carved:
         raise UsageError(f"{ref.name} is already carved (its config.json has a 'moecarve' entry); carve its dense "
                          "source model instead (moecarve condense shrinks carved layers)")  # fmt: skip
-    adapters.adapter_for(SimpleNamespace(**ref.config))  # an unknown family fails before transformers builds anything
-    skeleton = build_skeleton(ref.config_dir, dtype)
+    adapters.adapter_for(SimpleNamespace(**ref.config))
+    return build_skeleton(ref.config_dir, dtype)
+
+
+def intermediate_size(skeleton) -> int:
+    """The FFN width of the skeleton's first decoder layer (what --expert-size divides)."""
+    from .. import adapters
+
+    return adapters.read_ffn(skeleton.config, adapters.decoder_layers(skeleton)[0]).intermediate_size
+
+
+def config_from_granularity(args, skeleton, **settings):
+    """--expert-size M --active F [--shared F] as the S/A/E configuration it stands for, printed."""
+    from ..config import CarveConfig
+
+    width = intermediate_size(skeleton)
+    cfg = CarveConfig.from_granularity(width, args.expert_size, args.active, args.shared or 0.0, **settings)
+    console.print(f"--expert-size {args.expert_size} on intermediate size {width}: [bold]{cfg.name}[/] "
+                  f"({cfg.n_shared} shared + {cfg.n_active} routed of {cfg.n_experts} experts per token, "
+                  f"{cfg.active_fraction:.1%} active)")  # fmt: skip
+    return cfg
+
+
+def check_carvable(skeleton, cfg) -> None:
+    """The skeleton checked against the carve config exactly as moecarve.carve checks the real
+    model: architecture, N dividing every FFN, k_act."""
+    import torch
+
+    from ..carve import validate
+
     validate(skeleton, cfg, torch.zeros(1, 2, dtype=torch.long))
-    return skeleton
 
 
 def wants_streaming(args, ref, device, dtype) -> bool:
@@ -217,7 +272,9 @@ def run_in_memory(args, ref, cfg, calib_cfg, calib_text, ppl_text) -> int:
     if ev is not None:
         console.print("perplexity of the carved model")
         ppl_carved = perplexity(model, ev, batch_size=8, progress=True)
-    save(model, args.out, tokenizer=tok, report=report, overwrite=args.overwrite, max_shard_size=parse_size(args.max_shard_size))
+    card = card_info(args, ppl_windows=ev, ppl_before=ppl_dense, ppl_after=ppl_carved)
+    save(model, args.out, tokenizer=tok, report=report, overwrite=args.overwrite, max_shard_size=parse_size(args.max_shard_size),
+         card=card)  # fmt: skip
     print_summary(report, ppl_dense, ppl_carved)
     console.print(f"saved to {bold(args.out)}")
     return 0
@@ -250,7 +307,8 @@ def run_streamed(args, ref, cfg, calib_cfg, calib_text, ppl_text, device, dtype)
     try:
         report = carve_streamed(args.model, cfg, windows, args.out, tokenizer=tok, device=device, dtype=dtype,
                                 overwrite=args.overwrite, resume=args.resume, allow_pickle=args.allow_pickle,
-                                max_shard_size=args.max_shard_size)  # fmt: skip
+                                max_shard_size=args.max_shard_size, card=card_info(args, ppl_windows=ev,
+                                ppl_before=ppl_dense))  # fmt: skip
     except KeyboardInterrupt:
         print(f"interrupted; {_resume_hint(args.out) or 'nothing was kept'}", file=sys.stderr)
         return 130
@@ -295,8 +353,8 @@ def export_carved(args) -> int:
 def print_summary(report, ppl_dense=None, ppl_carved=None) -> None:
     stat = report.layers[0].statistic if report.layers else "activation rate"
     rows = [
-        [r.layer, f"{r.seconds:.2f}", r.expert_size, r.router or "-", f"{r.shared_rate:.4f}", f"{r.routed_rate:.4f}",
-         f"{r.load_imbalance:.2f}"]
+        [r.layer, f"{r.seconds:.2f}", r.expert_size, r.router or "-", f"{r.shared_rate:.4f}",
+         routed(r, f"{r.routed_rate:.4f}"), routed(r, f"{r.load_imbalance:.2f}")]
         for r in report.layers
     ]  # fmt: skip
     console.print(table("per layer", ["layer", "seconds", "m", "router", f"shared {stat}", f"routed {stat}", "load max/mean"], rows))
@@ -306,7 +364,8 @@ def print_summary(report, ppl_dense=None, ppl_carved=None) -> None:
         ["parameters (carved, total)", fmt_params(report.params_total)],
         ["parameters active per token", f"{fmt_params(report.params_active)} ({report.params_active / report.params_dense:.1%})"],
         ["carve time", f"{report.seconds:.1f} s"],
-        ["router load max/mean (worst layer)", f"{report.load_imbalance:.2f}"],
+        ["router load max/mean (worst layer)",
+         "- (static pruning: no router)" if report.config.static else f"{report.load_imbalance:.2f}"],
     ]
     if ppl_dense is not None:
         summary += [["perplexity dense", f"{ppl_dense:.3f}"], ["perplexity carved", f"{ppl_carved:.3f}"]]

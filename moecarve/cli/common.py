@@ -164,11 +164,38 @@ def load_kwargs(args) -> dict:
     return {"revision": args.revision, "trust_remote_code": args.trust_remote_code, "device_map": args.device_map}
 
 
+SHIPPED_CORPUS = "the corpus shipped with moecarve"
+
+
+def card_info(args, calibration: bool = True, ppl_windows=None, ppl_before: float | None = None,
+              ppl_after: float | None = None, notes: list[str] | None = None):  # fmt: skip
+    """The model card's CardInfo (moecarve.io.card) from a command's options: the source model
+    (MODEL, --revision), the --calib text (calibration=False where --calib is not what the output
+    was calibrated on, as a fine-tune's training text), the perplexities and the --ppl windows
+    [n, L] they were measured on. Texts are named by their file name."""
+    from pathlib import Path
+
+    from ..io.card import CardInfo
+
+    calib = (Path(args.calib).name if args.calib else SHIPPED_CORPUS) if calibration else None
+    return CardInfo(
+        source=args.model, revision=args.revision, calibration=calib,
+        eval_source=Path(args.ppl).name if args.ppl and ppl_windows is not None else None,
+        eval_seqlen=int(ppl_windows.shape[1]) if ppl_windows is not None else None,
+        ppl_before=ppl_before, ppl_after=ppl_after, notes=list(notes or []),
+    )  # fmt: skip
+
+
 def fmt_params(n: int) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
             return f"{n / div:.2f}{unit}"
     return str(n)
+
+
+def routed(layer, value: str) -> str:
+    """A routed-expert figure of a LayerReport for a table: "-" for a layer without routing (static pruning)."""
+    return "-" if layer.router == "none" or not layer.load else value
 
 
 def table(title: str, columns: list[str], rows: list[list], **kw) -> Table:

@@ -60,12 +60,13 @@ def run(args) -> int:
     from ..eval.compare import CompareConfig, CompareError, compare, describe, write_json
     from ..eval.plots import plot_quality
     from ..io.atomic import atomic_dir, check_output
-    from ..io.loading import check_kernels, check_model, load_defaults, resolve_device, resolve_dtype
+    from ..io.loading import check_kernels, check_model, resolve_device, resolve_dtype
 
     if len(args.models) < 2:
         raise CompareError("compare needs a dense model and at least one carved model")
     cfg = CompareConfig(ppl=args.ppl, seqlen=args.ppl_seqlen, max_chars=args.ppl_chars, batch_size=args.batch_size,
-                        tasks=task_config(args), gen_tokens=args.gen_tokens, dtype=args.dtype, device=args.device)  # fmt: skip
+                        tasks=task_config(args), gen_tokens=args.gen_tokens, dtype=args.dtype, device=args.device,
+                        kernels=args.kernels, **load_kwargs(args))  # fmt: skip
     device = resolve_device(args.device)
     resolve_dtype(args.dtype, device)
     check_kernels(args.kernels, device)
@@ -77,8 +78,7 @@ def run(args) -> int:
         ppl = "" if row.perplexity is None else f": perplexity {row.perplexity:.3f}"
         console.print(f"measured {bold(row.name)}{ppl}")
 
-    with load_defaults(kernels=args.kernels, **load_kwargs(args)):
-        rows = compare(args.models, cfg, on_row=on_row)
+    rows = compare(args.models, cfg, on_row=on_row)
     src = describe(cfg, rows)  # the windows the rows really used, not only the one asked for
     console.print(render(rows, f"compare ({src})" if src else "compare"))
     with atomic_dir(args.out, args.overwrite) as tmp:

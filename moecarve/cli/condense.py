@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .common import (
     add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, at_least, bold,
-    check_load_args, console, fmt_params, load_kwargs, positive, table,
+    card_info, check_load_args, console, fmt_params, load_kwargs, positive, table,
 )  # fmt: skip
 
 
@@ -49,10 +49,10 @@ def check_condensable(ref, cfg, dtype) -> None:
     MoE layers it knows, enough of them, R within each layer's routed experts."""
     import torch
 
-    from ..condense.pipeline import _validate
+    from ..condense.pipeline import validate
     from ..stream.skeleton import build_skeleton
 
-    _validate(build_skeleton(ref.config_dir, dtype), cfg, torch.zeros(1, 2, dtype=torch.long))
+    validate(build_skeleton(ref.config_dir, dtype), cfg, torch.zeros(1, 2, dtype=torch.long))
 
 
 def run(args) -> int:
@@ -84,7 +84,7 @@ def run(args) -> int:
     n_windows = max(args.samples, args.finetune_samples if cfg.finetune_steps else 0)
     all_windows = tokenize_windows(tok, calib_text, n_windows, clip_seqlen(model.config, args.seqlen), args.seed)
     windows, tune_windows = all_windows[: args.samples], all_windows[: args.finetune_samples]
-    ppl = {}
+    ppl, ev = {}, None
     if ppl_text is not None:
         ev = eval_windows(tok, args.ppl, clip_seqlen(model.config, args.ppl_seqlen), args.ppl_chars, ppl_text)
         console.print("perplexity before condensing")
@@ -96,7 +96,8 @@ def run(args) -> int:
         console.print("perplexity after condensing")
         ppl["after"] = perplexity(model, ev, batch_size=8, progress=True)
     carve_report = load_report(ref.path) if ref.carved else None
-    save_condensed(model, args.out, report, tokenizer=tok, carve_report=carve_report, overwrite=args.overwrite)
+    card = card_info(args, ppl_windows=ev, ppl_before=ppl.get("before"), ppl_after=ppl.get("after"))
+    save_condensed(model, args.out, report, tokenizer=tok, carve_report=carve_report, overwrite=args.overwrite, card=card)
     print_summary(report, ppl)
     native = report.format != MOECARVE_SAVE_FORMAT
     fmt = f"its own {report.format} format (plain transformers)" if native else "moecarve's format"

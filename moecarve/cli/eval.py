@@ -84,7 +84,7 @@ def run(args) -> int:
     from ..errors import MoecarveError, UsageError
     from ..eval.data import load_eval_text
     from ..eval.perplexity import eval_perplexity
-    from ..eval.tasks import run_tasks
+    from ..eval.tasks import run_tasks, task_report
     from ..io.loading import check_kernels, check_model, load_any, resolve_device, resolve_dtype
 
     if args.ppl is None and args.tasks is None:
@@ -124,10 +124,8 @@ def run(args) -> int:
             rows.append([f"perplexity ({ppl.source}, seq {ppl.seqlen}, {ppl.n_windows} windows)", f"{ppl.perplexity:.4f}"])
         if task_cfg is not None:
             results = run_tasks(model, tok, task_cfg)
-            out["tasks"] = {t: r.metrics for t, r in results.items()}
-            rows += [[f"{t} acc" + (" / acc_norm" if "acc_norm" in r.metrics else ""),
-                      f"{r.accuracy:.4f}" + (f" / {r.metrics['acc_norm']:.4f}" if "acc_norm" in r.metrics else "")]
-                     for t, r in results.items()]  # fmt: skip
+            out["tasks"] = task_report(results, task_cfg)
+            rows += task_rows(results)
     console.print(table(f"eval {args.model}", ["", "value"], rows))
     if args.json_out:
         path = Path(args.json_out)
@@ -139,16 +137,28 @@ def run(args) -> int:
     return 0
 
 
-def _layerwise(args, ref, layerwise_perplexity, text: str):
-    """Perplexity through the streaming evaluator: only the tokenizer and config are loaded here."""
-    from transformers import AutoConfig, AutoTokenizer
+def task_rows(results) -> list[list[str]]:
+    """Table rows of harness results: "acc ± stderr" per task, acc_norm beside it where reported."""
 
+    def cell(r, metric: str) -> str:
+        err = r.stderr.get(metric)
+        return f"{r.metrics[metric]:.4f}" + ("" if err is None else f" ± {err:.4f}")
+
+    return [[f"{t} acc" + (" / acc_norm" if "acc_norm" in r.metrics else ""),
+             " / ".join(cell(r, m) for m in ("acc", "acc_norm") if m in r.metrics) or "-"]
+            for t, r in results.items()]  # fmt: skip
+
+
+def _layerwise(args, ref, layerwise_perplexity, text: str):
+    """Perplexity through the streaming evaluator: only the tokenizer and config are loaded here
+    (both readable from a carved folder without its remote code)."""
     from ..adapters import clip_seqlen
     from ..eval.perplexity import PerplexityResult, eval_windows
     from ..io.loading import resolve_device
+    from ..io.save import load_tokenizer, model_config
 
-    tok = AutoTokenizer.from_pretrained(ref.path)
-    seqlen = clip_seqlen(AutoConfig.from_pretrained(ref.path), args.ppl_seqlen)
+    tok = load_tokenizer(ref.path)
+    seqlen = clip_seqlen(model_config(ref.path), args.ppl_seqlen)
     windows = eval_windows(tok, args.ppl, seqlen, args.ppl_chars, text)
     console.print("perplexity, layer by layer")
     ppl = float(layerwise_perplexity(args.model, windows, resolve_device(args.device), progress=True))

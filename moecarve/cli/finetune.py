@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .common import (
     add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, alias, at_least, bold,
-    check_load_args, console, in_range, load_kwargs, positive, table,
+    card_info, check_load_args, console, in_range, load_kwargs, positive, table,
 )  # fmt: skip
 
 REPORT_FILE = "finetune_report.json"
@@ -149,7 +149,10 @@ def run(args) -> int:
     if args.no_merge:
         save_adapter(model, args.out, cfg, base_model=args.model, overwrite=args.overwrite, extra_files=extra)
     elif carved:
-        save(model, args.out, tokenizer=tok, report=load_report(args.model), overwrite=args.overwrite, extra_files=extra)
+        card = card_info(args, calibration=False, ppl_windows=ev, ppl_before=ev_before["ppl"] if ev is not None else None,
+                         ppl_after=ev_after["ppl"] if ev is not None else None, notes=[finetune_note(args, cfg, report, train)])  # fmt: skip
+        save(model, args.out, tokenizer=tok, report=load_report(args.model), overwrite=args.overwrite, extra_files=extra,
+             card=card)  # fmt: skip
     else:  # a dense model: an ordinary Hugging Face folder
         with atomic_dir(args.out, args.overwrite) as tmp:
             model.save_pretrained(tmp)
@@ -161,6 +164,19 @@ def run(args) -> int:
     what = "the adapter" if args.no_merge else "the fine-tuned model"
     console.print(f"saved {what} to {bold(args.out)} (checkpoints in {ckpt_dir})")
     return 0
+
+
+def finetune_note(args, cfg, report, train) -> str:
+    """The model card's line about the fine-tune: what was trained, on what, and what it changed."""
+    from pathlib import Path
+
+    held = ""
+    if report.ppl_before is not None and report.ppl_after is not None:
+        held = f"; held-out perplexity {report.ppl_before:.3f} → {report.ppl_after:.3f}"
+    return (f"Fine-tuned by `moecarve finetune`: LoRA r={cfg.lora_r} (alpha {cfg.lora_alpha:g}) on the attention "
+            f"projections and the expert weights, router scales and load-balancing bias, {report.steps} "
+            f"step{'' if report.steps == 1 else 's'} on "
+            f"{train.shape[0]} × {train.shape[1]} tokens of `{Path(args.calib).name}`, merged into the weights{held}.")
 
 
 def warn_if_diverged(report, lr: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .common import add_command, console, fmt_params, table
+from .common import add_command, console, fmt_params, routed, table
 
 
 def register(sub) -> None:
@@ -26,37 +26,72 @@ def run(args) -> int:
     folder = Path(args.dir)
     if not (folder / "config.json").is_file():
         raise ModelNotFound(f"{args.dir} is not a model folder (no config.json)")
-    read_json(folder / "config.json", "the model's config")  # a damaged file: one line naming it
+    own = read_json(folder / "config.json", "the model's config")  # a damaged file: one line naming it
     if (folder / REPORT_FILE).is_file():
         read_json(folder / REPORT_FILE, "the carve report")
     if args.plot:
         check_writable(args.plot_dir)  # before any work: an unwritable or file --plot-dir fails now
     config = read_config(args.dir)
     meta = config.moecarve
-    kinds = Counter(e.get("type", "moe") for e in meta["modules"].values())
-    routers = Counter(e.get("router", "-") for e in meta["modules"].values() if e.get("type", "moe") == "moe")
-    rows = [["architecture", f"{config.model_type} ({meta.get('base_class')})"],
-            ["carve settings", ", ".join(f"{k}={v}" for k, v in meta.get("carve", {}).items())],
-            ["modules", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))]]  # fmt: skip
+    entries = meta["modules"].values()
+    kinds = Counter(e.get("type", "moe") for e in entries)
+    routers = Counter(router_label(e) for e in entries)
+    rows = [["model_type", f"{own.get('model_type')} ({', '.join(own.get('architectures') or ['-'])}), "
+                           f"from {config.model_type} ({meta.get('base_class')})"],
+            ["provenance", provenance_line(meta.get("provenance") or {})],
+            ["carve settings", ", ".join(carve_settings(meta["carve"])) if meta.get("carve") else "-"],
+            ["modules", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))],
+            ["router", ", ".join(f"{k} ({n} layers)" for k, n in sorted(routers.items()))]]  # fmt: skip
     report = load_report(args.dir)
     if report is not None:
-        router_kinds = Counter(r.router for r in report.layers if r.router) or routers
         rows += [
             ["config", f"{report.config.name} ({report.config.method})"],
-            ["router", ", ".join(f"{k} ({n} layers)" for k, n in sorted(router_kinds.items()))],
             ["parameters total / active", f"{fmt_params(report.params_total)} / {fmt_params(report.params_active)}"],
             ["calibration", f"{report.n_windows} x {report.seqlen} tokens"],
             ["carve time", f"{report.seconds:.1f} s"],
-            ["router load max/mean (worst layer)", f"{report.load_imbalance:.2f}"],
+            ["router load max/mean (worst layer)", "-" if report.config.static else f"{report.load_imbalance:.2f}"],
         ]
     console.print(table(f"moecarve folder {args.dir}", ["", ""], rows))
     if report is not None and report.layers:
         stat = report.layers[0].statistic
-        lrows = [[r.layer, r.expert_size, f"{r.shared_rate:.4f}", f"{r.routed_rate:.4f}", " ".join(map(str, r.load))] for r in report.layers]
+        lrows = [[r.layer, r.expert_size, f"{r.shared_rate:.4f}", routed(r, f"{r.routed_rate:.4f}"), " ".join(map(str, r.load)) or "-"]
+                 for r in report.layers]  # fmt: skip
         console.print(table("layers", ["layer", "m", f"shared {stat}", f"routed {stat}", "calibration load per routed expert"], lrows))
     if args.plot:
         write_plots(args.dir, report, args.plot_dir)
     return 0
+
+
+def router_label(entry: dict) -> str:
+    """What routes a carved module, from its config entry: "shadow 4-bit", "fitted probe",
+    "analytic", "linear", or "none" (a dense module: static pruning or a condensed layer)."""
+    if entry.get("type", "moe") != "moe":
+        return "none"
+    kind = entry.get("router", "analytic")
+    return {"shadow": f"shadow {entry.get('shadow_bits')}-bit", "fitted": "fitted probe"}.get(kind, kind)
+
+
+def carve_settings(carve: dict) -> list[str]:
+    """The configuration's name, then only the carve settings its method reads ("key=value"):
+    cmoe's k_act, router and k-means; fitted's profile grouping, shadow bits with their selection
+    or probes, refit; the routing ones only where experts are routed (A > 0)."""
+    method = carve.get("method", "cmoe")
+    routed_layers = carve.get("n_active", 1) > 0
+    if method == "cmoe":
+        keys = ["k_act", *(["router", "kmeans_iters", "bias_gamma"] if routed_layers else [])]
+    else:
+        probe = "selection" if carve.get("shadow_bits") else "probes_per_expert"
+        keys = [*(["profile_iters", "shadow_bits", probe, "bias_gamma"] if routed_layers else []), "refit", "holdout"]
+    name = f"S{carve.get('n_shared')}A{carve.get('n_active')}E{carve.get('n_experts')}"
+    return [name, f"method={method}", *(f"{k}={carve[k]}" for k in [*keys, "seed"] if k in carve)]
+
+
+def provenance_line(prov: dict) -> str:
+    """Where the folder's model comes from and which versions wrote it, on one line."""
+    source = prov.get("source") or "not recorded"
+    revision = f" (revision {prov['revision']})" if prov.get("revision") else ""
+    written = ", ".join(f"{n} {prov[n]}" for n in ("moecarve", "torch", "transformers") if prov.get(n))
+    return f"{source}{revision}" + (f"; written by {written}" if written else "")
 
 
 def write_plots(folder: str, report, plot_dir: str) -> list[Path]:

@@ -108,7 +108,9 @@ def model_bytes(model: nn.Module) -> tuple[int, int]:
     return n_params, n_bytes
 
 
-def _validate(model: nn.Module, config: CondenseConfig, calibration: torch.Tensor) -> dict[str, nn.Module]:
+def validate(model: nn.Module, config: CondenseConfig, calibration: torch.Tensor) -> dict[str, nn.Module]:
+    """Every check that can fail before condensing (calibration windows, enough MoE layers of a
+    known family, R within each layer's routed experts); returns the MoE layers by path."""
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
         raise CondenseError("calibration must be a LongTensor of token windows [n_samples, seqlen]")
     if calibration.numel() == 0:
@@ -134,7 +136,7 @@ def _subsample(n: int, k: int | None, seed: int, device) -> torch.Tensor | None:
 @torch.no_grad()
 def plan(model: nn.Module, config: CondenseConfig, calibration: torch.Tensor, progress: bool = True) -> CondensePlan:
     """Steps 1-4 without changing the model: every candidate, and the greedy layer order."""
-    moes = _validate(model, config, calibration)
+    moes = validate(model, config, calibration)
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()

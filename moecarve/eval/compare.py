@@ -31,6 +31,8 @@ class CompareConfig:
 
     ppl: perplexity source ('wikitext2', 'c4', a .txt file or a dataset folder), None to skip.
     tasks: harness settings, None to skip. gen_tokens: tokens generated for the speed figure (0 skips).
+    dtype / device / kernels / revision / trust_remote_code / device_map: how every model loads
+    (moecarve.io.loading.load_any; kernels apply to carved folders only).
     """
 
     ppl: str | None = None
@@ -41,6 +43,10 @@ class CompareConfig:
     gen_tokens: int = 32
     dtype: str = "auto"
     device: str = "auto"
+    kernels: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    device_map: str | None = None
 
     def __post_init__(self):
         if self.seqlen < 2:
@@ -125,7 +131,8 @@ def evaluate_one(path: str, cfg: CompareConfig, text: str | None = None, name: s
     from ..io.save import load_report
     from .throughput import generation_speed
 
-    model, tok = load_any(path, cfg.dtype, cfg.device)
+    model, tok = load_any(path, cfg.dtype, cfg.device, cfg.kernels, revision=cfg.revision,
+                          trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)  # fmt: skip
     try:
         total, active = count_params(model)
         report = load_report(path) if is_carved(path) else None

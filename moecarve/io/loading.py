@@ -12,8 +12,6 @@ import json
 import os
 import re
 import socket
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -258,27 +256,12 @@ def check_files(ref: ModelRef, tokenizer: bool = True) -> None:
                             "copy them from the source model")  # fmt: skip
 
 
-# options for every load_any call in a `with load_defaults(...)` block that does not set them itself
-_DEFAULTS: ContextVar[dict] = ContextVar("moecarve_load_defaults", default={})
-
-
-@contextmanager
-def load_defaults(**options):
-    """Set load_any's kernels / revision / trust_remote_code / device_map for the block: a command
-    whose models are loaded by library code (compare, through moecarve.eval.compare) sets them once."""
-    token = _DEFAULTS.set({**_DEFAULTS.get(), **{k: v for k, v in options.items() if v is not None}})
-    try:
-        yield
-    finally:
-        _DEFAULTS.reset(token)
-
-
 def _first_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
 def load_any(name_or_ref, dtype="auto", device="auto", kernels: str | None = None, *, revision: str | None = None,
-             trust_remote_code: bool | None = None, device_map=None):  # fmt: skip
+             trust_remote_code: bool = False, device_map=None):  # fmt: skip
     """(model, tokenizer) for a local folder (dense or carved) or a hub id (needs the network or the cache).
 
     name_or_ref: a name, or the ModelRef check_model returned (then it is not checked twice).
@@ -288,22 +271,17 @@ def load_any(name_or_ref, dtype="auto", device="auto", kernels: str | None = Non
     """
     import pickle
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from .save import ModelNotFound, load
+    from .save import ModelNotFound, load, load_tokenizer
 
-    defaults = _DEFAULTS.get()
-    kernels = kernels if kernels is not None else defaults.get("kernels")
-    revision = revision if revision is not None else defaults.get("revision")
-    trust = trust_remote_code if trust_remote_code is not None else defaults.get("trust_remote_code", False)
-    device_map = device_map if device_map is not None else defaults.get("device_map")
     ref = name_or_ref if isinstance(name_or_ref, ModelRef) else check_model(name_or_ref, revision)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_kernels(kernels, dev)
-    opts = {"revision": revision, "trust_remote_code": trust, "local_files_only": ref.offline}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ref.source, **opts)
+    opts = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": ref.offline}
+    try:  # load_tokenizer: a carved folder's config is read without its remote code
+        tokenizer = load_tokenizer(ref.source, **opts)
     except (OSError, ValueError) as e:
         raise ModelNotFound(f"cannot load the tokenizer of {ref.name!r}: {_first_line(e)}") from e
     try:
