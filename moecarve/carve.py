@@ -110,7 +110,12 @@ def validate(model: nn.Module, cfg: CarveConfig, calibration: torch.Tensor) -> N
     layers = adapters.decoder_layers(model)
     for i, layer in enumerate(layers):
         ffn = adapters.read_ffn(model.config, layer)
-        cfg.expert_size(ffn.intermediate_size)  # ConfigError when N does not divide it
+        m = cfg.expert_size(ffn.intermediate_size)  # ConfigError when N does not divide it
+        if cfg.method == "fitted" and not cfg.shadow_bits and not cfg.static and cfg.probes_per_expert > m:
+            raise CarveError(
+                f"{cfg.name}: experts of {m} neuron(s) cannot hold the probe router's {cfg.probes_per_expert} "
+                "probes; use the shadow router (shadow_bits > 0) or larger experts"
+            )
         if cfg.k_act > ffn.intermediate_size:
             raise CarveError(f"k_act={cfg.k_act} exceeds layer {i}'s intermediate size {ffn.intermediate_size}")
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:

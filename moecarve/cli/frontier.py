@@ -88,18 +88,11 @@ def check_options(args) -> None:
 
 
 def check_candidates(cands, skeleton, seed: int) -> None:
-    """Every candidate's carve checked on the model's skeleton as `moecarve carve` checks it, plus
-    the probe router's probes fitting in an expert (which carving finds only when it gets there)."""
-    from ..eval.frontier import FrontierError
-    from .carve import check_carvable, intermediate_size
+    """Every candidate's carve checked on the model's skeleton as `moecarve carve` checks it."""
+    from .carve import check_carvable
 
-    width = intermediate_size(skeleton)
     for cand in cands:
-        cfg = cand.carve_config(seed)
-        check_carvable(skeleton, cfg)
-        if cfg.method == "fitted" and not cfg.shadow_bits and not cfg.static and cfg.expert_size(width) < cfg.probes_per_expert:
-            raise FrontierError(f"probe at {cand.config}: experts of {cfg.expert_size(width)} neuron(s) cannot hold the "
-                                f"probe router's {cfg.probes_per_expert} probes; drop probe or use larger experts")  # fmt: skip
+        check_carvable(skeleton, cand.carve_config(seed))
 
 
 def check_out(args, inputs) -> dict | None:
@@ -280,17 +273,12 @@ def sweep(args, model, tok, calib, ev, cfg, settings: dict, title: str):
     """The measured points, written to --out with frontier.md and frontier.png; None when
     interrupted (what was measured stays in frontier.json, and the message says how to continue)."""
     import sys
-    import warnings
-
     from ..errors import MoecarveError
     from ..eval.frontier import frontier, write_outputs
 
     out = start_folder(args)
     try:
-        with warnings.catch_warnings():
-            # transformers' notice about its KV-cache argument name, once per decode timing: not the user's concern
-            warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-            points = frontier(model, tok, calib, ev, cfg, out_dir=out, model_name=args.model, meta={"settings": settings})
+        points = frontier(model, tok, calib, ev, cfg, out_dir=out, model_name=args.model, meta={"settings": settings})
         write_outputs(points, out, title=title)
     except KeyboardInterrupt:
         print(f"interrupted; {resume_hint(out) or 'nothing was measured'}", file=sys.stderr)

@@ -219,18 +219,25 @@ def frontier(
 ) -> list[Point]:  # fmt: skip
     """Measure every candidate against the dense `model` (left unchanged); returns all points,
     dense first, with `on_frontier` marked. With `out_dir`, frontier.json is rewritten after every
-    point and points already there (same candidate, same settings in its meta) are not measured
-    again."""
+    point; points already there are not measured again (the file must have been written with the
+    same model, windows and `meta` settings: FrontierError otherwise) and are kept."""
+    if eval_windows.shape[0] < 8 or eval_windows.shape[1] < 64:
+        raise FrontierError(f"the evaluation text gives {eval_windows.shape[0]} windows of {eval_windows.shape[1]} tokens; "
+                            "decode speed is timed on 8 of them of at least 64 tokens")  # fmt: skip
     out = Path(out_dir) if out_dir is not None else None
-    meta = {**_machine(), "model": model_name, "calibration": list(calibration.shape),
-            "eval_windows": list(eval_windows.shape), **(meta or {})}  # fmt: skip
+    settings = {"model": model_name, "calibration": list(calibration.shape), "eval_windows": list(eval_windows.shape),
+                **(meta or {})}  # what a point means: a resumed sweep must match it  # fmt: skip
+    meta = {**_machine(), **settings}
     done: dict[tuple[str, str], Point] = {}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if (out / "frontier.json").exists():
             old_meta, old = load_points(out / "frontier.json")
-            same = all(old_meta.get(k) == meta[k] for k in ("model", "calibration", "eval_windows"))
-            done = {(p.method, p.config): p for p in old} if same else {}
+            changed = [k for k in settings if old_meta.get(k) != settings[k]]
+            if changed:
+                raise FrontierError(f"{out / 'frontier.json'} was measured with other settings ({', '.join(changed)}); "
+                                    "use another output folder, or remove it to start over")  # fmt: skip
+            done = {(p.method, p.config): p for p in old}
 
     def save(points: list[Point]) -> None:
         pareto(points)
@@ -265,6 +272,8 @@ def frontier(
         bar.write(f"  {cand.method:9s} {cand.config:14s} ppl {ppl:9.3f}  ffn b1 {ratios['ffn_decode_b1']:.2f}x  "
                   f"e2e b1 {ratios['e2e_decode_b1']:.2f}x  b8 {ratios['e2e_decode_b8']:.2f}x  ({seconds:.0f} s carve)")  # fmt: skip
         del carved
+    listed = {(c.method, c.config) for c in config.candidates} | {("dense", "dense")}
+    points += [p for key, p in done.items() if key not in listed]  # earlier points of other candidates stay
     save(points)
     return points
 
@@ -287,10 +296,15 @@ def table(points: list[Point]) -> str:
              "|---|---|---:|---:|---:|---:|---:|:---:|"]  # fmt: skip
     for p in rows:
         lines.append(
-            f"| {p.kind if p.kind == 'static' else p.method} | {p.config} | {p.ppl:.3f} | {p.ffn_decode_b1:.2f}x | "
+            f"| {label(p)} | {p.config} | {p.ppl:.3f} | {p.ffn_decode_b1:.2f}x | "
             f"{p.e2e_decode_b1:.2f}x | {p.e2e_decode_b8:.2f}x | {p.carve_seconds:.0f} | {'**yes**' if p.on_frontier else ''} |"
         )  # fmt: skip
     return "\n".join(lines)
+
+
+def label(p: Point) -> str:
+    """A point's recipe as the table and plot name it: "static (cmoe)" for static pruning."""
+    return f"static ({p.method})" if p.kind == "static" else p.method
 
 
 MARKERS = {"dense": ("*", "black"), "static": ("s", "grey"), "cmoe": ("^", "tab:red"), "default": ("o", "tab:blue"),
@@ -316,8 +330,8 @@ def plot(points: list[Point], path: str | Path, title: str = "") -> Path:
         ax.step([p.e2e_decode_b1 for p in front], [p.ppl for p in front], where="post", color="black", lw=1,
                 alpha=0.6, label="Pareto frontier", zorder=2)  # fmt: skip
     for i, p in enumerate(front):
-        ax.annotate(p.config if p.kind != "dense" else "dense", (p.e2e_decode_b1, p.ppl), fontsize=8,
-                    xytext=(6, 8 if i % 2 else -12), textcoords="offset points")  # fmt: skip
+        name = "dense" if p.kind == "dense" else p.config + ("" if p.method == "default" else f" {label(p)}")
+        ax.annotate(name, (p.e2e_decode_b1, p.ppl), fontsize=8, xytext=(6, 8 if i % 2 else -12), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("whole-model decode speed-up at batch 1 (dense ms / carved ms, same run)")
     ax.set_ylabel("perplexity (log scale)")

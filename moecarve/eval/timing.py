@@ -8,6 +8,7 @@ the model as the user runs it (kernels bound or not).
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from typing import Callable
@@ -53,6 +54,12 @@ def measure(
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name the model's forward takes its KV cache by: "cache" in recent transformers
+    (which warns about the older "past_key_values" on every call), else "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def decode_stepper(
     model: nn.Module, batch: int, steps: int, compile_: bool = False, seed: int = 0, text: torch.Tensor | None = None
 ) -> Step:
@@ -77,16 +84,16 @@ def decode_stepper(
         forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
     else:
         cache, forward = DynamicCache(config=model.config), model.forward
+    kv = {cache_argument(model): cache}
     with torch.no_grad():
-        model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1,
-              cache_position=torch.arange(PROMPT, device=device))  # fmt: skip
+        model(prompt, use_cache=True, logits_to_keep=1, cache_position=torch.arange(PROMPT, device=device), **kv)
     pos = [PROMPT]
 
     def step() -> None:
         cp = torch.tensor([pos[0]], device=device)
         nxt = text[:, pos[0] : pos[0] + 1] if pos[0] < text.shape[1] else text[:, -1:]  # past its end: the last token
         with torch.no_grad():
-            forward(input_ids=nxt, past_key_values=cache, use_cache=True, cache_position=cp)
+            forward(input_ids=nxt, use_cache=True, cache_position=cp, **kv)
         pos[0] += 1
 
     return step
