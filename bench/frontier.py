@@ -8,7 +8,7 @@ Reference model, float32, calibration 8x512 tokens of calib.txt (seed 0), perple
 static width pruning S2A0E8 / S4A0E8 / S6A0E8 (25/50/75%); "cmoe" and the default method at
 S1A1E8, S2A2E8, S3A3E8, S2A2E16, S0A16E64, S0A32E128, S0A64E128; the default with the probe
 router (--shadow-bits 0) at S1A1E8 and S2A2E8; single-neuron experts at 25/50/75% active with
-top-A and threshold selection. Writes OUT/frontier.json (resumable: rerun to finish an
+top-A and threshold selection, and at 12.5% / 18.75% (top-A); two-neuron experts at 25%. Writes OUT/frontier.json (resumable: rerun to finish an
 interrupted sweep), frontier.md, frontier.png; --commit copies the JSON to bench/frontier.json.
 """
 
@@ -34,6 +34,7 @@ from moecarve.eval.perplexity import test_windows  # noqa: E402
 SHARED = ROOT.parent / "shared"
 ROUTED = ("S1A1E8", "S2A2E8", "S3A3E8", "S2A2E16", "S0A16E64", "S0A32E128", "S0A64E128")
 FINE = ("S0A384E1536", "S0A768E1536", "S0A1152E1536")
+SPARSE = ("S0A192E1536", "S0A288E1536", "S0A192E768")  # single neurons at 12.5% / 18.75%, pairs at 25%
 
 
 def sweep() -> tuple[Candidate, ...]:
@@ -43,6 +44,7 @@ def sweep() -> tuple[Candidate, ...]:
     out += [Candidate("probe", "S1A1E8"), Candidate("probe", "S2A2E8")]
     for c in FINE:
         out += [Candidate("default", c), Candidate("threshold", c)]
+    out += [Candidate("default", c) for c in SPARSE]
     return tuple(out)
 
 

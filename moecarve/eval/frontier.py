@@ -9,7 +9,8 @@ too, so a carve is on the frontier only where it is faster than dense at a quali
 cheaper reaches.
 
 Shared across candidates: the tokenized calibration and evaluation windows, and the dense model's
-perplexity. Each carve is its own sequential pass: layer l is carved on the outputs of the carved
+perplexity. Each speed figure is the median of per-round ratios, the dense and carved models timed
+back to back in every round. Each carve is its own sequential pass: layer l is carved on the outputs of the carved
 layers 0..l-1, which differ from config to config, so beyond the first layer no statistic is the
 same for two configs. Speed ratios are measured against the dense model in the same minute,
 which makes them comparable across candidates on a busy machine.
@@ -39,7 +40,7 @@ from ..config import CarveConfig
 from ..errors import MoecarveError
 from ..modules.fast import use_kernels
 from .perplexity import perplexity
-from .timing import decode_stepper, ffn_stepper, measure
+from .timing import decode_stepper, ffn_stepper, paired_ratio
 
 # recipe name -> (CarveConfig fields, the `moecarve carve` flags that give them)
 METHODS: dict[str, tuple[dict, str]] = {
@@ -162,24 +163,22 @@ def ffn_inputs(model: nn.Module, text: torch.Tensor, layer: int = 0) -> torch.Te
 
 
 def speed_ratios(dense: nn.Module, carved: nn.Module, text: torch.Tensor, rounds: int) -> tuple[dict[str, float], dict]:
-    """Decode speed of `carved` relative to `dense` (dense ms / carved ms), each figure timed with
-    the two models interleaved round by round: the FFN of layer 0 alone on one real token, the
-    whole model decoding real text (windows [>= 8, L]) for 1 and 8 sequences on a KV cache."""
+    """Decode speed of `carved` relative to `dense` (dense ms / carved ms), each figure the median
+    of per-round ratios with the two models timed back to back (eval.timing.paired_ratio): the FFN
+    of layer 0 alone on one real token, the whole model decoding real text (windows [>= 8, L]) for
+    1 and 8 sequences on a KV cache."""
     device = next(dense.parameters()).device
     x = ffn_inputs(dense, text[:1, :64])[40:41].unsqueeze(0)  # one token with context, [1, 1, d]
-    models = {"dense": dense, "carved": carved}
-    mlp = {n: m.get_submodule(adapters.mlp_path(m.config, 0)) for n, m in models.items()}
+    mlp = [m.get_submodule(adapters.mlp_path(m.config, 0)) for m in (dense, carved)]
     plans = {
-        "ffn_decode_b1": ({n: ffn_stepper(mlp[n], x) for n in models}, rounds, 10),
-        "e2e_decode_b1": ({n: decode_stepper(m, 1, 4 * rounds + 8, text=text) for n, m in models.items()}, 2 * rounds, 2),
-        "e2e_decode_b8": ({n: decode_stepper(m, 8, 3 * rounds + 8, text=text) for n, m in models.items()},
-                          max(3, rounds // 2), 3),
+        "ffn_decode_b1": ([ffn_stepper(f, x) for f in mlp], rounds, 10),
+        "e2e_decode_b1": ([decode_stepper(m, 1, 8 * rounds + 8, text=text) for m in (dense, carved)], 4 * rounds, 2),
+        "e2e_decode_b8": ([decode_stepper(m, 8, 3 * rounds + 8, text=text) for m in (dense, carved)], rounds, 3),
     }  # fmt: skip
     ratios, ms = {}, {}
-    for name, (steps, n_rounds, inner) in plans.items():
-        t = measure({k: (lambda: None, s) for k, s in steps.items()}, device, n_rounds, inner)
-        ratios[name] = t["dense"] / t["carved"]
-        ms[name] = {k: round(v, 4) for k, v in t.items()}
+    for name, ((base, other), n_rounds, inner) in plans.items():
+        ratios[name], ms_dense, ms_carved = paired_ratio(base, other, device, n_rounds, inner)
+        ms[name] = {"dense": round(ms_dense, 4), "carved": round(ms_carved, 4)}
     return ratios, ms
 
 

@@ -54,6 +54,32 @@ def measure(
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def paired_ratio(base: Step, other: Step, device: torch.device, rounds: int, inner: int, warmup: int = 2) -> tuple[float, float, float]:
+    """(median over rounds of base ms / other ms, median base ms, median other ms).
+
+    Each round times `inner` calls of both, in alternating order (ABBA), and contributes one ratio:
+    a slow minute on a shared machine slows both sides of that round, so the ratio is steadier
+    than the ratio of two separately taken medians.
+    """
+    for step in (base, other):
+        for _ in range(warmup):
+            step()
+    ratios, times = [], {0: [], 1: []}
+    for r in range(rounds):
+        t = {}
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            step = (base, other)[i]
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                step()
+            sync(device)
+            t[i] = (time.perf_counter() - t0) * 1e3 / inner
+            times[i].append(t[i])
+        ratios.append(t[0] / t[1])
+    return statistics.median(ratios), statistics.median(times[0]), statistics.median(times[1])
+
+
 def cache_argument(model: nn.Module) -> str:
     """The name the model's forward takes its KV cache by: "cache" in recent transformers
     (which warns about the older "past_key_values" on every call), else "past_key_values"."""
