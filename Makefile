@@ -5,8 +5,9 @@ BIN     := $(VENV)/bin
 # the reference model: ../shared/reference-lm in this workplace; elsewhere pass MODEL=<folder or hub id>
 MODEL   ?= $(firstword $(wildcard ../shared/reference-lm) HuggingFaceTB/SmolLM2-135M)
 EVAL    ?= $(wildcard ../shared/corpus/test.txt)
-CONFIG  ?= S2A2E8
-OUT     ?= out/demo-$(CONFIG)
+# empty: the CLI's default carve (single-neuron experts, 25% active); or e.g. CONFIG=S2A2E8
+CONFIG  ?=
+OUT     ?= out/demo$(if $(CONFIG),-$(CONFIG))
 
 .PHONY: demo test install install-test clean
 
@@ -28,7 +29,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(BIN)/moecarve carve $(MODEL) --config $(CONFIG) --out $(OUT) --overwrite \
+	$(BIN)/moecarve carve $(MODEL) $(if $(CONFIG),--config $(CONFIG)) --out $(OUT) --overwrite \
 	    --samples 8 --seqlen 2048 $(if $(EVAL),--ppl $(EVAL) --ppl-chars 200000 --ppl-seqlen 512)
 
 test: install-test

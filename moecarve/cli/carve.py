@@ -8,7 +8,9 @@ from .common import (
     check_load_args, console, fmt_params, in_range, load_kwargs, routed, table,
 )  # fmt: skip
 
-DEFAULT_CONFIG = "S2A2E8"
+# without --config or --expert-size: single-neuron experts, a quarter of the FFN per token (the
+# quality/speed frontier's default carve on the reference model: bench/frontier.py, bench/RESULTS.md)
+DEFAULT_EXPERT_SIZE, DEFAULT_ACTIVE = 1, 0.25
 
 
 def register(sub) -> None:
@@ -23,7 +25,8 @@ def register(sub) -> None:
     )  # fmt: skip
     p.add_argument("model", help="a local model folder or a hub id")
     p.add_argument("--config", default=None,
-                   help=f"S<shared>A<active>E<experts> (default: {DEFAULT_CONFIG}, unless --expert-size is given)")  # fmt: skip
+                   help="S<shared>A<active>E<experts>, e.g. S2A2E8 (default: --expert-size "
+                   f"{DEFAULT_EXPERT_SIZE} --active {DEFAULT_ACTIVE}: single-neuron experts, a quarter of the FFN per token)")  # fmt: skip
     p.add_argument("--expert-size", type=at_least(1), default=None, metavar="M",
                    help="instead of --config: experts of M neurons (M divides the intermediate size), with --active "
                    "and --shared giving the fraction of the FFN active per token and always on")  # fmt: skip
@@ -78,8 +81,10 @@ def run(args) -> int:
     settings = dict(k_act=args.k_act, seed=args.seed, router=args.router, method=args.method, shadow_bits=args.shadow_bits,
                     selection=args.selection)  # fmt: skip
     check_config_args(args)
+    if args.config is None and args.expert_size is None:
+        args.expert_size, args.active = DEFAULT_EXPERT_SIZE, DEFAULT_ACTIVE
     # a bad spec or setting fails before the model is looked at; --expert-size needs the model's FFN width
-    cfg = None if args.expert_size is not None else CarveConfig.from_string(args.config or DEFAULT_CONFIG, **settings)
+    cfg = None if args.expert_size is not None else CarveConfig.from_string(args.config, **settings)
     calib_cfg = CalibConfig(source=args.calib, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
