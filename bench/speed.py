@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from moecarve import adapters  # noqa: E402
 from moecarve.carving.methods import carve_ffn  # noqa: E402
 from moecarve.config import METHODS, CarveConfig  # noqa: E402
-from moecarve.eval.timing import decode_stepper, measure  # noqa: E402
+from moecarve.eval.timing import cpu_name, decode_stepper, measure  # noqa: E402
 from moecarve.kernels.cpu import CPU_MAX_TOKENS, moe_decode_cpu  # noqa: E402
 from moecarve.modules.fast import _cached_tensors, use_kernels  # noqa: E402
 
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[sec] = r
         print(f"{sec}: " + ", ".join(f"{k} {v:.3g} ms" for k, v in r.items()), file=sys.stderr, flush=True)
 
-    dev_name = torch.cuda.get_device_name(device) if not cpu else f"cpu ({args.threads} threads, {_cpu_model()})"
+    dev_name = torch.cuda.get_device_name(device) if not cpu else f"cpu ({args.threads} threads, {cpu_name()})"
     meta = {
         "shape": shape, "dtype": str(dtype).removeprefix("torch."), "configs": configs,
         "routers": {c: rows[c][0].spec.router for c in configs}, "carve": carve_overrides(args),
@@ -376,16 +376,6 @@ def carve_overrides(args) -> dict:
         kind = type(fields[key].default)
         out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return out
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from ..config import CarveConfig
 from ..errors import MoecarveError
 from ..modules.fast import use_kernels
 from .perplexity import perplexity
-from .timing import decode_stepper, ffn_stepper, paired_ratio
+from .timing import cpu_name, decode_stepper, ffn_stepper, paired_ratio
 
 # recipe name -> (CarveConfig fields, the `moecarve carve` flags that give them)
 METHODS: dict[str, tuple[dict, str]] = {
@@ -184,19 +184,9 @@ def speed_ratios(dense: nn.Module, carved: nn.Module, text: torch.Tensor, rounds
 
 def _machine() -> dict:
     return {
-        "platform": platform.platform(), "processor": _cpu_name(), "threads": torch.get_num_threads(),
+        "platform": platform.platform(), "processor": cpu_name(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }  # fmt: skip
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -9,8 +9,10 @@ the model as the user runs it (kernels bound or not).
 from __future__ import annotations
 
 import inspect
+import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,6 +20,17 @@ from torch import nn
 
 Step = Callable[[], None]
 PROMPT = 16  # decode: tokens already in the KV cache
+
+
+def cpu_name() -> str:
+    """The CPU's model name (what a timing was taken on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def sync(device: torch.device) -> None:
