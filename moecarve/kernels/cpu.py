@@ -1,9 +1,13 @@
-"""A CPU path for the carved FFN on a few tokens (decode, small batches): plain GEMMs over the
-picked experts' weights, read in place (never copied).
+"""The CPU path for the carved FFN on a few tokens (decode, small batches), weights read in place.
+
+First choice: the C kernels (kernels/native.c via kernels/native.py): the whole layer in one or
+two calls (shadow scoring and selection included), whatever A and m are. Where they cannot be
+built (no C compiler, MOECARVE_NATIVE=0) or do not apply, plain ATen GEMMs over the picked
+experts' weights, described below.
 
 Decode on CPU is a few GEMVs whose cost is reading the weights, so the carved layer wins by the
 fraction of weights it skips, minus per-op overhead (~1-3 us per op, which at reference-model
-sizes is the same order as a GEMV). Two ways to run the routed experts, picked per call:
+sizes is the same order as a GEMV). Two ways to run the routed experts with ATen, picked per call:
   * gathered: one GEMM pair per expert any token picked, on the views `in_proj[e]` /
     `out_proj[e]` (contiguous blocks read in place, never index_select-ed: that copies every
     expert). Reads only the hit experts and does only the T*A rows of work, but costs ~7 ops per
