@@ -207,3 +207,41 @@ def test_library_is_cached_per_source(tmp_path, monkeypatch):
     mtime = built[0].stat().st_mtime_ns
     native._build()
     assert built[0].stat().st_mtime_ns == mtime and first is not None
+
+
+def test_folders_from_before_the_packed_layout_still_load(tmp_path):
+    """A folder written with int8 shadow codes (one per byte) and no shadow_layout / selection in
+    its config loads through moecarve.load and trust_remote_code, with the same logits."""
+    import json
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    import moecarve
+
+    from .conftest import random_windows, tiny_model
+
+    model = tiny_model("llama")
+    moecarve.carve(model, moecarve.CarveConfig.from_string("S1A2E8"), random_windows(4, 64), device="cpu", progress=False)
+    moecarve.save(model, tmp_path / "old")
+    ids = random_windows(1, 16)
+    with torch.no_grad():
+        expected = model(ids).logits
+    for f in (tmp_path / "old").glob("*.safetensors"):  # rewrite as the earlier layout
+        sd = load_file(f)
+        sd = {k: unpack_nibbles(v).contiguous() if k.endswith("router.codes") else v for k, v in sd.items()}
+        save_file(sd, f, metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    for entry in cfg["moecarve"]["modules"].values():
+        for key in ("shadow_layout", "selection", "mean_active"):
+            entry.pop(key, None)
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    loaded = moecarve.load(tmp_path / "old")
+    router = next(m for m in loaded.modules() if isinstance(m, ShadowRouter))
+    assert router.codes.dtype == torch.int8 and router.codes.shape[-1] == model.config.hidden_size
+    remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "old", trust_remote_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(remote(ids).logits, expected, atol=1e-6, rtol=1e-6)
+        moecarve.use_kernels(loaded, "cpu")  # the C kernels read the int8 layout too
+        torch.testing.assert_close(loaded(ids[:, :1]).logits, expected[:, :1], atol=1e-5, rtol=1e-5)
