@@ -82,14 +82,6 @@ def router_logits(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
     return s.abs().float()
 
 
-def select_by_scores(scores: torch.Tensor, t: MoETensors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fitted and shadow routers' rule (modules.moe.select_by_scores): top-A of scores + bias
-    [T, E]; combine weight 1 + softmax(scores)_e * scale_e."""
-    idx = torch.topk(scores + t.router_bias, t.top_k, dim=-1).indices  # [T, A]
-    weights = 1.0 + scores.softmax(dim=-1).gather(1, idx) * t.router_scale.float()[idx]
-    return weights.to(dtype), idx
-
-
 def selection_threshold(t: MoETensors) -> float | None:
     """The shadow router's selection threshold, or None for top-A."""
     return None if t.shadow_threshold is None else float(t.shadow_threshold)
