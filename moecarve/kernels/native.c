@@ -26,70 +26,13 @@
 #define HAVE_VNNI 1
 #endif
 
-enum { ACT_SILU = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_GELU_TANH = 3, ACT_QUICK_GELU = 4, ACT_IDENTITY = 5 };
-
-/* exp(x) to ~1e-7 relative error, written so that loops of it vectorise (no libm call, no floorf,
- * which gcc does not vectorise without -ffast-math): Cody-Waite reduction by ln 2 with n rounded
- * by the 1.5 * 2^23 trick, a degree-6 polynomial on [-ln2/2, ln2/2], 2^n set in the exponent bits. */
-static inline float exp_fast(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  union { int32_t u; float f; } scale = {.u = ((int32_t)n + 127) << 23};  /* 2^n */
-  return p * scale.f;
-}
-
-/* erf(x) to 1.5e-7 absolute error (Abramowitz & Stegun 7.1.26), vectorisable */
-static inline float erf_fast(float x) {
-  const float a = fabsf(x), t = 1.0f / (1.0f + 0.3275911f * a);
-  const float y = 1.0f - (((((1.061405429f * t - 1.453152027f) * t) + 1.421413741f) * t - 0.284496736f) * t +
-                          0.254829592f) * t * exp_fast(-a * a);
-  return x < 0.0f ? -y : y;
-}
-
-/* v[i] = act(v[i]) for i < n, vectorised (the activations the carved layers use) */
-static void act_vec(float* v, int n, int act) {
-  switch (act) {
-    case ACT_SILU:
-#pragma omp simd
-      for (int i = 0; i < n; i++) v[i] = v[i] / (1.0f + exp_fast(-v[i]));
-      break;
-    case ACT_RELU:
-#pragma omp simd
-      for (int i = 0; i < n; i++) v[i] = v[i] > 0.0f ? v[i] : 0.0f;
-      break;
-    case ACT_GELU:
-#pragma omp simd
-      for (int i = 0; i < n; i++) v[i] = 0.5f * v[i] * (1.0f + erf_fast(v[i] * 0.70710678118654752f));
-      break;
-    case ACT_GELU_TANH:  /* tanh(z) = 1 - 2 / (exp(2z) + 1) */
-#pragma omp simd
-      for (int i = 0; i < n; i++) {
-        const float z = 0.7978845608028654f * (v[i] + 0.044715f * v[i] * v[i] * v[i]);
-        v[i] = 0.5f * v[i] * (2.0f - 2.0f / (exp_fast(2.0f * z) + 1.0f));
-      }
-      break;
-    case ACT_QUICK_GELU:
-#pragma omp simd
-      for (int i = 0; i < n; i++) v[i] = v[i] / (1.0f + exp_fast(-1.702f * v[i]));
-      break;
-    default:
-      break;
-  }
-}
+#include "vecmath.h"
 
 /* ------------------------------------------------------------------ token quantisation (A8) */
 
 /* x [d] float -> q [d] int8 with q = round_half_even(x / s), s = max|x| / 127 (the shadow
  * router's reference, moecarve.modules.moe.quantize_tokens, does the same). Returns s; *sum = sum q. */
-static float quantize_token(const float* x, int d, int8_t* q, int32_t* sum) {
+float quantize_token(const float* x, int d, int8_t* q, int32_t* sum) {
   float amax = 0.0f;
   for (int k = 0; k < d; k++) amax = fmaxf(amax, fabsf(x[k]));
   float s = fmaxf(amax / 127.0f, 1e-30f);
@@ -190,19 +133,17 @@ static int32_t dot_int8(const int8_t* q, const int8_t* x, int d) {
  * where h~_r = s_t * row_scale[r] * (codes_r . q_t) + in_bias[r], q_t the int8 token.
  * codes: "nibbles" uint8 [E*rows, d/2] (layout 4) or int8 [E*rows, d] (layout 8).
  * Rows outer, tokens inner: the codes stream from memory once for all T tokens.
- * Returns 0, or -1 when out of memory. */
-int shadow_scores(const float* x, int T, int d, const void* codes, int layout, const float* row_scale,
-                  const float* in_bias, int E, int m, int gated, int act, float* scores) {
+ * shadow_scores_q takes the tokens already quantised (q [T, d] int8, their scales qs [T] and code
+ * sums qsum [T], as quantize_token makes them) and writes scores [T, lds]: a caller scoring a
+ * range of experts offsets the code, scale and bias pointers (the decode runtime splits experts
+ * across threads). shadow_scores quantises x [T, d] and scores all E. Both return 0, or -1 when
+ * out of memory. */
+int shadow_scores_q(const int8_t* q, const float* qs, const int32_t* qsum, int T, int d, const void* codes, int layout,
+                    const float* row_scale, const float* in_bias, int E, int m, int gated, int act, float* scores,
+                    int lds) {
   const int rows = gated ? 2 * m : m, R = E * rows, half = d / 2;
-  int8_t* q = (int8_t*)malloc((size_t)T * d + 64);
-  float* qs = (float*)malloc((size_t)T * sizeof(float));
-  int32_t* qsum = (int32_t*)malloc((size_t)T * sizeof(int32_t));
-  int32_t* dots = (int32_t*)malloc((size_t)T * R * sizeof(int32_t));  /* [T, R] */
-  if (!q || !qs || !qsum || !dots) {
-    free(q); free(qs); free(qsum); free(dots);
-    return -1;
-  }
-  for (int t = 0; t < T; t++) qs[t] = quantize_token(x + (int64_t)t * d, d, q + (int64_t)t * d, qsum + t);
+  int32_t* dots = (int32_t*)malloc((size_t)T * R * sizeof(int32_t) + 4);  /* [T, R] */
+  if (!dots) return -1;
   if (layout == 4) {
     const uint8_t* c = (const uint8_t*)codes;
     int r = 0;
@@ -233,16 +174,16 @@ int shadow_scores(const float* x, int T, int d, const void* codes, int layout, c
     for (int r = 0; r < R; r++)
       for (int t = 0; t < T; t++) dots[(int64_t)t * R + r] = dot_int8(c + (int64_t)r * d, q + (int64_t)t * d, d);
   }
-  float* h = (float*)malloc((size_t)R * 2 * sizeof(float));  /* [R] rows, then [R] activations */
+  float* h = (float*)malloc((size_t)R * 2 * sizeof(float) + 4);  /* [R] rows, then [R] activations */
   if (!h) {
-    free(q); free(qs); free(qsum); free(dots);
+    free(dots);
     return -1;
   }
   float* a = h + R;
   for (int t = 0; t < T; t++) {
     const float s = qs[t];
     const int32_t* dt = dots + (int64_t)t * R;
-    float* out = scores + (int64_t)t * E;
+    float* out = scores + (int64_t)t * lds;
 #pragma omp simd
     for (int r = 0; r < R; r++) h[r] = s * row_scale[r] * (float)dt[r] + (in_bias ? in_bias[r] : 0.0f);
     memcpy(a, h, (size_t)R * sizeof(float));
@@ -258,8 +199,20 @@ int shadow_scores(const float* x, int T, int d, const void* codes, int layout, c
       out[e] = sum;
     }
   }
-  free(q); free(qs); free(qsum); free(dots); free(h);
+  free(dots); free(h);
   return 0;
+}
+
+int shadow_scores(const float* x, int T, int d, const void* codes, int layout, const float* row_scale,
+                  const float* in_bias, int E, int m, int gated, int act, float* scores) {
+  int8_t* q = (int8_t*)malloc((size_t)T * d + 64);
+  float* qs = (float*)malloc((size_t)T * sizeof(float) + 4);
+  int32_t* qsum = (int32_t*)malloc((size_t)T * sizeof(int32_t) + 4);
+  int rc = (!q || !qs || !qsum) ? -1 : 0;
+  for (int t = 0; !rc && t < T; t++) qs[t] = quantize_token(x + (int64_t)t * d, d, q + (int64_t)t * d, qsum + t);
+  if (!rc) rc = shadow_scores_q(q, qs, qsum, T, d, codes, layout, row_scale, in_bias, E, m, gated, act, scores, E);
+  free(q); free(qs); free(qsum);
+  return rc;
 }
 
 /* ------------------------------------------------------------------ selection */
@@ -267,8 +220,9 @@ int shadow_scores(const float* x, int T, int d, const void* codes, int layout, c
 /* a ranks before b: larger value first, ties to the lower index (deterministic) */
 static inline int before(const float* v, int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); }
 
-/* Reorder ids[0..n) so that its first k entries are the k best by `before` (quickselect, O(n)). */
-static void select_top(const float* v, int32_t* ids, int n, int k) {
+/* Reorder ids[0..n) so that its first k entries are the k best by `before` (quickselect, O(n));
+ * also called by the decode runtime's routers. */
+void select_top(const float* v, int32_t* ids, int n, int k) {
   int lo = 0, hi = n - 1;
   while (lo < hi) {
     int mid = lo + (hi - lo) / 2;  /* median of three as the pivot */

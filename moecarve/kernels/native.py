@@ -1,9 +1,9 @@
 """Build, load and call the C kernels in native.c (CPU decode of carved layers).
 
-The C file is compiled on first use with the system C compiler (`$CC`, else cc / gcc / clang;
--O3 -march=native, about a second) into a per-user cache keyed by the source, the compiler and
-the CPU, and called through ctypes (~1.5 us per call). Where no compiler works, or with
-MOECARVE_NATIVE=0, `available()` is False and the callers keep their pure-torch paths.
+The C file is compiled on first use (kernels/build.py: the system C compiler, -O3 -march=native,
+about a second, cached per machine) and called through ctypes (~1.5 us per call). Where no
+compiler works, or with MOECARVE_NATIVE=0, `available()` is False and the callers keep their
+pure-torch paths.
 
 The wrappers take tensors, check what the C code assumes (contiguous, dtype, device) and pass
 pointers: the kernels read the weights where the module keeps them.
@@ -12,19 +12,15 @@ pointers: the kernels read the weights where the module keeps them.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 
+from .build import build_library
 from .tensors import MoETensors, selection_threshold
 
 SOURCE = Path(__file__).with_name("native.c")
@@ -41,54 +37,8 @@ _lib: ctypes.CDLL | None = None
 _failed: str | None = None  # why the library could not be built (reported once)
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("MOECARVE_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "moecarve" / "kernels"
-
-
-def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc.split()[0]):
-            return cc
-    return None
-
-
-def _flags(cc: str) -> list[str]:
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-std=c11"]
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64"):
-        flags += ["-march=native", "-mprefer-vector-width=512"]
-    elif machine in ("aarch64", "arm64"):
-        flags += ["-mcpu=native"]
-    return flags
-
-
-def _cpu_id() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
-        return "\n".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor()
-
-
 def _build() -> ctypes.CDLL:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC)")
-    flags = _flags(cc)
-    version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, " ".join(flags), version, _cpu_id()]).encode()).hexdigest()[:16]
-    lib_path = _cache_dir() / f"native-{key}.so"
-    if not lib_path.exists():
-        lib_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-            out = Path(tmp) / lib_path.name
-            proc = subprocess.run([*cc.split(), *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
-            os.replace(out, lib_path)  # atomic: concurrent builders each produce the same file
+    lib_path = build_library("native", [SOURCE])
     lib = ctypes.CDLL(str(lib_path))
     P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     signatures = {

@@ -1,0 +1,323 @@
+/* The feed-forward block: norm -> FFN -> residual, for a dense MLP or a carved MoE layer.
+ *
+ * Dense: one product for gate and up (panels interleaved, so each thread finishes act(g) * u of its
+ * own neurons), one for down.
+ * Carved: the router scores every routed expert (the shadow router: 4-bit codes against the int8
+ * token), each token picks its experts, the picked (token, expert) slots are sorted by expert, and
+ * only the picked neurons are computed: their gate/up rows dotted with the tokens that picked them
+ * (each row read once per step), then y += h * down column, split across threads by output
+ * feature. Each output is summed in the same order whatever the number of threads. */
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+#include "vecmath.h"
+
+/* the shares of the d output features, in whole blocks of 32 (int8 rows scale per block) */
+static void feature_share(int d, int tid, int nth, int* k0, int* k1) {
+  int64_t b0, b1;
+  rt_share((d + RT_BLOCK - 1) / RT_BLOCK, tid, nth, &b0, &b1);
+  *k0 = (int)RT_MIN(b0 * RT_BLOCK, d);
+  *k1 = (int)RT_MIN(b1 * RT_BLOCK, d);
+}
+
+/* out[t, own columns] -> x (+ bias) * residual_scale, or leave for residual_rows after a barrier */
+static void finish(rt_ctx* c, const rt_norm* post, const float* bias, int n0, int n1, int t0, int t1, int tid) {
+  const rt_desc* D = &c->desc;
+  (void)tid;
+  for (int t = 0; t < c->T; t++) {
+    float* y = c->tmp + (int64_t)t * c->dp;
+    if (bias)
+      for (int n = n0; n < n1; n++) y[n] += bias[n];
+    if (!post->w)
+      for (int n = n0; n < n1; n++) c->x[(int64_t)t * D->d + n] += y[n] * D->residual_scale;
+  }
+  pool_barrier(c->pool);
+  if (post->w) {
+    residual_rows(c, post, c->tmp, (int)c->dp, t0, t1);
+    pool_barrier(c->pool);
+  }
+}
+
+/* ------------------------------------------------------------------ dense MLPs */
+
+/* h = act(gate) * up (gated) or act(h) of panels [p0, p1) of in_w into a->f, for T tokens */
+static void dense_up(rt_ctx* c, const rt_dense* F, int gated, int act, int p0, int p1, int T) {
+  const int64_t ldh = 2 * c->n_max;
+  panel_matmul(&F->in_w, p0, p1, &c->a_in, T, c->hbuf, (int)ldh);
+  for (int t = 0; t < T; t++) {
+    const float* hb = c->hbuf + (int64_t)t * ldh;
+    float* h = c->a_h.f + (int64_t)t * c->a_h.ld;
+    if (gated) {  /* panels come in (gate, up) pairs of 16 neurons */
+      for (int p = p0; p < p1; p += 2) {
+        const int j0 = p / 2 * RT_PANEL_ROWS, nj = RT_MIN(RT_PANEL_ROWS, F->n - j0);
+        float g[RT_PANEL_ROWS], u[RT_PANEL_ROWS];
+        for (int j = 0; j < nj; j++) {
+          g[j] = hb[(int64_t)p * RT_PANEL_ROWS + j] + (F->in_b ? F->in_b[(int64_t)p * RT_PANEL_ROWS + j] : 0.0f);
+          u[j] = hb[(int64_t)(p + 1) * RT_PANEL_ROWS + j] + (F->in_b ? F->in_b[(int64_t)(p + 1) * RT_PANEL_ROWS + j] : 0.0f);
+        }
+        act_inplace(g, nj, act);
+        for (int j = 0; j < nj; j++) h[j0 + j] = g[j] * u[j];
+      }
+    } else {
+      const int n0 = p0 * RT_PANEL_ROWS, n1 = RT_MIN(p1 * RT_PANEL_ROWS, F->n);
+      for (int n = n0; n < n1; n++) h[n] = hb[n] + (F->in_b ? F->in_b[n] : 0.0f);
+      if (n1 > n0) act_inplace(h + n0, n1 - n0, act);
+    }
+  }
+}
+
+/* the shares of in_w's panels: whole (gate, up) pairs when gated */
+static void up_share(const rt_dense* F, int gated, int tid, int nth, int* p0, int* p1) {
+  const int64_t n = panels_of(&F->in_w) / (gated ? 2 : 1);
+  int64_t a, b;
+  rt_share(n, tid, nth, &a, &b);
+  *p0 = (int)(a * (gated ? 2 : 1));
+  *p1 = (int)(b * (gated ? 2 : 1));
+}
+
+/* h (a_h.f, already computed) -> a_h converted for out_w, rows [t0, t1), the padding zeroed */
+static void convert_hidden(rt_ctx* c, const rt_dense* F, int t0, int t1) {
+  const int n = F->n, np = (int)rt_pad(n, RT_BLOCK);
+  for (int t = t0; t < t1; t++) memset(c->a_h.f + (int64_t)t * c->a_h.ld + n, 0, (size_t)(np - n) * sizeof(float));
+  act_convert(&c->a_h, np, F->out_w.dtype, t0, t1);
+}
+
+static void dense_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, int t1) {
+  const rt_dense* F = &L->dense;
+  int p0, p1;
+  up_share(F, L->gated, tid, nth, &p0, &p1);
+  dense_up(c, F, L->gated, L->act, p0, p1, c->T);
+  pool_barrier(c->pool);
+  convert_hidden(c, F, t0, t1);
+  pool_barrier(c->pool);
+  panel_share(&F->out_w, tid, nth, &p0, &p1);
+  panel_matmul(&F->out_w, p0, p1, &c->a_h, c->T, c->tmp, (int)c->dp);
+  finish(c, &L->post_ffn_norm, F->out_b, p0 * RT_PANEL_ROWS, RT_MIN(p1 * RT_PANEL_ROWS, c->desc.d), t0, t1, tid);
+}
+
+/* ------------------------------------------------------------------ routers */
+
+static float dot_f32(const float* a, const float* b, int n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; i++) acc += a[i] * b[i];
+  return acc;
+}
+
+/* scores [T, E] of experts [e0, e1) (fitted: its probe features must be ready) */
+static void route_scores(rt_ctx* c, const rt_layer* L, int e0, int e1) {
+  const rt_moe* M = &L->moe;
+  const int d = c->desc.d, T = c->T, E = M->E, R = L->gated ? 2 * M->m : M->m;
+  float* S = c->moe.scores;
+  if (e1 <= e0) return;
+  if (M->router == RT_ROUTER_SHADOW) {
+    const int64_t row_bytes = M->sh_bits == 4 ? d / 2 : d;
+    int rc = shadow_scores_q(c->moe.sq, c->moe.sqs, c->moe.sqsum, T, d, M->sh_codes + (int64_t)e0 * R * row_bytes,
+                             M->sh_bits == 4 ? 4 : 8, M->sh_scale + (int64_t)e0 * R,
+                             M->sh_bias ? M->sh_bias + (int64_t)e0 * R : NULL, e1 - e0, M->m, L->gated, L->act, S + e0, E);
+    if (rc) atomic_store(&c->status, rc);
+    return;
+  }
+  for (int t = 0; t < T; t++) {
+    const float* x = c->a_in.f + (int64_t)t * c->a_in.ld;
+    for (int e = e0; e < e1; e++) {
+      float s;
+      if (M->router == RT_ROUTER_LINEAR) {
+        s = dot_f32(M->r_w + (int64_t)e * d, x, d);
+      } else if (M->router == RT_ROUTER_ANALYTIC) {
+        float g = dot_f32(M->r_w + (int64_t)e * d, x, d);
+        act_inplace(&g, 1, L->act);
+        s = fabsf(L->gated ? g * dot_f32(M->r_w + (int64_t)(E + e) * d, x, d) : g);
+      } else {  /* fitted */
+        const int nf = d + M->probes;
+        s = dot_f32(M->r_w + (int64_t)e * nf, c->moe.feats + (int64_t)t * nf, nf) + M->r_b[e];
+      }
+      S[(int64_t)t * E + e] = s;
+    }
+  }
+}
+
+/* fitted router: feats[t] = [x ; |h_P(x)|] for probes [r0, r1) (and x itself by thread 0) */
+static void probe_features(rt_ctx* c, const rt_layer* L, int r0, int r1, int copy_x) {
+  const rt_moe* M = &L->moe;
+  const int d = c->desc.d, P = M->probes, nf = d + P;
+  for (int t = 0; t < c->T; t++) {
+    const float* x = c->a_in.f + (int64_t)t * c->a_in.ld;
+    float* f = c->moe.feats + (int64_t)t * nf;
+    if (copy_x) memcpy(f, x, (size_t)d * sizeof(float));
+    for (int r = r0; r < r1; r++) {
+      float g = dot_f32(M->probe_w + (int64_t)r * d, x, d) + (M->probe_b ? M->probe_b[r] : 0.0f);
+      act_inplace(&g, 1, L->act);
+      if (L->gated) g *= dot_f32(M->probe_w + (int64_t)(P + r) * d, x, d) + (M->probe_b ? M->probe_b[P + r] : 0.0f);
+      f[d + r] = fabsf(g);
+    }
+  }
+}
+
+/* token t's picks: top-A of (score + bias) or of (softmax(score) + bias), or with a finite
+ * threshold every expert above it (at most A, the rest -1); combine weights by weight_mode.
+ * v [E], ids [E] scratch. Ties go to the lower expert index (as torch.topk on CPU and native.c). */
+static void select_token(const rt_moe* M, const float* s, float* v, int32_t* ids, int32_t* idx, float* w) {
+  const int E = M->E, A = M->A;
+  int any_scale = 0;
+  for (int e = 0; e < E; e++) any_scale |= M->r_scale[e] != 0.0f;
+  const int need_p = M->rank_softmax || M->weight_mode != 0 || any_scale;
+  float mx = -INFINITY, inv = 0.0f;
+  if (need_p) {  /* v = softmax(s) */
+    for (int e = 0; e < E; e++) mx = s[e] > mx ? s[e] : mx;
+    float sum = 0.0f;
+    for (int e = 0; e < E; e++) sum += (v[e] = exp_fast(s[e] - mx));
+    inv = 1.0f / sum;
+  }
+  for (int e = 0; e < E; e++) v[e] = (M->rank_softmax ? v[e] * inv : s[e]) + M->r_bias[e];
+  int n = 0;
+  if (isfinite(M->threshold)) {
+    for (int e = 0; e < E; e++)
+      if (v[e] > M->threshold) ids[n++] = e;
+  } else {
+    for (int e = 0; e < E; e++) ids[e] = e;
+    n = E;
+  }
+  if (n > A) {
+    select_top(v, ids, n, A);
+    n = A;
+  }
+  float psum = 0.0f;
+  for (int a = 0; a < A; a++) {
+    if (a >= n) {
+      idx[a] = -1;
+      w[a] = 0.0f;
+      continue;
+    }
+    const int e = ids[a];
+    const float p = need_p ? exp_fast(s[e] - mx) * inv : 0.0f;
+    idx[a] = e;
+    w[a] = M->weight_mode == 0 ? 1.0f + p * M->r_scale[e] : p;
+    psum += p;
+  }
+  if (M->weight_mode != 0)
+    for (int a = 0; a < n; a++) w[a] = (M->weight_mode == 2 ? w[a] / psum : w[a]) * (1.0f + M->r_scale[idx[a]]);
+}
+
+/* slots (t * A + a) sorted by expert: counting sort, stable (token order within an expert) */
+static void sort_slots(rt_ctx* c, const rt_moe* M) {
+  rt_moe_scratch* S = &c->moe;
+  const int E = M->E, A = M->A, n = c->T * A;
+  memset(S->start, 0, (size_t)(E + 1) * sizeof(int32_t));
+  for (int i = 0; i < n; i++)
+    if (S->idx[i] >= 0) S->start[S->idx[i] + 1]++;
+  for (int e = 0; e < E; e++) S->start[e + 1] += S->start[e];
+  int32_t* fill = (int32_t*)S->thr;  /* thread 0's scratch: [E] */
+  memcpy(fill, S->start, (size_t)E * sizeof(int32_t));
+  for (int i = 0; i < n; i++)
+    if (S->idx[i] >= 0) {
+      const int k = fill[S->idx[i]]++;
+      S->slot[k] = i;
+      S->tok[k] = i / A;
+    }
+  S->n_slots = S->start[E];
+}
+
+/* the weighted hidden activations of sorted slots [s0, s1): runs of one expert share its rows */
+static void routed_hidden(rt_ctx* c, const rt_layer* L, int s0, int s1, float* gbuf) {
+  const rt_moe* M = &L->moe;
+  rt_moe_scratch* S = &c->moe;
+  const int m = M->m, R = L->gated ? 2 * m : m, A = M->A;
+  float* ubuf = gbuf + c->desc.max_tokens;
+  int s = s0;
+  while (s < s1) {
+    const int e = S->idx[S->slot[s]];
+    int s_end = s + 1;
+    while (s_end < s1 && S->idx[S->slot[s_end]] == e) s_end++;
+    const int n = s_end - s;
+    for (int j = 0; j < m; j++) {
+      const int64_t gr = (int64_t)e * R + j;
+      row_dots(&M->in_proj, gr, &c->a_in, S->tok + s, n, gbuf);
+      if (M->in_bias)
+        for (int i = 0; i < n; i++) gbuf[i] += M->in_bias[gr];
+      act_inplace(gbuf, n, L->act);
+      if (L->gated) {
+        row_dots(&M->in_proj, gr + m, &c->a_in, S->tok + s, n, ubuf);
+        for (int i = 0; i < n; i++) gbuf[i] *= ubuf[i] + (M->in_bias ? M->in_bias[gr + m] : 0.0f);
+      }
+      for (int i = 0; i < n; i++) {
+        const int sl = S->slot[s + i];
+        S->h[(int64_t)(s + i) * m + j] = gbuf[i] * S->w[sl];
+      }
+    }
+    s = s_end;
+    (void)A;
+  }
+}
+
+static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, int t1) {
+  const rt_moe* M = &L->moe;
+  rt_moe_scratch* S = &c->moe;
+  const int T = c->T, d = c->desc.d, A = M->A, m = M->m;
+  float* thr = S->thr + (int64_t)tid * S->thr_len;
+  int64_t a, b;
+
+  if (M->router == RT_ROUTER_SHADOW)  /* the shadow router's own int8 tokens (one scale per token) */
+    for (int t = t0; t < t1; t++)
+      S->sqs[t] = quantize_token(c->a_in.f + (int64_t)t * c->a_in.ld, d, S->sq + (int64_t)t * d, S->sqsum + t);
+  if (M->router == RT_ROUTER_FITTED) {
+    rt_share(M->probes, tid, nth, &a, &b);
+    probe_features(c, L, (int)a, (int)b, tid == 0);
+  }
+  pool_barrier(c->pool);
+
+  rt_share(M->E, tid, nth, &a, &b);
+  route_scores(c, L, (int)a, (int)b);
+  pool_barrier(c->pool);
+
+  for (int t = t0; t < t1; t++)
+    select_token(M, S->scores + (int64_t)t * M->E, thr, (int32_t*)(thr + M->E), S->idx + (int64_t)t * A,
+                 S->w + (int64_t)t * A);
+  pool_barrier(c->pool);
+  if (tid == 0) sort_slots(c, M);
+  pool_barrier(c->pool);
+
+  /* shared neurons' up product and the routed slots' hidden activations, in one phase */
+  const rt_dense* Sh = &M->shared;
+  int p0 = 0, p1 = 0;
+  if (Sh->n > 0) {
+    up_share(Sh, L->gated, tid, nth, &p0, &p1);
+    dense_up(c, Sh, L->gated, L->act, p0, p1, T);
+  }
+  rt_share(S->n_slots, tid, nth, &a, &b);
+  routed_hidden(c, L, (int)a, (int)b, thr);
+  pool_barrier(c->pool);
+
+  int k0, k1;
+  feature_share(d, tid, nth, &k0, &k1);
+  if (Sh->n > 0) {
+    convert_hidden(c, Sh, t0, t1);
+    pool_barrier(c->pool);
+    panel_share(&Sh->out_w, tid, nth, &p0, &p1);
+    panel_matmul(&Sh->out_w, p0, p1, &c->a_h, T, c->tmp, (int)c->dp);
+    pool_barrier(c->pool);
+  } else {
+    for (int t = 0; t < T; t++) memset(c->tmp + (int64_t)t * c->dp + k0, 0, (size_t)(k1 - k0) * sizeof(float));
+  }
+  for (int s = 0; s < S->n_slots; s++) {  /* y[t, k0:k1] += h * down column, slots in expert order */
+    const int e = S->idx[S->slot[s]], t = S->tok[s];
+    float* y = c->tmp + (int64_t)t * c->dp + k0;
+    for (int j = 0; j < m; j++) row_axpy(&M->out_proj, (int64_t)e * m + j, S->h[(int64_t)s * m + j], k0, k1, y);
+  }
+  finish(c, &L->post_ffn_norm, M->out_bias, k0, k1, t0, t1, tid);
+}
+
+void ffn_block(rt_ctx* c, const rt_layer* L, int tid, int nth) {
+  if (L->ffn_kind == RT_FFN_NONE) return;
+  const rt_desc* D = &c->desc;
+  int64_t t0, t1;
+  rt_share(c->T, tid, nth, &t0, &t1);
+  const int dtype = L->ffn_kind == RT_FFN_DENSE ? L->dense.in_w.dtype : L->moe.in_proj.dtype;
+  norm_rows(c, &L->ffn_norm, c->x, D->d, &c->a_in, D->d, dtype, (int)t0, (int)t1);
+  pool_barrier(c->pool);
+  if (L->ffn_kind == RT_FFN_DENSE)
+    dense_block(c, L, tid, nth, (int)t0, (int)t1);
+  else
+    moe_block(c, L, tid, nth, (int)t0, (int)t1);
+}

@@ -1,0 +1,173 @@
+/* What the runtime's C files share with each other (not with Python): the thread pool, the
+ * prepared activations of a matrix product, the kernels and the model context. */
+#ifndef MOECARVE_RT_INTERNAL_H
+#define MOECARVE_RT_INTERNAL_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "rt.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define RT_AVX512 1
+#if defined(__AVX512BF16__)
+#define RT_AVX512BF16 1
+#endif
+#if defined(__AVX512VNNI__)
+#define RT_VNNI 1
+#endif
+#endif
+
+#define RT_ALIGN 64
+#define RT_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define RT_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+static inline int64_t rt_pad(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+/* ------------------------------------------------------------------ thread pool (pool.c) */
+
+typedef struct rt_pool rt_pool;
+typedef void (*rt_job)(void* arg, int tid, int nth);
+
+rt_pool* pool_create(int n_threads);
+void pool_free(rt_pool* p);
+int pool_size(const rt_pool* p);
+/* Runs job(arg, tid, n) on every thread of the pool (the caller is thread 0); returns when all are done. */
+void pool_run(rt_pool* p, rt_job job, void* arg);
+/* Every thread of the running job waits here until all have arrived. */
+void pool_barrier(rt_pool* p);
+
+/* [lo, hi) of n items for thread tid of nth, in contiguous, near-equal shares */
+static inline void rt_share(int64_t n, int tid, int nth, int64_t* lo, int64_t* hi) {
+  *lo = n * tid / nth;
+  *hi = n * (tid + 1) / nth;
+}
+
+/* ------------------------------------------------------------------ numbers (math.c) */
+
+static inline float bf16_to_f32(uint16_t b) {
+  union { uint32_t u; float f; } v = {.u = (uint32_t)b << 16};
+  return v.f;
+}
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even (NaN kept NaN) */
+  union { float f; uint32_t u; } v = {.f = f};
+  if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
+  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+float f16_to_f32(uint16_t h);
+
+void act_inplace(float* v, int n, int act);
+void rms_norm(const float* x, const float* w, int n, float eps, float* out);
+void layer_norm(const float* x, const float* w, const float* b, int n, float eps, float* out);
+/* softmax over v[0..n) in place; returns nothing, v sums to 1 */
+void softmax_inplace(float* v, int n);
+
+/* ------------------------------------------------------------------ activations of a product */
+
+/* The input rows of a matrix product, converted once for whatever weight dtype reads them:
+ * f [T, ld] float32 (always), b [T, ld] bfloat16, q [T, ld] int8 with s / sum [T, ld/32] block
+ * scales and block sums of q. ld = K padded to 32; the padding is zero. */
+typedef struct {
+  float* f;
+  uint16_t* b;
+  int8_t* q;
+  float* s;
+  int32_t* sum;
+  int32_t ld;
+} rt_act;
+
+/* rows [t0, t1) of x [T, K] (row stride ldx) into a (for dtype's needs; f always) */
+void act_prepare(const float* x, int ldx, int K, int dtype, rt_act* a, int t0, int t1);
+/* only the conversion from a->f (already written) into a's dtype view, rows [t0, t1) */
+void act_convert(rt_act* a, int K, int dtype, int t0, int t1);
+
+/* ------------------------------------------------------------------ matrix products (matmul.c) */
+
+/* Y[t, n] = W[n, :] . X[t, :] for panels [p0, p1) (outputs 16 p0 .. 16 p1) and tokens [0, T),
+ * W in RT_PANEL layout; Y row stride ldy. */
+void panel_matmul(const rt_mat* W, int p0, int p1, const rt_act* X, int T, float* Y, int ldy);
+/* one row of a RT_ROWS matrix against token rows X[tokens[i]] -> out[i] (i < n) */
+void row_dots(const rt_mat* W, int64_t row, const rt_act* X, const int32_t* tokens, int n, float* out);
+/* y[0..k1-k0) += s * W[row, k0:k1] for a RT_ROWS matrix (k0, k1 multiples of 32 or k1 = cols) */
+void row_axpy(const rt_mat* W, int64_t row, float s, int k0, int k1, float* y);
+/* row n of any matrix as float32 [cols] (embeddings: gathered, not multiplied) */
+void mat_row(const rt_mat* W, int64_t n, float* out);
+int64_t panels_of(const rt_mat* W);
+
+/* ------------------------------------------------------------------ from kernels/native.c */
+
+float quantize_token(const float* x, int d, int8_t* q, int32_t* sum);
+int shadow_scores_q(const int8_t* q, const float* qs, const int32_t* qsum, int T, int d, const void* codes, int layout,
+                    const float* row_scale, const float* in_bias, int E, int m, int gated, int act, float* scores,
+                    int lds);
+void select_top(const float* v, int32_t* ids, int n, int k);
+
+/* ------------------------------------------------------------------ the model context (step.c) */
+
+typedef struct {
+  const float* inv_freq;  /* the frequencies this table was made from (layers sharing them share it) */
+  float scale;
+  float* cs;              /* [max_ctx][rot/2] cos, then [max_ctx][rot/2] sin, times scale */
+} rt_rope;
+
+/* what a carved layer's step keeps between its phases (sized for max_tokens) */
+typedef struct {
+  float* scores;          /* [T, E] */
+  int32_t* idx;           /* [T, A] picked experts (-1: none) */
+  float* w;               /* [T, A] combine weights */
+  int32_t* start;         /* [E + 1] the sorted slots of expert e: start[e] .. start[e+1] */
+  int32_t* slot;          /* [T * A] slot ids (t * A + a) sorted by expert */
+  int32_t* tok;           /* [T * A] the token of each sorted slot */
+  float* h;               /* [T * A, m] hidden activations of each sorted slot, weighted */
+  int32_t n_slots;        /* valid entries of slot */
+  int8_t* sq;             /* [T, d] the shadow router's int8 tokens, their scales and sums */
+  float* sqs;
+  int32_t* sqsum;
+  float* feats;           /* fitted router: [T, d + P] */
+  float* thr;             /* [threads][thr_len] per-thread scratch (selection, gate/up values) */
+  int64_t thr_len;
+} rt_moe_scratch;
+
+typedef struct rt_ctx {
+  rt_desc desc;
+  rt_pool* pool;
+  int64_t dp, qkv_n, att_n, n_max, E_max, A_max, m_max, feats_max;  /* scratch widths (padded) */
+  /* KV cache: [L][slots][Hkv][max_ctx][hd], kv_dtype elements */
+  void* k_cache;
+  void* v_cache;
+  rt_rope* ropes;         /* [n_layers]; cs shared between layers with the same frequencies */
+  /* step buffers, [max_tokens] rows each */
+  float* x;               /* [T, d] residual stream */
+  float* tmp;             /* [T, dp] a block's output before the residual add */
+  float* qkv;             /* [T, qkv_n] */
+  rt_act a_in;            /* [T, dp] normed input of the block's first product */
+  rt_act a_att;           /* [T, att_n] attention output, the input of wo */
+  rt_act a_h;             /* [T, n_max] FFN hidden activations, the input of the down product */
+  float* hbuf;            /* [T, 2 * n_max] gate/up outputs before the activation */
+  rt_moe_scratch moe;
+  float* att_scratch;     /* [threads][max_ctx] attention scores */
+  /* the step being run */
+  int T, n_out;
+  const int32_t *tokens, *pos, *slot, *out_rows;
+  float* logits;          /* [n_out, ld_logits] */
+  int64_t ld_logits;
+  _Atomic int status;     /* 0, or a negative error code set by any thread */
+} rt_ctx;
+
+void* rt_alloc(size_t bytes);  /* 64-byte aligned, zeroed; NULL when out of memory */
+/* normalise token rows [t0, t1) of x into a->f (norm absent: a copy) and convert them for dtype */
+void norm_rows(const rt_ctx* c, const rt_norm* n, const float* x, int ldx, rt_act* a, int K, int dtype, int t0, int t1);
+/* x[t] += post(y[t]) * residual_scale for token rows [t0, t1) (post absent: y itself) */
+void residual_rows(rt_ctx* c, const rt_norm* post, const float* y, int ldy, int t0, int t1);
+/* the products' shares: panels [p0, p1) of thread tid, in whole panels */
+void panel_share(const rt_mat* W, int tid, int nth, int* p0, int* p1);
+
+/* attention.c */
+int rope_tables(rt_ctx* c);
+void attention_block(rt_ctx* c, const rt_layer* L, int l, int tid, int nth);
+/* ffn.c */
+void ffn_block(rt_ctx* c, const rt_layer* L, int tid, int nth);
+
+#endif

@@ -1,0 +1,120 @@
+"""One native step per call: a model packed for the runtime (runtime/weights.py), its KV cache and
+thread pool (runtime/csrc), and the Python face of `rt_step`.
+
+A step takes any tokens of any sequences: each token names its sequence's cache slot and its
+position there, and the rows that want logits. Prefill is a step over a prompt's tokens (in chunks
+of `max_tokens`), decode a step over one token of each running sequence. The cache is preallocated
+(`max_slots` sequences of `max_ctx` positions); a slot is reused by writing from position 0 again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+from torch import nn
+
+from ..errors import MoecarveError
+from . import native as N
+from .weights import Weights, load_weights
+
+
+class RuntimeError_(MoecarveError, RuntimeError):
+    """A step the runtime cannot take (a position past the context, a slot it does not have, ...)."""
+
+
+def default_threads() -> int:
+    """Physical cores available to this process (SMT siblings share a core's load/store units, which
+    a memory-bound decode step saturates)."""
+    try:
+        avail = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        avail = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or avail
+    except ImportError:
+        physical = avail
+    return max(1, min(avail, physical))
+
+
+class Runtime:
+    """A model in the native runtime.
+
+    precision: "bf16" (default), "int8" (Q8_0-style blocks) or "fp32" (the reference).
+    threads: worker threads (default: the physical cores). max_ctx: positions per sequence
+    (default: the model's, at most 4096). max_slots: sequences decoded together. max_tokens: tokens
+    per step (prompt chunks).
+    """
+
+    def __init__(self, model: nn.Module, precision: str = "bf16", threads: int | None = None,
+                 max_ctx: int | None = None, max_slots: int = 1, max_tokens: int = 256):  # fmt: skip
+        threads = default_threads() if threads is None else threads
+        if threads < 1:
+            raise RuntimeError_(f"threads must be at least 1 (got {threads})")
+        if max_slots < 1 or max_tokens < 1:
+            raise RuntimeError_("max_slots and max_tokens must be at least 1")
+        self.weights: Weights = load_weights(model, precision, max_ctx, max_slots, max_tokens)
+        lib = N.library()
+        self._lib = lib
+        self._ctx = lib.rt_create(ctypes.byref(self.weights.desc), threads)
+        if not self._ctx:
+            raise MemoryError("the decode runtime could not allocate its cache and buffers")
+        D = self.weights.desc
+        self.vocab, self.max_ctx, self.max_slots, self.max_tokens = D.vocab, D.max_ctx, D.max_slots, D.max_tokens
+        self.threads = lib.rt_threads(self._ctx)
+        self.precision = precision
+        self._ld = (D.vocab + N.PANEL_ROWS - 1) // N.PANEL_ROWS * N.PANEL_ROWS
+        self._logits = torch.empty(max_tokens, self._ld, dtype=torch.float32)
+        self._ints = torch.empty(4, max_tokens, dtype=torch.int32)  # tokens, positions, slots, output rows
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self._lib.rt_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self):
+        self.close()
+
+    def step(self, tokens, positions, slots, out_rows) -> torch.Tensor:
+        """Run one step: tokens[i] at positions[i] of sequence slots[i] (lists or int tensors of
+        T <= max_tokens); returns logits [len(out_rows), vocab] float32 of the token rows
+        out_rows, a view into a buffer the next step overwrites."""
+        T, n_out = len(tokens), len(out_rows)
+        if not 0 < T <= self.max_tokens or not 0 <= n_out <= T:
+            raise RuntimeError_(f"a step takes 1..{self.max_tokens} tokens and at most as many logit rows (got {T}, {n_out})")
+        ints = self._ints
+        ints[0, :T] = torch.as_tensor(tokens, dtype=torch.int32)
+        ints[1, :T] = torch.as_tensor(positions, dtype=torch.int32)
+        ints[2, :T] = torch.as_tensor(slots, dtype=torch.int32)
+        ints[3, :n_out] = torch.as_tensor(out_rows, dtype=torch.int32)
+        tk, pos, sl = ints[0, :T], ints[1, :T], ints[2, :T]
+        if int(pos.min()) < 0 or int(pos.max()) >= self.max_ctx:
+            raise RuntimeError_(f"position {int(pos.max())} is beyond the context of {self.max_ctx} positions")
+        if int(sl.min()) < 0 or int(sl.max()) >= self.max_slots:
+            raise RuntimeError_(f"slot {int(sl.max())} does not exist (max_slots={self.max_slots})")
+        if int(tk.min()) < 0 or int(tk.max()) >= self.vocab:
+            raise RuntimeError_(f"token id {int(tk.max())} is outside the vocabulary of {self.vocab}")
+        if n_out and (int(ints[3, :n_out].min()) < 0 or int(ints[3, :n_out].max()) >= T):
+            raise RuntimeError_("an output row names a token outside the step")
+        rc = self._lib.rt_step(self._ctx, T, tk.data_ptr(), pos.data_ptr(), sl.data_ptr(), n_out,
+                               ints[3].data_ptr(), self._logits.data_ptr(), self._ld)  # fmt: skip
+        if rc:
+            raise MemoryError(f"the decode runtime failed a step (code {rc})")
+        return self._logits[:n_out, : self.vocab]
+
+    def prefill(self, token_ids: list[int], slot: int = 0, start: int = 0) -> torch.Tensor:
+        """Feed a sequence's tokens from position `start` in chunks; logits [vocab] of the last one."""
+        if not token_ids:
+            raise RuntimeError_("an empty prompt")
+        if start + len(token_ids) > self.max_ctx:
+            raise RuntimeError_(f"a prompt of {start + len(token_ids)} tokens is longer than the context of {self.max_ctx}")
+        logits = None
+        for i in range(0, len(token_ids), self.max_tokens):
+            chunk = token_ids[i : i + self.max_tokens]
+            last = i + len(chunk) == len(token_ids)
+            logits = self.step(chunk, range(start + i, start + i + len(chunk)), [slot] * len(chunk),
+                               [len(chunk) - 1] if last else [])  # fmt: skip
+        return logits[0]

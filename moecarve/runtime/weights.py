@@ -1,0 +1,295 @@
+"""A loaded model (dense or carved, any family of runtime/arch.py) -> the runtime's description:
+every matrix packed for the chosen precision (runtime/pack.py), norms, biases and router tables as
+float32, and the ctypes structures of runtime/csrc/rt.h pointing at them.
+
+`Weights` owns every tensor the description points to; the C side reads them in place for as long
+as the Weights object lives. Packing reads the model once and copies what it needs, so the
+model itself may be freed afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import adapters
+from ..kernels.native import ACTS
+from ..modules.hf import source_model_type
+from . import native as N
+from .arch import Decoder, UnsupportedModel, decoder_for
+from .pack import PRECISIONS, interleave_gated, interleave_gated_bias, pack_panels, pack_rows
+
+
+def _get(obj, path: str):
+    for name in filter(None, path.split(".")):
+        obj = getattr(obj, name)
+    return obj
+
+
+@dataclass
+class Weights:
+    """The packed model: `desc` (a ctypes Desc) and everything it points to."""
+
+    desc: N.Desc
+    precision: str
+    model_type: str
+    keep: list = field(default_factory=list, repr=False)  # tensors and ctypes arrays the C side reads
+    notes: list[str] = field(default_factory=list)  # what the runtime adapted (a context clamp, ...)
+    bytes_per_token: dict[str, int] = field(default_factory=dict)  # weight bytes a decode step reads, by part
+
+    def ptr(self, t: torch.Tensor | None) -> int | None:
+        """A pointer to t's data for C (None for None); t is kept alive with the weights."""
+        if t is None:
+            return None
+        t = t.contiguous()
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def f32(self, t: torch.Tensor | None) -> int | None:
+        return None if t is None else self.ptr(t.detach().float().contiguous())
+
+    def mat(self, w: torch.Tensor, layout: int) -> N.Mat:
+        """w [N, K] packed as panels or rows in this precision."""
+        prec = PRECISIONS[self.precision]
+        data, scales = (pack_panels if layout == N.PANEL else pack_rows)(w, prec)
+        return N.Mat(self.ptr(data), self.ptr(scales), w.shape[0], w.shape[1], prec, layout)
+
+
+def _mat_bytes(m: N.Mat, rows: float | None = None) -> int:
+    """Bytes of m a product reads (all its rows, or `rows` of them)."""
+    per = {N.F32: 4.0, N.BF16: 2.0, N.I8: 1.0 + 2.0 / N.BLOCK}[m.dtype]
+    return int((m.rows if rows is None else rows) * m.cols * per)
+
+
+def _norm(w: Weights, mod: nn.Module | None, offset: bool) -> N.Norm:
+    if mod is None:
+        return N.Norm(None, None)
+    weight = mod.weight.detach().float() + (1.0 if offset else 0.0)  # Gemma's x * (1 + w), folded
+    return N.Norm(w.f32(weight), w.f32(getattr(mod, "bias", None)))
+
+
+def _linear(mod: nn.Module, conv1d: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = mod.weight.detach()
+    return (weight.t() if conv1d else weight), (None if getattr(mod, "bias", None) is None else mod.bias.detach())
+
+
+def _act(name: str) -> int:
+    if name not in ACTS:
+        raise UnsupportedModel(f"the decode runtime has no activation {name!r} (it has {', '.join(sorted(ACTS))})")
+    return ACTS[name]
+
+
+def _dense(w: Weights, gate, up, down, gate_b, up_b, down_b, gated: bool) -> N.Dense:
+    """A dense MLP: gate/up [n, d] (plain: up only), down [d, n]."""
+    if gated:
+        in_w = interleave_gated(gate, up)
+        in_b = None if gate_b is None else interleave_gated_bias(gate_b, up_b)
+    else:
+        in_w, in_b = up, up_b
+    return N.Dense(w.mat(in_w, N.PANEL), w.mat(down, N.PANEL), w.f32(in_b), w.f32(down_b), down.shape[1])
+
+
+def _moe(w: Weights, mod: nn.Module, L: N.Layer) -> float:
+    """Fills L.moe from a CarvedMoE; returns the routed neurons a token reads on average."""
+    spec, ex, r = mod.spec, mod.experts, mod.router
+    E, m, A, d = spec.n_routed, spec.expert_size, spec.top_k, spec.hidden_size
+    M = L.moe
+    M.E, M.m, M.A = E, m, A
+    M.in_proj = w.mat(ex.in_proj.detach().reshape(-1, d), N.ROWS)  # [E * R, d]
+    M.in_bias = w.f32(None if ex.in_bias is None else ex.in_bias.reshape(-1))
+    M.out_proj = w.mat(ex.out_proj.detach().transpose(1, 2).reshape(E * m, d), N.ROWS)  # [E * m, d]: neuron columns
+    if mod.shared is not None:
+        sh = mod.shared
+        n = sh.out_proj.shape[1]
+        gi = sh.in_proj.detach()
+        b = None if sh.in_bias is None else sh.in_bias.detach()
+        if spec.gated:
+            M.shared = _dense(w, gi[:n], gi[n:], sh.out_proj, None if b is None else b[:n], None if b is None else b[n:],
+                              None, True)  # fmt: skip
+        else:
+            M.shared = _dense(w, None, gi, sh.out_proj, None, b, None, False)
+    M.out_bias = w.f32(mod.out_bias)
+    M.r_bias, M.r_scale = w.f32(r.bias), w.f32(r.scale)
+    M.threshold = math.inf
+    kind = spec.router
+    if kind == "shadow":
+        M.router, M.rank_softmax, M.weight_mode = N.ROUTER_SHADOW, 0, 0
+        M.sh_codes = w.ptr(r.codes.detach())
+        M.sh_bits = 4 if r.codes.dtype == torch.uint8 else 8
+        M.sh_scale, M.sh_bias = w.f32(r.row_scale), w.f32(r.in_bias)
+        if getattr(r, "threshold", None) is not None:
+            M.threshold = float(r.threshold)
+    elif kind == "analytic":
+        M.router, M.rank_softmax, M.weight_mode = N.ROUTER_ANALYTIC, 1, 0
+        M.r_w = w.f32(r.gate if r.up is None else torch.cat([r.gate.detach(), r.up.detach()]))
+    elif kind == "linear":
+        M.router, M.rank_softmax, M.weight_mode = N.ROUTER_LINEAR, 1, 2 if r.norm_topk_prob else 1
+        M.r_w = w.f32(r.weight)
+    elif kind == "fitted":
+        M.router, M.rank_softmax, M.weight_mode = N.ROUTER_FITTED, 0, 0
+        M.r_w, M.r_b = w.f32(r.weight), w.f32(r.score_bias)
+        M.probe_w, M.probe_b, M.probes = w.f32(r.probe), w.f32(r.probe_bias), spec.router_probes
+    else:
+        raise UnsupportedModel(f"the decode runtime has no router {kind!r}")
+    active = spec.mean_active or A
+    routed_bytes = _mat_bytes(M.in_proj, active * M.in_proj.rows / E) + _mat_bytes(M.out_proj, active * m)
+    shared_bytes = _mat_bytes(M.shared.in_w) + _mat_bytes(M.shared.out_w) if mod.shared is not None else 0
+    router_bytes = int(r.codes.numel() * r.codes.element_size()) if kind == "shadow" else 0
+    w.bytes_per_token["ffn"] = w.bytes_per_token.get("ffn", 0) + routed_bytes + shared_bytes
+    w.bytes_per_token["router"] = w.bytes_per_token.get("router", 0) + router_bytes
+    return active * m
+
+
+def _ffn(w: Weights, config, layer: nn.Module, L: N.Layer) -> None:
+    mod = adapters.ffn_input_module(config, layer)
+    name = type(mod).__name__
+    if name == "CarvedMoE":
+        L.ffn_kind, L.gated, L.act = N.FFN_MOE, int(mod.spec.gated), _act(mod.spec.act)
+        _moe(w, mod, L)
+        return
+    if name == "CondensedMLP":
+        spec = mod.spec
+        if spec.gated_neurons:
+            raise UnsupportedModel("the decode runtime cannot run a condensed layer with a shared-expert gate (Qwen2-MoE)")
+        n, gi = spec.intermediate_size, mod.in_proj.detach()
+        b = None if mod.in_bias is None else mod.in_bias.detach()
+        L.ffn_kind, L.gated, L.act = N.FFN_DENSE, int(spec.gated), _act(spec.act)
+        if spec.gated:
+            L.dense = _dense(w, gi[:n], gi[n:], mod.out_proj, None if b is None else b[:n], None if b is None else b[n:],
+                             mod.out_bias, True)  # fmt: skip
+        else:
+            L.dense = _dense(w, None, gi, mod.out_proj, None, b, mod.out_bias, False)
+    else:
+        f = adapters.read_ffn(config, layer)
+        L.ffn_kind, L.gated, L.act = N.FFN_DENSE, int(f.gated), _act(f.act)
+        L.dense = _dense(w, f.gate, f.up, f.down, f.gate_bias, f.up_bias, f.down_bias, f.gated)
+    w.bytes_per_token["ffn"] = w.bytes_per_token.get("ffn", 0) + _mat_bytes(L.dense.in_w) + _mat_bytes(L.dense.out_w)
+
+
+def _rotary(model: nn.Module) -> nn.Module | None:
+    for name, mod in model.named_modules():
+        if name.endswith("rotary_emb") and (hasattr(mod, "inv_freq") or any(k.endswith("_inv_freq") for k in dir(mod))):
+            return mod
+    return None
+
+
+def _rope(model: nn.Module, config, layer_type: str | None) -> tuple[torch.Tensor | None, float, str | None]:
+    """(inv_freq [rot/2], attention scaling, rope type) of a layer, or (None, 1, None) without RoPE."""
+    rot = _rotary(model)
+    if rot is None:
+        return None, 1.0, None
+    inv = getattr(rot, f"{layer_type}_inv_freq", None) if layer_type else None
+    inv = inv if inv is not None else getattr(rot, "inv_freq", None)
+    if inv is None:
+        raise UnsupportedModel(f"the decode runtime found no RoPE frequencies in {type(rot).__name__}")
+    scale = getattr(rot, f"{layer_type}_attention_scaling", None) if layer_type else None
+    scale = scale if scale is not None else getattr(rot, "attention_scaling", 1.0)
+    kind = getattr(rot, "rope_type", "default")
+    kind = kind.get(layer_type, "default") if isinstance(kind, dict) else kind
+    return inv.detach().float(), float(scale), kind
+
+
+def _context_limit(config, rope_kinds: set[str], max_ctx: int | None, notes: list[str]) -> int:
+    """The cache length: asked for, within the model's positions (and the original length for RoPE
+    variants that change their frequencies past it)."""
+    limit = adapters.max_positions(config) or 2048
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and rope_kinds & {"dynamic", "longrope"}:
+        orig = params.get("original_max_position_embeddings") or limit
+        if orig < limit:
+            notes.append(f"context limited to {orig} positions ({'/'.join(sorted(rope_kinds))} RoPE changes past it)")
+            limit = orig
+    if max_ctx is None:
+        return min(limit, 4096)
+    if max_ctx > limit:
+        raise UnsupportedModel(f"a context of {max_ctx} positions is beyond this model's {limit}")
+    return max_ctx
+
+
+def load_weights(model: nn.Module, precision: str = "bf16", max_ctx: int | None = None, max_slots: int = 1,
+                 max_tokens: int = 256) -> Weights:  # fmt: skip
+    """Pack `model` (a transformers causal LM, dense or carved, on CPU) for the runtime."""
+    if precision not in PRECISIONS:
+        raise UnsupportedModel(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    config = model.config
+    model_type = source_model_type(config.model_type)
+    dec: Decoder = decoder_for(model_type, config)
+    w = Weights(N.Desc(), precision, model_type)
+    D = w.desc
+    layers = adapters.decoder_layers(model)
+    d, H = config.hidden_size, config.num_attention_heads
+    Hkv = getattr(config, "num_key_value_heads", None) or H
+    hd = getattr(config, "head_dim", None) or d // H
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None) or 0
+
+    embed = _get(model, dec.embed).weight.detach()
+    lm = model.get_output_embeddings()
+    lm_w = lm.weight.detach()
+    D.lm_head = w.mat(lm_w, N.PANEL)
+    D.lm_bias = w.f32(getattr(lm, "bias", None))
+    tied = lm_w.data_ptr() == embed.data_ptr() and lm_w.shape == embed.shape
+    D.embed = D.lm_head if tied else w.mat(embed, N.ROWS)
+    if dec.pos_embed:
+        D.pos_embed = w.mat(_get(model, dec.pos_embed).weight.detach(), N.ROWS)
+        D.pos_offset = dec.pos_offset
+    D.final_norm = _norm(w, _get(model, dec.final_norm), dec.norm_offset)
+
+    scales = dec.scales(config)
+    dt = embed.dtype  # the model rounds its embedding scale to its own dtype (Gemma)
+    D.embed_scale = torch.tensor(scales.get("embed", 1.0), dtype=dt).item() if "embed" in scales else 1.0
+    D.residual_scale = scales.get("residual", 1.0)
+    D.attn_scale = scales.get("attn", hd**-0.5)
+    D.attn_softcap, D.final_softcap = scales.get("attn_softcap", 0.0), scales.get("final_softcap", 0.0)
+    D.logit_scale = scales.get("logit", 1.0)
+    D.norm_kind = N.NORM_RMS if dec.norm == "rms" else N.NORM_LAYER
+    D.norm_eps = next((float(getattr(config, k)) for k in dec.eps_keys if getattr(config, k, None) is not None), 1e-6)
+
+    arr = (N.Layer * len(layers))()
+    w.keep.append(arr)
+    rope_kinds: set[str] = set()
+    attn_bytes = 0
+    for i, layer in enumerate(layers):
+        L = arr[i]
+        a = _get(layer, dec.attn)
+        pre_a, post_a, pre_f, post_f = (None if n is None else getattr(layer, n) for n in dec.norms)
+        L.in_norm, L.post_attn_norm = _norm(w, pre_a, dec.norm_offset), _norm(w, post_a, dec.norm_offset)
+        L.ffn_norm, L.post_ffn_norm = _norm(w, pre_f, dec.norm_offset), _norm(w, post_f, dec.norm_offset)
+        if dec.qkv:
+            wqkv, bqkv = _linear(getattr(a, dec.qkv), dec.conv1d)
+        else:
+            parts = [_linear(getattr(a, n), dec.conv1d) for n in (dec.q, dec.k, dec.v)]
+            wqkv = torch.cat([p[0] for p in parts])
+            bqkv = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+        if wqkv.shape[0] != (H + 2 * Hkv) * hd:
+            raise UnsupportedModel(f"layer {i}: q/k/v give {wqkv.shape[0]} outputs, expected {(H + 2 * Hkv) * hd}")
+        L.wqkv, L.bqkv = w.mat(wqkv, N.PANEL), w.f32(bqkv)
+        wo, bo = _linear(getattr(a, dec.o), dec.conv1d)
+        L.wo, L.bo = w.mat(wo, N.PANEL), w.f32(bo)
+        attn_bytes += _mat_bytes(L.wqkv) + _mat_bytes(L.wo)
+        if dec.qk_norm:
+            off = 1.0 if dec.norm_offset else 0.0
+            L.q_norm, L.k_norm = w.f32(a.q_norm.weight.detach().float() + off), w.f32(a.k_norm.weight.detach().float() + off)
+            L.qk_norm_full = int(dec.qk_norm == "full")
+        layer_type = layer_types[i] if layer_types else None
+        L.window = (window if layer_type == "sliding_attention" else 0) if layer_types else window
+        inv, scale, kind = _rope(model, config, layer_type)
+        if inv is not None:
+            L.inv_freq, L.rope_scale = w.f32(inv), scale
+            D.rot = 2 * inv.numel()
+            rope_kinds.add(kind)
+        else:
+            L.rope_scale = 1.0
+        _ffn(w, config, layer, L)
+
+    D.n_layers, D.d, D.H, D.Hkv, D.hd, D.vocab = len(layers), d, H, Hkv, hd, lm_w.shape[0]
+    D.max_ctx = _context_limit(config, rope_kinds, max_ctx, w.notes)
+    D.max_slots, D.max_tokens = max_slots, max_tokens
+    D.kv_dtype = N.F32 if precision == "fp32" else N.BF16
+    D.layers = arr
+    w.bytes_per_token["attention"] = attn_bytes
+    w.bytes_per_token["lm_head"] = _mat_bytes(D.lm_head)
+    return w
