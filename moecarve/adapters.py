@@ -46,23 +46,35 @@ class Adapter:
     extra_identity: tuple[str, ...] = ()
 
 
+# Gated MLPs at model.layers[i].mlp: down(act(gate x) * up x). Whatever a family adds around the MLP
+# (scaled embeddings, Granite's multipliers, OLMo-2's norms after attention and MLP, Gemma's sandwich
+# norms, q/k norms, sliding-window layers, rope scaling) lives outside the module a carve replaces.
 _LLAMA_LIKE = Adapter(kind="gated", layers="model.layers", mlp="mlp", proj=("gate_proj", "up_proj", "down_proj"))
-_GEMMA = Adapter(
+_GEMMA = Adapter(  # GeGLU, the activation named `hidden_activation` (older configs: `hidden_act`)
     kind="gated",
     layers="model.layers",
     mlp="mlp",
     proj=("gate_proj", "up_proj", "down_proj"),
     act_keys=("hidden_activation", "hidden_act"),
 )
+_FUSED = Adapter(kind="fused", layers="model.layers", mlp="mlp", proj=("gate_up_proj", "down_proj"))
 
 ADAPTERS: dict[str, Adapter] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _GEMMA,
-    "gemma2": _GEMMA,
-    "phi3": Adapter(kind="fused", layers="model.layers", mlp="mlp", proj=("gate_up_proj", "down_proj")),
+    **dict.fromkeys(
+        ["llama", "mistral", "ministral", "ministral3", "qwen2", "qwen3", "smollm3", "granite", "olmo", "olmo2", "olmo3",
+         "cohere", "cohere2", "exaone4", "helium", "stablelm", "seed_oss", "hunyuan_v1_dense", "ernie4_5"],
+        _LLAMA_LIKE,
+    ),  # fmt: skip
+    **dict.fromkeys(["gemma", "gemma2", "gemma3_text", "vaultgemma"], _GEMMA),
+    **dict.fromkeys(["phi3", "glm", "glm4"], _FUSED),
+    # Gemma 3 with its vision tower (Gemma3ForConditionalGeneration): only the language model is carved
+    "gemma3": Adapter(
+        kind="gated",
+        layers="model.language_model.layers",
+        mlp="mlp",
+        proj=("gate_proj", "up_proj", "down_proj"),
+        act_keys=("text_config.hidden_activation", "text_config.hidden_act"),
+    ),
     "gpt2": Adapter(
         kind="plain",
         layers="transformer.h",
@@ -109,18 +121,27 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return _get(model, adapter_for(model).layers)
 
 
+def _lookup(config, path: str):
+    """config's attribute at a dotted path ("text_config.hidden_activation"), or None."""
+    for name in path.split("."):
+        config = getattr(config, name, None)
+    return config
+
+
 def activation_name(config) -> str:
+    """The FFN's activation (an ACT2FN name), read from the config where the family keeps it."""
     for key in adapter_for(config).act_keys:
-        act = getattr(config, key, None)
+        act = _lookup(config, key)
         if act:
             return act
     raise UnsupportedArchitecture(f"{config.model_type}: no activation found in {adapter_for(config).act_keys}")
 
 
 def max_positions(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
+    """The longest sequence the model takes (a multimodal config keeps it in its text config), or None."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "text_config.max_position_embeddings"):
+        if _lookup(config, key):
+            return int(_lookup(config, key))
     return None
 
 

@@ -3,12 +3,16 @@
 The inputs of decoder layer l are the outputs of the already-carved layers 0..l-1, so each layer
 is carved on what it will really see. Only one layer's activations are held at a time:
 hidden states [N, L, d] plus that layer's FFN inputs [N * L, d] while it is carved.
+
+The other arguments a layer is called with are captured for every layer, not only layer 0:
+families that mix layer types (Gemma 2/3, Cohere 2, OLMo 3: sliding-window and full attention,
+Gemma 3 also a local and a global rotary embedding) give each type its own mask and positions.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,7 +21,7 @@ from . import adapters
 
 
 class _Stop(Exception):
-    """Raised by the hook on layer 0 once its inputs are captured."""
+    """Raised by the last layer's recorder once every layer's arguments are captured."""
 
 
 @dataclass
@@ -26,7 +30,13 @@ class LayerInputs:
 
     hidden: torch.Tensor  # [N, L, d]
     args: tuple  # positional arguments after hidden_states (usually empty)
-    kwargs: dict  # attention mask, position ids / embeddings, ... (identical for every window)
+    kwargs: dict  # attention mask, position ids / embeddings, ... of layer 0 (identical for every window)
+    # (layer, its kwargs) for the layers called with other arguments than layer 0 (another layer type)
+    layer_kwargs: list[tuple[nn.Module, dict]] = field(default_factory=list)
+
+    def kwargs_for(self, layer: nn.Module) -> dict:
+        """The keyword arguments `layer` is called with (its own where they differ from layer 0's)."""
+        return next((kw for owner, kw in self.layer_kwargs if owner is layer), self.kwargs)
 
 
 def _to(obj, device):
@@ -57,27 +67,61 @@ def _non_layer_modules(model: nn.Module, layers: nn.ModuleList) -> list[nn.Modul
     return [m for m in model.modules() if id(m) not in layer_ids and not list(m.children()) and m is not model]
 
 
+def _same(a, b) -> bool:
+    """Whether two captured arguments are the same (the object itself, or equal tensors / values)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a usable ==: treat as different, which is always safe
+        return False
+
+
+def _layer_kwargs(kwargs: dict) -> dict:
+    """A layer's captured keyword arguments as run_layer passes them: no cache, hidden states apart."""
+    out = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value", "layer_past")}
+    out["use_cache"] = False
+    return out
+
+
 @torch.no_grad()
 def first_layer_inputs(
     model: nn.Module, windows: torch.Tensor, device: torch.device, layers: nn.ModuleList | None = None
 ) -> LayerInputs:
-    """Run the embeddings on each window [N, L] and capture what layer 0 receives.
+    """Run the embeddings on each window [N, L] and capture what every decoder layer receives.
 
-    `layers` is the decoder stack (default: where the adapter table says it is).
+    `layers` is the decoder stack (default: where the adapter table says it is). Each layer's
+    forward is replaced, for the call, by a recorder that passes the hidden states on unchanged and
+    stops the model after the last layer: no layer computes anything (they may be on the meta device).
     """
     layers = adapters.decoder_layers(model) if layers is None else layers
-    captured: dict = {}
+    hidden: list[torch.Tensor] = []
+    calls: list[tuple[tuple, dict] | None] = [None] * len(layers)
 
-    def hook(module, args, kwargs):
-        captured.setdefault("hidden", []).append(args[0] if args else kwargs.pop("hidden_states"))
-        kwargs.pop("hidden_states", None)
-        captured["args"], captured["kwargs"] = args[1:], kwargs
-        raise _Stop
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            if i == 0:
+                hidden.append(h)
+            calls[i] = (args[1:], kwargs)
+            if i == len(layers) - 1:
+                raise _Stop
+            return h  # the model's loop only passes it to the next recorder
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        return forward
+
+    own = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's device-map hooks
     outside = _non_layer_modules(model, layers)
     homes = [next(m.parameters(), torch.empty(0)).device for m in outside]
     try:
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)
         for m in outside:
             m.to(device)
         for w in windows:
@@ -86,13 +130,21 @@ def first_layer_inputs(
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
         for m, home in zip(outside, homes):
             if home.type != "meta":
                 m.to(home)
-    kwargs = {k: v for k, v in captured["kwargs"].items() if k not in ("past_key_values", "past_key_value", "layer_past")}
-    kwargs["use_cache"] = False
-    return LayerInputs(hidden=torch.cat(captured["hidden"]), args=captured["args"], kwargs=kwargs)
+    args, kwargs = calls[0]
+    inputs = LayerInputs(hidden=torch.cat(hidden), args=args, kwargs=_layer_kwargs(kwargs))
+    for layer, call in zip(list(layers)[1:], calls[1:]):  # positional arguments are shared (transformers passes none)
+        own_kwargs = _layer_kwargs(call[1]) if call is not None else inputs.kwargs
+        if not _same(own_kwargs, inputs.kwargs):
+            inputs.layer_kwargs.append((layer, own_kwargs))
+    return inputs
 
 
 @torch.no_grad()
@@ -108,7 +160,7 @@ def run_layer(
     handle = None
     if capture is not None:
         handle = capture.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
-    args, kwargs = _to(inputs.args, device), _to(inputs.kwargs, device)
+    args, kwargs = _to(inputs.args, device), _to(inputs.kwargs_for(layer), device)
     out = torch.empty_like(inputs.hidden)
     try:
         with on_device(layer, device):

@@ -51,7 +51,7 @@ def run_layer(
     out = torch.empty_like(hidden)
     try:
         for i in range(hidden.shape[0]):
-            y = layer(hidden[i : i + 1], *inputs.args, **inputs.kwargs)
+            y = layer(hidden[i : i + 1], *inputs.args, **inputs.kwargs_for(layer))
             out[i] = y[0] if isinstance(y, tuple) else y
     finally:
         if handle is not None:

@@ -62,6 +62,19 @@ def outside_state_names(model: nn.Module) -> list[str]:
     return names
 
 
+def saved_names(model: nn.Module) -> dict[str, str]:
+    """Model tensor name -> the name save_pretrained writes it under, where transformers renames it
+    on saving (Gemma 3 with its vision tower: model.language_model.* is saved as language_model.model.*)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers that saves every tensor under its own name
+        return {}
+    # one distinct placeholder per name: tied tensors share one object and would lose a name
+    placeholders = {name: torch.empty(0, device="meta") for name in model.state_dict(keep_vars=True)}
+    renamed = {id(t): saved for saved, t in revert_weight_conversion(model, dict(placeholders)).items()}
+    return {name: renamed[id(t)] for name, t in placeholders.items() if renamed.get(id(t), name) != name}
+
+
 def build_skeleton(folder: str | Path, dtype: torch.dtype) -> nn.Module:
     """The model of `folder` (dense or carved) with every parameter on the meta device, eval mode."""
     config = model_config(folder)
@@ -91,12 +104,16 @@ class StreamedModel:
         self.dtype, self.device = dtype, torch.device(device)
         self.layers = adapters.decoder_layers(self.model)
         self._prefix = layers_prefix(self.model)
+        self._saved = saved_names(self.model)
         self._check_names()
 
     def _key(self, name: str) -> str:
-        """The checkpoint's name for model tensor `name` (tolerates a missing/extra base prefix)."""
+        """The checkpoint's name for model tensor `name` (tolerates a missing/extra base prefix, and
+        the names transformers saves some families under)."""
         if name in self.checkpoint:
             return name
+        if self._saved.get(name) in self.checkpoint:
+            return self._saved[name]
         base = getattr(self.model, "base_model_prefix", "")
         for alt in (name.removeprefix(base + "."), f"{base}.{name}"):
             if alt in self.checkpoint:
