@@ -23,7 +23,7 @@ def register(sub) -> None:
         "token. Every check that can fail (paths, config.json, the configuration against the model, --export, "
         "the output folder) runs before the model loads.",
     )  # fmt: skip
-    p.add_argument("model", help="a local model folder or a hub id")
+    p.add_argument("model", help="a local model folder, a GGUF file (dequantised as it loads) or a hub id")
     p.add_argument("--config", default=None,
                    help="S<shared>A<active>E<experts>, e.g. S2A2E8 (default: --expert-size "
                    f"{DEFAULT_EXPERT_SIZE} --active {DEFAULT_ACTIVE}: single-neuron experts, a quarter of the FFN per token)")  # fmt: skip

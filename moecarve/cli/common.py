@@ -150,13 +150,33 @@ def add_seed_arg(p: argparse.ArgumentParser) -> None:
 
 def check_load_args(args, refs) -> None:
     """Refuse add_model_args' options that would be ignored: --revision when no model is a hub
-    model, --device-map together with a --device."""
+    model, --device-map together with a --device; and what a GGUF file cannot do (check_gguf_args)."""
     from ..errors import UsageError
 
     if args.revision is not None and all(r.path is not None for r in refs):
         raise UsageError(f"--revision picks a version of a hub model; {refs[0].name!r} is a local folder (drop --revision)")
     if args.device_map is not None and args.device != "auto":
         raise UsageError("--device-map places the model itself; drop --device (or --device-map)")
+    check_gguf_args(args, refs)
+
+
+def check_gguf_args(args, refs) -> None:
+    """Refuse, for a GGUF file, the options that read safetensors one layer at a time (a streamed
+    carve, --layerwise) or place a model as it loads (--device-map): transformers dequantises a GGUF
+    file whole, in memory."""
+    from ..errors import UsageError
+    from ..io.loading import gguf_refusal
+
+    for ref in refs:
+        if ref.gguf is None:
+            continue
+        if args.device_map is not None:
+            raise UsageError(gguf_refusal(ref.name, "--device-map places a model as it loads", "use --device"))
+        if hasattr(args, "offload") and (args.offload == "disk" or args.resume):
+            raise UsageError(gguf_refusal(ref.name, "a streamed carve (--offload disk, --resume) reads safetensors one layer "
+                                          "at a time", "drop --offload disk, or carve a folder saved from it"))  # fmt: skip
+        if getattr(args, "layerwise", False):
+            raise UsageError(gguf_refusal(ref.name, "--layerwise reads safetensors one layer at a time", "drop --layerwise"))
 
 
 def load_kwargs(args) -> dict:

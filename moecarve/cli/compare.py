@@ -23,7 +23,7 @@ def register(sub) -> None:
         f"before the first is measured. --out gets the table as {JSON_FILE} and a quality-vs-active-parameters "
         f"plot as {PLOT_FILE}.",
     )  # fmt: skip
-    p.add_argument("models", nargs="+", metavar="MODEL", help="the dense model first, then carved folders")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="the dense model (a folder, a GGUF file or a hub id) first, then carved folders")
     add_ppl_args(p, chars=None, seqlen=2048, what="perplexity text: wikitext2, c4, a .txt file or a save_to_disk folder")
     alias(p, "--seqlen", dest="ppl_seqlen", type=at_least(2))
     p.add_argument("--batch-size", type=at_least(1), default=4, help="windows / harness requests per forward pass")

@@ -21,7 +21,7 @@ def register(sub) -> None:
         "result saves in the source architecture where its config can hold the condensed layers as dense layers, "
         "else in moecarve's format.",
     )  # fmt: skip
-    p.add_argument("model", help="a carved moecarve folder, a local MoE model folder or a hub id")
+    p.add_argument("model", help="a carved moecarve folder, a local MoE model folder or GGUF file, or a hub id")
     p.add_argument("--layers", type=at_least(1), required=True, help="L: MoE layers to condense")
     p.add_argument("--experts", type=at_least(0), default=0, help="R: routed experts kept always-on per condensed layer")
     p.add_argument("--beam", type=at_least(1), default=1, help="beam size of the greedy layer search")

@@ -19,7 +19,7 @@ def register(sub) -> None:
         "windows of --ppl-seqlen tokens, exp of the mean NLL over every predicted token. wikitext2 and c4 are "
         "read from the local datasets cache only (never downloaded). Tasks run through lm_eval on the in-memory model.",
     )  # fmt: skip
-    p.add_argument("model", help="a local model folder (dense or carved) or a hub id")
+    p.add_argument("model", help="a local model folder (dense or carved), a GGUF file or a hub id")
     add_ppl_args(p, chars=None, seqlen=2048, what="perplexity text: wikitext2, c4, a .txt file or a save_to_disk folder")
     alias(p, "--seqlen", dest="ppl_seqlen", type=at_least(2))
     p.add_argument("--batch-size", type=at_least(1), default=4, help="windows / harness requests per forward pass")

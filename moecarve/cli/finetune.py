@@ -24,7 +24,7 @@ def register(sub) -> None:
         "bias updated by +-gamma from each batch's expert counts (CMoE). Base weights stay frozen; the "
         "adapters are merged on save, so OUT is an ordinary carved folder.",
     )  # fmt: skip
-    p.add_argument("model", help="a carved folder (or a dense model folder)")
+    p.add_argument("model", help="a carved folder (or a dense model folder or GGUF file)")
     add_output_args(p)
     add_calib_args(p, samples=2048, seqlen=2048, what="training", required=True)
     alias(p, "--data", dest="calib")

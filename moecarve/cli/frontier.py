@@ -37,7 +37,7 @@ def register(sub) -> None:
         f"--out gets {JSON_FILE} (rewritten after every point: an interrupted sweep keeps its finished points and "
         "continues with --resume), frontier.md and frontier.png. Every check that can fail runs before the model loads.",
     )  # fmt: skip
-    p.add_argument("model", help="a dense local model folder or a hub id")
+    p.add_argument("model", help="a dense local model folder, a GGUF file or a hub id")
     p.add_argument("--configs", required=True, metavar="LIST",
                    help="comma-separated S<shared>A<active>E<experts> configurations, e.g. S2A0E8,S1A1E8,S2A2E8")  # fmt: skip
     p.add_argument("--methods", default="default,cmoe", metavar="LIST",

@@ -1,6 +1,7 @@
-"""Load any model moecarve works on (a dense HF model or a carved folder), with its tokenizer, and
-check it before loading: what can be known from the path, config.json and the weight files'
-headers is checked first, so a bad model fails in a second with one line, not after minutes.
+"""Load any model moecarve works on (a dense HF model, a carved folder or a GGUF file), with its
+tokenizer, and check it before loading: what can be known from the path, config.json and the weight
+files' headers (a GGUF file's header: moecarve.io.gguf) is checked first, so a bad model fails in a
+second with one line, not after minutes.
 
 torch and transformers are imported inside the functions: the CLI imports this module to build
 its parser, and `moecarve --help` must not pay for them.
@@ -17,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import MoecarveError, UsageError
+from .gguf import GGUFInfo, check_gguf, is_gguf
 
 # --dtype names -> torch attribute names
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -107,16 +109,18 @@ def is_carved(path: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model checked before loading: its name as given, the local folder (None for a hub id),
-    its parsed config.json and the folder holding it (for a hub id, its snapshot in the local
-    cache: configs and skeletons are built from it without the network), and whether the
-    weights must come from the local cache only."""
+    """A model checked before loading: its name as given, the local folder or GGUF file (None for
+    a hub id), its parsed config.json and the folder holding it (for a hub id, its snapshot in the
+    local cache; for a GGUF file, a private folder holding the config its header implies: configs
+    and skeletons are built from it without the network or the weights), whether the weights must
+    come from the local cache only, and what a GGUF file's header says (None for folders)."""
 
     name: str
     path: Path | None
     config: dict
     config_dir: Path
     offline: bool = False
+    gguf: GGUFInfo | None = None
 
     @property
     def carved(self) -> bool:
@@ -216,10 +220,12 @@ def check_model(name: str | os.PathLike, revision: str | None = None, files: boo
     """Everything that can be checked before loading a model, from its path and files alone.
 
     A local folder must hold a parseable config.json with a model_type and (files=True, see
-    check_files) complete weights and tokenizer files. A hub id ("org/model") is resolved to its
-    config.json (the cache when the Hub is off or unreachable). Raises ModelNotFound /
-    DamagedFile / TruncatedFile with one line naming the problem. files=False lets a command
-    check what config.json alone decides (the architecture) first, then call check_files.
+    check_files) complete weights and tokenizer files. A GGUF file must have a complete header of
+    tensor types, architecture and tokenizer that can be read (moecarve.io.gguf.check_gguf). A hub
+    id ("org/model") is resolved to its config.json (the cache when the Hub is off or unreachable).
+    Raises ModelNotFound / DamagedFile / TruncatedFile / GGUFError with one line naming the problem.
+    files=False lets a command check what config.json alone decides (the architecture) first, then
+    call check_files.
     """
     from .save import ModelNotFound
 
@@ -229,9 +235,15 @@ def check_model(name: str | os.PathLike, revision: str | None = None, files: boo
         return ModelRef(name, None, read_json(file, "the hub model's config"), file.parent, offline)
     path = Path(name).expanduser()
     if not path.exists():
-        raise ModelNotFound(f"model folder {name!r} does not exist")
+        raise ModelNotFound(f"{'GGUF file' if is_gguf(path) else 'model folder'} {name!r} does not exist")
     if not path.is_dir():
-        raise ModelNotFound(f"{name!r} is a file, not a model folder")
+        if not is_gguf(path):
+            raise ModelNotFound(f"{name!r} is a file, not a model folder (nor a GGUF file)")
+        info = check_gguf(path)
+        ref = ModelRef(name, path, info.config, info.config_dir, gguf=info)
+        if files:
+            check_files(ref, tokenizer)
+        return ref
     if not (path / "config.json").is_file():
         what = "an empty folder" if not any(path.iterdir()) else "not a model folder"
         raise ModelNotFound(f"{name!r} is {what} (no config.json); pass a folder saved by save_pretrained or moecarve")
@@ -250,6 +262,11 @@ def check_files(ref: ModelRef, tokenizer: bool = True) -> None:
 
     if ref.path is None:  # a hub model: its files come with from_pretrained
         return
+    if ref.gguf is not None:  # its weights were checked with its header
+        if tokenizer and not ref.gguf.has_tokenizer:
+            raise ModelNotFound(f"{ref.name!r} holds no tokenizer (its header has no tokenizer.ggml.model / tokens); "
+                                "use a GGUF file that carries one")  # fmt: skip
+        return
     check_weights(ref.path)
     if tokenizer and not any((ref.path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelNotFound(f"{ref.name!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); "
@@ -262,23 +279,31 @@ def _first_line(e: BaseException) -> str:
 
 def load_any(name_or_ref, dtype="auto", device="auto", kernels: str | None = None, *, revision: str | None = None,
              trust_remote_code: bool = False, device_map=None):  # fmt: skip
-    """(model, tokenizer) for a local folder (dense or carved) or a hub id (needs the network or the cache).
+    """(model, tokenizer) for a local folder (dense or carved), a GGUF file (dequantised to `dtype`,
+    an ordinary model that saves like one loaded from a folder) or a hub id (needs the network or
+    the cache).
 
     name_or_ref: a name, or the ModelRef check_model returned (then it is not checked twice).
     kernels: fast paths for a carved folder's MoE layers (see moecarve.load); ignored for dense models.
     revision / trust_remote_code: as for from_pretrained. device_map: an accelerate device map
-    ("auto", ...); the model is then placed by it instead of moved to `device`.
+    ("auto", ...); the model is then placed by it instead of moved to `device` (not for GGUF files).
     """
     import pickle
 
     from transformers import AutoModelForCausalLM
 
+    from .gguf import load_gguf, load_gguf_tokenizer
     from .save import ModelNotFound, load, load_tokenizer
 
     ref = name_or_ref if isinstance(name_or_ref, ModelRef) else check_model(name_or_ref, revision)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_kernels(kernels, dev)
+    if ref.gguf is not None:
+        if device_map is not None:
+            raise UsageError(gguf_refusal(ref.name, "a device map places a model as it loads (--device-map)", "use --device"))
+        tokenizer = load_gguf_tokenizer(ref.path)
+        return load_gguf(ref.path, dt).to(dev).eval(), tokenizer
     opts = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": ref.offline}
     try:  # load_tokenizer: a carved folder's config is read without its remote code
         tokenizer = load_tokenizer(ref.source, **opts)
@@ -299,3 +324,8 @@ def load_any(name_or_ref, dtype="auto", device="auto", kernels: str | None = Non
     if device_map is None:
         model = model.to(dev)
     return model.eval(), tokenizer
+
+
+def gguf_refusal(name: str, what: str, instead: str) -> str:
+    """Why an option cannot apply to GGUF file `name` (transformers dequantises it whole, in memory)."""
+    return f"{what}; {name!r} is a GGUF file, which is dequantised whole in memory first: {instead}"
