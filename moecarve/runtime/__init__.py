@@ -13,6 +13,10 @@ Nothing in carving/, modules/ or kernels/ imports this package.
 """
 
 from .arch import UnsupportedModel
+from .generate import Engine, Request, RequestError, TextStream, generate
+from .load import Loaded, load_runtime
+from .sample import Sampler, SamplingParams
 from .step import Runtime, default_threads
 
-__all__ = ["Runtime", "UnsupportedModel", "default_threads"]
+__all__ = ["Engine", "Loaded", "Request", "RequestError", "Runtime", "Sampler", "SamplingParams", "TextStream",
+           "UnsupportedModel", "default_threads", "generate", "load_runtime"]

@@ -30,7 +30,7 @@ class Mat(Structure):
 
 
 class Norm(Structure):
-    _fields_ = [("w", c_void_p), ("b", c_void_p)]
+    _fields_ = [("w", c_void_p), ("b", c_void_p), ("eps", c_float)]
 
 
 class Dense(Structure):
@@ -52,6 +52,7 @@ class Layer(Structure):
     _fields_ = [
         ("in_norm", Norm), ("post_attn_norm", Norm), ("ffn_norm", Norm), ("post_ffn_norm", Norm),
         ("wqkv", Mat), ("bqkv", c_void_p), ("q_norm", c_void_p), ("k_norm", c_void_p), ("qk_norm_full", c_int32),
+        ("qk_norm_after_rope", c_int32), ("qk_eps", c_float), ("parallel", c_int32),
         ("wo", Mat), ("bo", c_void_p), ("window", c_int32), ("inv_freq", c_void_p), ("rope_scale", c_float),
         ("ffn_kind", c_int32), ("act", c_int32), ("gated", c_int32), ("dense", Dense), ("moe", Moe),
     ]  # fmt: skip
@@ -64,7 +65,7 @@ class Desc(Structure):
         ("norm_kind", c_int32), ("norm_eps", c_float),
         ("embed_scale", c_float), ("residual_scale", c_float), ("attn_scale", c_float), ("attn_softcap", c_float),
         ("final_softcap", c_float), ("logit_scale", c_float),
-        ("pos_offset", c_int32), ("kv_dtype", c_int32),
+        ("pos_offset", c_int32), ("rope_interleaved", c_int32), ("kv_dtype", c_int32),
         ("embed", Mat), ("pos_embed", Mat), ("final_norm", Norm), ("lm_head", Mat), ("lm_bias", c_void_p),
         ("layers", POINTER(Layer)),
     ]  # fmt: skip

@@ -64,11 +64,24 @@ def _mat_bytes(m: N.Mat, rows: float | None = None) -> int:
     return int((m.rows if rows is None else rows) * m.cols * per)
 
 
-def _norm(w: Weights, mod: nn.Module | None, offset: bool) -> N.Norm:
+def norm_eps(mod: nn.Module, default: float | None = None) -> float:
+    """A norm module's epsilon, whatever the family calls it (`default` where it keeps none)."""
+    for key in ("eps", "variance_epsilon", "epsilon"):
+        v = getattr(mod, key, None)
+        if isinstance(v, (int, float)):
+            return float(v)
+    if default is not None:
+        return default
+    raise UnsupportedModel(f"the decode runtime found no epsilon on {type(mod).__name__}")
+
+
+def _norm(w: Weights, mod: nn.Module | None, dec: Decoder, size: int) -> N.Norm:
+    """A norm's weight (ones for a norm without one, OLMo's; Gemma's (1 + w) folded in), bias, eps."""
     if mod is None:
-        return N.Norm(None, None)
-    weight = mod.weight.detach().float() + (1.0 if offset else 0.0)  # Gemma's x * (1 + w), folded
-    return N.Norm(w.f32(weight), w.f32(getattr(mod, "bias", None)))
+        return N.Norm(None, None, 0.0)
+    weight = getattr(mod, "weight", None)
+    weight = torch.ones(size) if weight is None else weight.detach().float() + (1.0 if dec.norm_offset else 0.0)
+    return N.Norm(w.f32(weight), w.f32(getattr(mod, "bias", None)), norm_eps(mod, dec.eps))
 
 
 def _linear(mod: nn.Module, conv1d: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -176,9 +189,9 @@ def _rotary(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def _rope(model: nn.Module, config, layer_type: str | None) -> tuple[torch.Tensor | None, float, str | None]:
+def _rope(decoder: nn.Module, config, layer_type: str | None) -> tuple[torch.Tensor | None, float, str | None]:
     """(inv_freq [rot/2], attention scaling, rope type) of a layer, or (None, 1, None) without RoPE."""
-    rot = _rotary(model)
+    rot = _rotary(decoder)
     if rot is None:
         return None, 1.0, None
     inv = getattr(rot, f"{layer_type}_inv_freq", None) if layer_type else None
@@ -214,8 +227,8 @@ def load_weights(model: nn.Module, precision: str = "bf16", max_ctx: int | None 
     """Pack `model` (a transformers causal LM, dense or carved, on CPU) for the runtime."""
     if precision not in PRECISIONS:
         raise UnsupportedModel(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
-    config = model.config
-    model_type = source_model_type(config.model_type)
+    model_type = source_model_type(model.config.model_type)
+    config = model.config.get_text_config()  # a multimodal model's language half (Gemma 3)
     dec: Decoder = decoder_for(model_type, config)
     w = Weights(N.Desc(), precision, model_type)
     D = w.desc
@@ -224,9 +237,10 @@ def load_weights(model: nn.Module, precision: str = "bf16", max_ctx: int | None 
     Hkv = getattr(config, "num_key_value_heads", None) or H
     hd = getattr(config, "head_dim", None) or d // H
     layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None) or 0
+    window = (getattr(config, "sliding_window", None) or 0) if getattr(config, "use_sliding_window", True) else 0
+    decoder = _get(model, dec.prefix)
 
-    embed = _get(model, dec.embed).weight.detach()
+    embed = _get(decoder, dec.embed).weight.detach()
     lm = model.get_output_embeddings()
     lm_w = lm.weight.detach()
     D.lm_head = w.mat(lm_w, N.PANEL)
@@ -234,9 +248,10 @@ def load_weights(model: nn.Module, precision: str = "bf16", max_ctx: int | None 
     tied = lm_w.data_ptr() == embed.data_ptr() and lm_w.shape == embed.shape
     D.embed = D.lm_head if tied else w.mat(embed, N.ROWS)
     if dec.pos_embed:
-        D.pos_embed = w.mat(_get(model, dec.pos_embed).weight.detach(), N.ROWS)
+        D.pos_embed = w.mat(_get(decoder, dec.pos_embed).weight.detach(), N.ROWS)
         D.pos_offset = dec.pos_offset
-    D.final_norm = _norm(w, _get(model, dec.final_norm), dec.norm_offset)
+    D.final_norm = _norm(w, _get(decoder, dec.final_norm), dec, d)
+    D.rope_interleaved = int(dec.rope_interleaved)
 
     scales = dec.scales(config)
     dt = embed.dtype  # the model rounds its embedding scale to its own dtype (Gemma)
@@ -246,7 +261,7 @@ def load_weights(model: nn.Module, precision: str = "bf16", max_ctx: int | None 
     D.attn_softcap, D.final_softcap = scales.get("attn_softcap", 0.0), scales.get("final_softcap", 0.0)
     D.logit_scale = scales.get("logit", 1.0)
     D.norm_kind = N.NORM_RMS if dec.norm == "rms" else N.NORM_LAYER
-    D.norm_eps = next((float(getattr(config, k)) for k in dec.eps_keys if getattr(config, k, None) is not None), 1e-6)
+    D.norm_eps = D.final_norm.eps
 
     arr = (N.Layer * len(layers))()
     w.keep.append(arr)
@@ -256,8 +271,9 @@ def load_weights(model: nn.Module, precision: str = "bf16", max_ctx: int | None 
         L = arr[i]
         a = _get(layer, dec.attn)
         pre_a, post_a, pre_f, post_f = (None if n is None else getattr(layer, n) for n in dec.norms)
-        L.in_norm, L.post_attn_norm = _norm(w, pre_a, dec.norm_offset), _norm(w, post_a, dec.norm_offset)
-        L.ffn_norm, L.post_ffn_norm = _norm(w, pre_f, dec.norm_offset), _norm(w, post_f, dec.norm_offset)
+        L.in_norm, L.post_attn_norm = _norm(w, pre_a, dec, d), _norm(w, post_a, dec, d)
+        L.ffn_norm, L.post_ffn_norm = _norm(w, pre_f, dec, d), _norm(w, post_f, dec, d)
+        L.parallel = int(dec.parallel(config))
         if dec.qkv:
             wqkv, bqkv = _linear(getattr(a, dec.qkv), dec.conv1d)
         else:
@@ -272,12 +288,13 @@ def load_weights(model: nn.Module, precision: str = "bf16", max_ctx: int | None 
         attn_bytes += _mat_bytes(L.wqkv) + _mat_bytes(L.wo)
         if dec.qk_norm:
             off = 1.0 if dec.norm_offset else 0.0
-            L.q_norm, L.k_norm = w.f32(a.q_norm.weight.detach().float() + off), w.f32(a.k_norm.weight.detach().float() + off)
-            L.qk_norm_full = int(dec.qk_norm == "full")
+            qn, kn = (getattr(a, n) for n in dec.qk_names)
+            L.q_norm, L.k_norm = w.f32(qn.weight.detach().float() + off), w.f32(kn.weight.detach().float() + off)
+            L.qk_norm_full, L.qk_norm_after_rope, L.qk_eps = int(dec.qk_norm == "full"), int(dec.qk_after_rope), norm_eps(qn)
         layer_type = layer_types[i] if layer_types else None
         L.window = (window if layer_type == "sliding_attention" else 0) if layer_types else window
-        inv, scale, kind = _rope(model, config, layer_type)
-        if inv is not None:
+        inv, scale, kind = _rope(decoder, config, layer_type)
+        if inv is not None and dec.rope_on(config, i, layer_type):
             L.inv_freq, L.rope_scale = w.f32(inv), scale
             D.rot = 2 * inv.numel()
             rope_kinds.add(kind)

@@ -22,19 +22,20 @@ static void feature_share(int d, int tid, int nth, int* k0, int* k1) {
 }
 
 /* out[t, own columns] -> x (+ bias) * residual_scale, or leave for residual_rows after a barrier */
-static void finish(rt_ctx* c, const rt_norm* post, const float* bias, int n0, int n1, int t0, int t1, int tid) {
+static void finish(rt_ctx* c, const rt_layer* L, const float* bias, int n0, int n1, int t0, int t1) {
   const rt_desc* D = &c->desc;
-  (void)tid;
+  const rt_norm* post = &L->post_ffn_norm;
+  float* xr = residual_of(c, L);
   for (int t = 0; t < c->T; t++) {
     float* y = c->tmp + (int64_t)t * c->dp;
     if (bias)
       for (int n = n0; n < n1; n++) y[n] += bias[n];
     if (!post->w)
-      for (int n = n0; n < n1; n++) c->x[(int64_t)t * D->d + n] += y[n] * D->residual_scale;
+      for (int n = n0; n < n1; n++) xr[(int64_t)t * D->d + n] += y[n] * D->residual_scale;
   }
   pool_barrier(c->pool);
   if (post->w) {
-    residual_rows(c, post, c->tmp, (int)c->dp, t0, t1);
+    residual_rows(c, xr, post, c->tmp, (int)c->dp, t0, t1);
     pool_barrier(c->pool);
   }
 }
@@ -93,7 +94,7 @@ static void dense_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, 
   pool_barrier(c->pool);
   panel_share(&F->out_w, tid, nth, &p0, &p1);
   panel_matmul(&F->out_w, p0, p1, &c->a_h, c->T, c->tmp, (int)c->dp);
-  finish(c, &L->post_ffn_norm, F->out_b, p0 * RT_PANEL_ROWS, RT_MIN(p1 * RT_PANEL_ROWS, c->desc.d), t0, t1, tid);
+  finish(c, L, F->out_b, p0 * RT_PANEL_ROWS, RT_MIN(p1 * RT_PANEL_ROWS, c->desc.d), t0, t1);
 }
 
 /* ------------------------------------------------------------------ routers */
@@ -305,7 +306,7 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
     float* y = c->tmp + (int64_t)t * c->dp + k0;
     for (int j = 0; j < m; j++) row_axpy(&M->out_proj, (int64_t)e * m + j, S->h[(int64_t)s * m + j], k0, k1, y);
   }
-  finish(c, &L->post_ffn_norm, M->out_bias, k0, k1, t0, t1, tid);
+  finish(c, L, M->out_bias, k0, k1, t0, t1);
 }
 
 void ffn_block(rt_ctx* c, const rt_layer* L, int tid, int nth) {

@@ -88,6 +88,7 @@ void act_convert(rt_act* a, int K, int dtype, int t0, int t1);
 /* Y[t, n] = W[n, :] . X[t, :] for panels [p0, p1) (outputs 16 p0 .. 16 p1) and tokens [0, T),
  * W in RT_PANEL layout; Y row stride ldy. */
 void panel_matmul(const rt_mat* W, int p0, int p1, const rt_act* X, int T, float* Y, int ldy);
+void panel_tile(int dtype, const void* W, int64_t ps, int Kp, const void* X, int ldx, float* Y, int ldy, int np, int nt);
 /* one row of a RT_ROWS matrix against token rows X[tokens[i]] -> out[i] (i < n) */
 void row_dots(const rt_mat* W, int64_t row, const rt_act* X, const int32_t* tokens, int n, float* out);
 /* y[0..k1-k0) += s * W[row, k0:k1] for a RT_ROWS matrix (k0, k1 multiples of 32 or k1 = cols) */
@@ -130,16 +131,25 @@ typedef struct {
   int64_t thr_len;
 } rt_moe_scratch;
 
+/* one unit of attention work: rows (token t0 + i, head h0 + j), i < nt, j < nh, of kv head g */
+#define RT_ATT_ROWS 6
+#define RT_MAX_HD 512
+typedef struct {
+  int32_t t0, nt, g, h0, nh;
+} rt_att_item;
+
 typedef struct rt_ctx {
   rt_desc desc;
   rt_pool* pool;
   int64_t dp, qkv_n, att_n, n_max, E_max, A_max, m_max, feats_max;  /* scratch widths (padded) */
-  /* KV cache: [L][slots][Hkv][max_ctx][hd], kv_dtype elements */
+  int64_t hdp, ctx_p;     /* head_dim padded to 32, max_ctx padded to 16 */
+  /* KV cache: [L][slots][Hkv] blocks of ctx_p positions x hdp, kv_dtype elements (attention.c) */
   void* k_cache;
   void* v_cache;
   rt_rope* ropes;         /* [n_layers]; cs shared between layers with the same frequencies */
   /* step buffers, [max_tokens] rows each */
   float* x;               /* [T, d] residual stream */
+  float* x_par;           /* [T, d] a parallel layer's sum (attention and FFN both read x) */
   float* tmp;             /* [T, dp] a block's output before the residual add */
   float* qkv;             /* [T, qkv_n] */
   rt_act a_in;            /* [T, dp] normed input of the block's first product */
@@ -147,7 +157,10 @@ typedef struct rt_ctx {
   rt_act a_h;             /* [T, n_max] FFN hidden activations, the input of the down product */
   float* hbuf;            /* [T, 2 * n_max] gate/up outputs before the activation */
   rt_moe_scratch moe;
-  float* att_scratch;     /* [threads][max_ctx] attention scores */
+  float* att_scratch;     /* [threads][att_scratch_len]: scores and queries of an attention item */
+  int64_t att_scratch_len;
+  rt_att_item* items;     /* [max_tokens * H] this step's attention items */
+  int n_items;
   /* the step being run */
   int T, n_out;
   const int32_t *tokens, *pos, *slot, *out_rows;
@@ -159,13 +172,16 @@ typedef struct rt_ctx {
 void* rt_alloc(size_t bytes);  /* 64-byte aligned, zeroed; NULL when out of memory */
 /* normalise token rows [t0, t1) of x into a->f (norm absent: a copy) and convert them for dtype */
 void norm_rows(const rt_ctx* c, const rt_norm* n, const float* x, int ldx, rt_act* a, int K, int dtype, int t0, int t1);
-/* x[t] += post(y[t]) * residual_scale for token rows [t0, t1) (post absent: y itself) */
-void residual_rows(rt_ctx* c, const rt_norm* post, const float* y, int ldy, int t0, int t1);
+/* xr[t] += post(y[t]) * residual_scale for token rows [t0, t1) (post absent: y itself) */
+void residual_rows(rt_ctx* c, float* xr, const rt_norm* post, const float* y, int ldy, int t0, int t1);
+/* where a block adds its output: x, or x_par in a parallel layer */
+static inline float* residual_of(rt_ctx* c, const rt_layer* L) { return L->parallel ? c->x_par : c->x; }
 /* the products' shares: panels [p0, p1) of thread tid, in whole panels */
 void panel_share(const rt_mat* W, int tid, int nth, int* p0, int* p1);
 
 /* attention.c */
 int rope_tables(rt_ctx* c);
+int attention_items(rt_ctx* c);
 void attention_block(rt_ctx* c, const rt_layer* L, int l, int tid, int nth);
 /* ffn.c */
 void ffn_block(rt_ctx* c, const rt_layer* L, int tid, int nth);

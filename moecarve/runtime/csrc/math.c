@@ -46,12 +46,11 @@ void layer_norm(const float* x, const float* w, const float* b, int n, float eps
 void softmax_inplace(float* v, int n) {
   float mx = -INFINITY;
   for (int i = 0; i < n; i++) mx = v[i] > mx ? v[i] : mx;
+#pragma omp simd
+  for (int i = 0; i < n; i++) v[i] = exp_fast(v[i] - mx);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int i = 0; i < n; i++) {
-    v[i] = exp_fast(v[i] - mx);
-    sum += v[i];
-  }
+  for (int i = 0; i < n; i++) sum += v[i];
   const float inv = 1.0f / sum;
 #pragma omp simd
   for (int i = 0; i < n; i++) v[i] *= inv;

@@ -208,6 +208,35 @@ void panel_matmul(const rt_mat* W, int p0, int p1, const rt_act* X, int T, float
   }
 }
 
+/* Y[t, 16 i + j] = W panel i row j . X[t] for np <= 4 panels starting at W (ps elements apart) and
+ * nt <= 6 rows of X (f32 rows, or bf16 rows for bf16 panels; ldx apart), K = Kp (a multiple of
+ * 32): the attention's q . k over panels of 16 cached keys. */
+void panel_tile(int dtype, const void* W, int64_t ps, int Kp, const void* X, int ldx, float* Y, int ldy, int np, int nt) {
+#ifdef RT_AVX512
+  if (dtype == RT_F32) {
+    DISPATCH_NP_NT(tile_f32, np, nt, (const float*)W, ps, Kp, (const float*)X, ldx, Y, ldy);
+    return;
+  }
+#ifdef RT_AVX512BF16
+  if (dtype == RT_BF16) {
+    DISPATCH_NP_NT(tile_bf16, np, nt, (const uint16_t*)W, ps, Kp, (const uint16_t*)X, ldx, Y, ldy);
+    return;
+  }
+#endif
+#endif
+  for (int t = 0; t < nt; t++)
+    for (int i = 0; i < np; i++)
+      for (int j = 0; j < RT_PANEL_ROWS; j++) {
+        float acc = 0.0f;
+        for (int k = 0; k < Kp; k++)
+          acc += dtype == RT_F32
+                     ? ((const float*)W)[i * ps + (int64_t)k * 16 + j] * ((const float*)X)[(int64_t)t * ldx + k]
+                     : bf16_to_f32(((const uint16_t*)W)[i * ps + (int64_t)(k / 2) * 32 + j * 2 + k % 2]) *
+                           bf16_to_f32(((const uint16_t*)X)[(int64_t)t * ldx + k]);
+        Y[(int64_t)t * ldy + i * 16 + j] = acc;
+      }
+}
+
 /* ------------------------------------------------------------------ rows */
 
 void row_dots(const rt_mat* W, int64_t row, const rt_act* X, const int32_t* tokens, int n, float* out) {

@@ -8,7 +8,8 @@
  *               f = ffn(ffn_norm(x)) ; x = x + post_ffn_norm(f) * residual_scale
  *   logits = softcap(lm_head(final_norm(x)) * logit_scale)
  * where any norm may be absent (OLMo-2 has no pre-norms, Gemma 2/3 have all four) and the FFN is
- * dense (gated or plain) or carved (shared neurons + routed experts picked by a router).
+ * dense (gated or plain) or carved (shared neurons + routed experts picked by a router). A
+ * parallel layer (Cohere) adds attn(in_norm(x)) and ffn(ffn_norm(x)) to the same x.
  *
  * Matrices [N, K] (N outputs, K inputs) are stored in one of three element types:
  *   RT_F32   float32
@@ -50,6 +51,7 @@ typedef struct {
 typedef struct {
   const float* w;       /* [d] (the (1 + w) of Gemma's norms already folded in) or NULL: no norm */
   const float* b;       /* [d] LayerNorm bias or NULL */
+  float eps;
 } rt_norm;
 
 /* A dense MLP: gated, in_w holds gate and up rows interleaved by panel (gate panel p, then up
@@ -100,6 +102,9 @@ typedef struct {
   const float* q_norm;   /* [hd] per-head RMSNorm of q and k (Qwen3, Gemma 3, OLMo-2 style) or NULL */
   const float* k_norm;
   int32_t qk_norm_full;  /* 1: q_norm/k_norm span all heads ([H*hd], [Hkv*hd]: OLMo-2) */
+  int32_t qk_norm_after_rope;  /* 1: the q/k norms follow RoPE (HunYuan) */
+  float qk_eps;
+  int32_t parallel;      /* 1: attention and FFN both read this layer's input (Cohere, GPT-J style) */
   rt_mat wo;             /* [d, H * hd] */
   const float* bo;
   int32_t window;        /* sliding window in positions (0: global) */
@@ -118,6 +123,7 @@ typedef struct {
   float norm_eps;
   float embed_scale, residual_scale, attn_scale, attn_softcap, final_softcap, logit_scale;
   int32_t pos_offset;    /* learned positions: row pos + pos_offset (OPT: 2) */
+  int32_t rope_interleaved;  /* RoPE rotates pairs (2i, 2i+1) (GPT-J / Cohere / GLM) instead of (i, i + rot/2) */
   int32_t kv_dtype;      /* RT_F32 or RT_BF16 */
   rt_mat embed;          /* [V, d] any layout (rows are gathered) */
   rt_mat pos_embed;      /* [P, d] or data NULL */

@@ -28,9 +28,9 @@ static void norm_row(const rt_desc* D, const rt_norm* n, const float* x, rt_act*
   if (!n->w)
     memcpy(f, x, (size_t)K * sizeof(float));
   else if (D->norm_kind == RT_NORM_RMS)
-    rms_norm(x, n->w, K, D->norm_eps, f);
+    rms_norm(x, n->w, K, n->eps, f);
   else
-    layer_norm(x, n->w, n->b, K, D->norm_eps, f);
+    layer_norm(x, n->w, n->b, K, n->eps, f);
   memset(f + K, 0, (size_t)(a->ld - K) * sizeof(float));
 }
 
@@ -39,16 +39,16 @@ void norm_rows(const rt_ctx* c, const rt_norm* n, const float* x, int ldx, rt_ac
   act_convert(a, K, dtype, t0, t1);
 }
 
-void residual_rows(rt_ctx* c, const rt_norm* post, const float* y, int ldy, int t0, int t1) {
+void residual_rows(rt_ctx* c, float* xr, const rt_norm* post, const float* y, int ldy, int t0, int t1) {
   const rt_desc* D = &c->desc;
   for (int t = t0; t < t1; t++) {
     float* yt = (float*)y + (int64_t)t * ldy;  /* this thread's rows: normalised in place */
-    float* xt = c->x + (int64_t)t * D->d;
+    float* xt = xr + (int64_t)t * D->d;
     if (post->w) {
       if (D->norm_kind == RT_NORM_RMS)
-        rms_norm(yt, post->w, D->d, D->norm_eps, yt);
+        rms_norm(yt, post->w, D->d, post->eps, yt);
       else
-        layer_norm(yt, post->w, post->b, D->d, D->norm_eps, yt);
+        layer_norm(yt, post->w, post->b, D->d, post->eps, yt);
     }
     for (int k = 0; k < D->d; k++) xt[k] += yt[k] * D->residual_scale;
   }
@@ -80,7 +80,7 @@ static void free_ctx(rt_ctx* c) {
     }
     free(c->ropes);
   }
-  free(c->x); free(c->tmp); free(c->qkv); free(c->hbuf); free(c->att_scratch);
+  free(c->x); free(c->x_par); free(c->tmp); free(c->qkv); free(c->hbuf); free(c->att_scratch); free(c->items);
   free_act(&c->a_in); free_act(&c->a_att); free_act(&c->a_h);
   rt_moe_scratch* S = &c->moe;
   free(S->scores); free(S->idx); free(S->w); free(S->start); free(S->slot); free(S->tok); free(S->h);
@@ -134,15 +134,20 @@ rt_ctx* rt_create(const rt_desc* desc, int n_threads) {
       c->feats_max = RT_MAX(c->feats_max, D->d + Ly->moe.probes);
     }
   }
-  const size_t kv = (size_t)(L * D->max_slots * D->Hkv) * D->max_ctx * D->hd * (D->kv_dtype == RT_F32 ? 4 : 2);
+  c->hdp = rt_pad(D->hd, RT_BLOCK);
+  c->ctx_p = rt_pad(D->max_ctx, RT_PANEL_ROWS);
+  const size_t kv = (size_t)(L * D->max_slots * D->Hkv) * c->ctx_p * c->hdp * (D->kv_dtype == RT_F32 ? 4 : 2);
   c->k_cache = rt_alloc(kv);
   c->v_cache = rt_alloc(kv);
   c->ropes = (rt_rope*)calloc((size_t)L, sizeof(rt_rope));
   c->x = (float*)rt_alloc((size_t)(T * D->d) * sizeof(float));
+  c->x_par = (float*)rt_alloc((size_t)(T * D->d) * sizeof(float));
   c->tmp = (float*)rt_alloc((size_t)(T * c->dp) * sizeof(float));
   c->qkv = (float*)rt_alloc((size_t)(T * c->qkv_n) * sizeof(float));
   c->hbuf = (float*)rt_alloc((size_t)(T * 2 * c->n_max) * sizeof(float));
-  c->att_scratch = (float*)rt_alloc((size_t)nth * D->max_ctx * sizeof(float));
+  c->att_scratch_len = RT_ATT_ROWS * (c->ctx_p + c->hdp);
+  c->att_scratch = (float*)rt_alloc((size_t)(nth * c->att_scratch_len) * sizeof(float));
+  c->items = (rt_att_item*)rt_alloc((size_t)(T * D->H) * sizeof(rt_att_item));
   rt_moe_scratch* S = &c->moe;
   S->scores = (float*)rt_alloc((size_t)(T * c->E_max) * sizeof(float));
   S->idx = (int32_t*)rt_alloc((size_t)(T * c->A_max) * sizeof(int32_t));
@@ -157,8 +162,8 @@ rt_ctx* rt_create(const rt_desc* desc, int n_threads) {
   S->feats = (float*)rt_alloc((size_t)(T * c->feats_max) * sizeof(float));
   S->thr_len = rt_pad(RT_MAX(2 * c->E_max, 2 * T) + 16, 16);
   S->thr = (float*)rt_alloc((size_t)(nth * S->thr_len) * sizeof(float));
-  if (!c->pool || !c->k_cache || !c->v_cache || !c->ropes || !c->x || !c->tmp || !c->qkv || !c->hbuf ||
-      !c->att_scratch || alloc_act(&c->a_in, T, c->dp) || alloc_act(&c->a_att, T, c->att_n) ||
+  if (!c->pool || !c->k_cache || !c->v_cache || !c->ropes || !c->x || !c->x_par || !c->tmp || !c->qkv || !c->hbuf ||
+      !c->att_scratch || !c->items || D->hd > RT_MAX_HD || alloc_act(&c->a_in, T, c->dp) || alloc_act(&c->a_att, T, c->att_n) ||
       alloc_act(&c->a_h, T, c->n_max) || !S->scores || !S->idx || !S->w || !S->start || !S->slot || !S->tok || !S->h ||
       !S->sq || !S->sqs || !S->sqsum || !S->feats || !S->thr || rope_tables(c)) {
     free_ctx(c);
@@ -182,10 +187,20 @@ static void step_job(void* arg, int tid, int nth) {
       for (int k = 0; k < D->d; k++) x[k] += pe[k];
     }
   }
+  if (tid == 0) attention_items(c);
   pool_barrier(c->pool);
   for (int l = 0; l < D->n_layers; l++) {
-    attention_block(c, &D->layers[l], l, tid, nth);
-    ffn_block(c, &D->layers[l], tid, nth);
+    const rt_layer* L = &D->layers[l];
+    if (L->parallel) {  /* both blocks add to x_par, a copy of x, and read x itself */
+      rt_share(c->T, tid, nth, &t0, &t1);
+      memcpy(c->x_par + t0 * D->d, c->x + t0 * D->d, (size_t)((t1 - t0) * D->d) * sizeof(float));
+    }
+    attention_block(c, L, l, tid, nth);
+    ffn_block(c, L, tid, nth);
+    if (L->parallel) {
+      memcpy(c->x + t0 * D->d, c->x_par + t0 * D->d, (size_t)((t1 - t0) * D->d) * sizeof(float));
+      pool_barrier(c->pool);
+    }
   }
   /* the final norm of the rows that want logits, then the lm_head */
   rt_share(c->n_out, tid, nth, &t0, &t1);

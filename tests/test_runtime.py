@@ -1,0 +1,246 @@
+"""The decode runtime (moecarve/runtime) against the transformers forward it replaces.
+
+Tolerances per precision, on logits of tiny random models (values ~0.5) and the reference model
+(values ~10): fp32 computes the same sums in another order (1e-4); bf16 rounds weights and the
+products' inputs to 8 bits of mantissa (a few percent of the logits' spread); int8 quantises
+weights and activations in blocks of 32 (about twice bf16's error).
+A carved layer picks its experts by a discontinuous rule (top-A of scores computed on the int8
+token), so two computations of the same carve that differ by rounding can pick a different
+neuron near the cut: carved models are compared exactly on tiny models and by agreement rates
+on the real one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moecarve import CarveConfig, carve
+from moecarve.runtime import Engine, Runtime, UnsupportedModel, generate
+from moecarve.runtime.generate import RequestError, logits_of
+from moecarve.runtime.pack import dequantize_blocks, pack_panels, pack_rows, quantize_blocks
+from moecarve.runtime.native import BF16, F32, I8
+from moecarve.runtime.step import RuntimeError_
+
+from .conftest import REFERENCE_LM, TINY, random_windows, tiny_model
+
+TOL = {"fp32": 1e-4, "bf16": 0.08, "int8": 0.15}  # max |logit error| / max |logit|
+PROMPT = [3, 17, 45, 9, 88, 120, 5, 64, 33, 71, 2, 99, 14, 6, 50, 101]
+
+
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ------------------------------------------------------------------ packing (pure tensor functions)
+
+
+def test_int8_blocks_round_trip_within_half_a_step():
+    w = torch.randn(40, 96) * torch.logspace(-2, 1, 96)  # blocks of very different scales
+    w[3, :32] = 0.0  # an all-zero block quantises to zero, not NaN
+    codes, scales = quantize_blocks(w)
+    back = dequantize_blocks(codes, scales)
+    step = scales.float().repeat_interleave(32, dim=1)
+    assert codes.dtype == torch.uint8 and scales.dtype == torch.float16
+    assert ((back - w).abs() <= step / 2 + 1e-6 * w.abs()).all()
+    assert (back[3, :32] == 0).all()
+    assert int((codes.to(torch.int16) - 128).abs().max()) <= 127
+
+
+def test_panel_layouts_hold_every_element_once():
+    w = torch.arange(20 * 40, dtype=torch.float32).view(20, 40)  # pads to 32 x 64
+    data, _ = pack_panels(w, F32)
+    assert data.shape == (2, 64, 16)
+    assert data[1, 5, 3].item() == w[16 + 3, 5].item() and data[1, 50, 3].item() == 0.0  # padding
+    b, _ = pack_panels(w, BF16)
+    assert b.shape == (2, 32, 16, 2)
+    assert b.view(torch.bfloat16)[0, 7, 2, 1].float().item() == w[2, 15].bfloat16().float().item()
+    q, s = pack_panels(w, I8)
+    assert q.shape == (2, 16, 16, 4) and s.shape == (2, 2, 16)
+    rows, rs = pack_rows(w, I8)
+    assert torch.allclose(dequantize_blocks(rows, rs)[:, :40], w, rtol=0.01, atol=0.01 * w.abs().max())
+
+
+# ------------------------------------------------------------------ dense models of every family
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_families_match_transformers(family):
+    model = tiny_model(family)
+    ref = hf_logits(model, PROMPT)
+    for precision in ("fp32", "bf16", "int8"):
+        rt = Runtime(model, precision, threads=2, max_ctx=64)
+        got = logits_of(rt, PROMPT)
+        assert rel_err(got, ref) < TOL[precision], (family, precision, rel_err(got, ref))
+
+
+def test_sliding_window_layers_attend_to_their_window_only():
+    """Mistral with a window shorter than the prompt: beyond it the runtime must drop old keys."""
+    model = tiny_model("mistral")
+    model.config.sliding_window = 5
+    ids = PROMPT * 2
+    ref = hf_logits(model, ids)
+    got = logits_of(Runtime(model, "fp32", threads=1, max_ctx=64), ids)
+    assert rel_err(got, ref) < TOL["fp32"]
+    model.config.sliding_window = None  # the window changes the answer (the test is not vacuous)
+    assert rel_err(got, hf_logits(model, ids)) > 1e-3
+
+
+# ------------------------------------------------------------------ carved models
+
+
+@pytest.mark.parametrize(
+    "config,overrides",
+    [("S0A32E128", {}), ("S2A2E8", {}), ("S1A1E8", {"method": "cmoe"}),
+     ("S1A2E8", {"method": "cmoe", "router": "linear"}), ("S0A4E16", {"shadow_bits": 0, "probes_per_expert": 1}),
+     ("S0A32E128", {"selection": "threshold"})],
+)  # fmt: skip
+def test_carved_layers_match_their_reference_forward(config, overrides):
+    """Every router (shadow top-A and threshold, analytic, linear, probe) and shared experts."""
+    model = tiny_model("llama")
+    carve(model, CarveConfig.from_string(config, **overrides), random_windows(4, 32))
+    ref = hf_logits(model, PROMPT)
+    got = logits_of(Runtime(model, "fp32", threads=2, max_ctx=64), PROMPT)
+    assert rel_err(got, ref) < TOL["fp32"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3", "gemma2", "phi3"])
+def test_carved_families_match(family):
+    model = tiny_model(family)
+    carve(model, CarveConfig.from_string("S0A32E128"), random_windows(4, 32))
+    ref = hf_logits(model, PROMPT)
+    assert rel_err(logits_of(Runtime(model, "fp32", threads=1, max_ctx=64), PROMPT), ref) < TOL["fp32"]
+
+
+# ------------------------------------------------------------------ steps, threads, batches
+
+
+@pytest.fixture(scope="module")
+def carved_tiny():
+    model = tiny_model("llama")
+    carve(model, CarveConfig.from_string("S0A32E128"), random_windows(4, 32))
+    return model
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_decode_steps_after_a_prefill_equal_the_full_forward(carved_tiny, precision):
+    rt = Runtime(carved_tiny, precision, threads=2, max_ctx=64, max_tokens=5)  # prompt chunks of 5
+    full = logits_of(rt, PROMPT)
+    rt.prefill(PROMPT[:7])
+    for i in range(7, len(PROMPT)):
+        assert torch.equal(rt.step([PROMPT[i]], [i], [0], [0])[0], full[i])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_results_do_not_depend_on_the_thread_count(carved_tiny, precision):
+    outs = [logits_of(Runtime(carved_tiny, precision, threads=n, max_ctx=64), PROMPT) for n in (1, 2, 3)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_batched_rows_equal_the_same_sequences_alone(carved_tiny):
+    rt = Runtime(carved_tiny, "bf16", threads=2, max_ctx=64, max_slots=4, max_tokens=16)
+    prompts = [PROMPT[: 4 + 3 * i] for i in range(4)]
+    alone = [list(generate(rt, p, 10)) for p in prompts]
+    engine = Engine(rt)
+    reqs = [engine.submit(p, 10) for p in prompts[:2]]
+    engine.step()  # the others join a running batch
+    reqs += [engine.submit(p, 10) for p in prompts[2:]]
+    engine.run_until_idle()
+    assert [r.output for r in reqs] == alone
+    assert all(r.finish_reason == "length" for r in reqs) and sorted(engine.free_slots) == [0, 1, 2, 3]
+
+
+def test_a_cancelled_request_frees_its_slot(carved_tiny):
+    rt = Runtime(carved_tiny, "fp32", threads=1, max_ctx=64, max_slots=1)
+    engine = Engine(rt)
+    first = engine.submit(PROMPT, 40)
+    engine.step()
+    first.cancel()
+    second = engine.submit(PROMPT[:5], 3)
+    engine.run_until_idle()
+    assert first.finish_reason == "cancelled" and len(first.output) < 40
+    assert second.output == list(generate(rt, PROMPT[:5], 3))
+
+
+# ------------------------------------------------------------------ the reference model
+
+
+@pytest.fixture(scope="module")
+def reference():
+    if not REFERENCE_LM.exists():
+        pytest.skip("../shared/reference-lm is not available")
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(REFERENCE_LM, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def reference_ids(reference_tokenizer):
+    text = "The configuration file is read when the server starts. To change the port, edit the line"
+    return reference_tokenizer(text).input_ids
+
+
+def test_reference_model_greedy_tokens_are_identical_in_float32(reference, reference_ids):
+    ids = torch.tensor([reference_ids])
+    with torch.no_grad():
+        hf = reference.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=0)[0, len(reference_ids) :]
+    ours = list(generate(Runtime(reference, "fp32", threads=2, max_ctx=128), reference_ids, 32))
+    assert ours == hf.tolist()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reference_model_logits_within_tolerance(reference, reference_ids, precision):
+    ref = hf_logits(reference, reference_ids)
+    got = logits_of(Runtime(reference, precision, threads=2, max_ctx=128), reference_ids)
+    assert rel_err(got, ref) < TOL[precision]
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_carved_reference_model_agrees_with_its_reference_forward(reference, reference_ids):
+    """Single-neuron experts at 25% active: routing flips near the cut are allowed, but the
+    teacher-forced next-token choices agree and the logits stay close at almost every position."""
+    import copy
+
+    model = copy.deepcopy(reference)
+    carve(model, CarveConfig.from_granularity(1536, expert_size=1, active=0.25), random_windows(2, 64, vocab=8192))
+    ref = hf_logits(model, reference_ids)
+    got = logits_of(Runtime(model, "fp32", threads=2, max_ctx=128), reference_ids)
+    err = ((got - ref).abs().amax(-1) / ref.abs().amax(-1))
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert err.median() < 1e-3
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_bad_settings_are_refused(carved_tiny):
+    with pytest.raises(UnsupportedModel, match="unknown precision"):
+        Runtime(carved_tiny, "fp8")
+    with pytest.raises(RuntimeError_, match="threads must be at least 1"):
+        Runtime(carved_tiny, "fp32", threads=0)
+    with pytest.raises(UnsupportedModel, match="beyond this model"):
+        Runtime(carved_tiny, "fp32", max_ctx=10_000)
+    rt = Runtime(carved_tiny, "fp32", threads=1, max_ctx=16)
+    with pytest.raises(RuntimeError_, match="longer than the context"):
+        rt.prefill(list(range(3, 30)))
+    with pytest.raises(RuntimeError_, match="outside the vocabulary"):
+        rt.step([500], [0], [0], [0])
+    engine = Engine(rt)
+    with pytest.raises(RequestError, match="exceed the context"):
+        engine.submit(PROMPT[:10], 8)
+    with pytest.raises(RequestError, match="the context holds 16"):
+        engine.submit(PROMPT, 1)
+    with pytest.raises(RequestError, match="empty"):
+        engine.submit([], 8)
+
+
+def test_a_family_the_runtime_does_not_know_is_refused_with_its_name():
+    model = tiny_model("llama")
+    model.config.model_type = "mamba"
+    with pytest.raises(UnsupportedModel, match="model_type 'mamba'"):
+        Runtime(model, "fp32")
