@@ -15,7 +15,8 @@ Targets, on the --target model:
            against the runtime's prefill of the same prompt (Runtime.prefill, best of 3) and
            the Engine's time to first token for it
 
-The server runs in its own process, as in use; the runtime rows run here while it is down.
+The server runs in its own process, as in use; runtime and server are measured in turn, round
+after round (an idle runtime sleeps), and each figure is the median of the rounds.
 Prompts are slices of ../shared/corpus/test.txt. Timings on a shared machine are noisy: run twice.
 """
 
@@ -25,6 +26,7 @@ import argparse
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -34,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moecarve.eval.timing import cpu_name
 from moecarve.runtime import Engine, SamplingParams, load_runtime
 
 SHARED = ROOT.parent / "shared"
@@ -145,56 +148,66 @@ class Server:
             self.proc.kill()
 
 
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--new", type=int, default=128, help="tokens generated per request")
     ap.add_argument("--prompt-tokens", type=int, default=16, help="the short prompt of the per-model rows")
+    ap.add_argument("--rounds", type=int, default=3, help="runtime and server measured in turn, this many times")
     ap.add_argument("--models", default=None, help="NAME=PATH,... (default: reference dense, carved, SmolLM2)")
     ap.add_argument("--target", default=str(ROOT / "models" / "smollm2" / "hf"), help="the model of the target rows")
     args = ap.parse_args()
     models = [(n, Path(p)) for n, p in (m.split("=", 1) for m in args.models.split(","))] if args.models else DEFAULT_MODELS
     models = [(n, p) for n, p in models if p.exists()]
-    print(f"{os.uname().nodename}: {args.threads} threads, {args.precision}, {args.new} new tokens per request")
+    print(f"{cpu_name()}, load average {os.getloadavg()[0]:.1f}: {args.threads} threads, {args.precision}, "
+          f"{args.new} new tokens per request, medians of {args.rounds} interleaved rounds", flush=True)  # fmt: skip
     rows = []
     for name, path in models:
+        # both loaded at once (an idle runtime sleeps): rounds alternate, so both see the same load
         loaded = load_runtime(str(path), args.precision, args.threads, max_ctx=1024)
-        prompt = prompts(loaded.tokenizer, 1, args.prompt_tokens)[0]
-        runtime_single(loaded, prompt, 8)  # warm-up
-        ttft, tps = runtime_single(loaded, prompt, args.new)
-        rows.append([name, "runtime (generate, chat)", f"{ttft * 1000:.1f} ms", f"{tps:.1f}"])
-        del loaded
         server = Server(path, args.threads, 1024, 8, args.precision)
         try:
+            prompt = prompts(loaded.tokenizer, 1, args.prompt_tokens)[0]
+            runtime_single(loaded, prompt, 8)  # warm-up
             server.single(prompt, 8)
-            ttft, tps = server.single(prompt, args.new)
+            rt, sv = [], []
+            for _ in range(args.rounds):
+                rt.append(runtime_single(loaded, prompt, args.new))
+                sv.append(server.single(prompt, args.new))
         finally:
             server.close()
-        rows.append([name, "server, one streaming client", f"{ttft * 1000:.1f} ms", f"{tps:.1f}"])
-        print(" | ".join(rows[-2]), "\n" + " | ".join(rows[-1]), flush=True)
+        del loaded
+        for path_name, res in (("runtime (generate, chat)", rt), ("server, one streaming client", sv)):
+            rows.append([name, path_name, f"{median([r[0] for r in res]) * 1000:.1f} ms", f"{median([r[1] for r in res]):.1f}"])
+            print(" | ".join(rows[-1]), flush=True)
 
     target = Path(args.target)
     loaded = load_runtime(str(target), args.precision, args.threads, max_ctx=1024, max_slots=8)
-    batch = prompts(loaded.tokenizer, 8, args.prompt_tokens)
-    long = prompts(loaded.tokenizer, 1, 512)[0]
-    runtime_batch(loaded, batch, 8)  # warm-up
-    rt_batch = runtime_batch(loaded, batch, args.new)
-    rt_prefill = runtime_prefill(loaded, long)
-    rt_ttft, _ = runtime_single(loaded, long, 2)
-    del loaded
     server = Server(target, args.threads, 1024, 8, args.precision)
     try:
-        server.concurrent(batch, 8)  # warm-up
-        sv_batch = server.concurrent(batch, args.new)
-        server.single(long, 2)  # warm-up
-        samples = []
-        for _ in range(3):
+        batch = prompts(loaded.tokenizer, 8, args.prompt_tokens)
+        long = prompts(loaded.tokenizer, 1, 512)[0]
+        runtime_batch(loaded, batch, 8)  # warm-up
+        server.concurrent(batch, 8)
+        runtime_single(loaded, long, 2)
+        server.single(long, 2)
+        rt_batch, sv_batch, rt_prefill, rt_ttft, sv_ttft = [], [], [], [], []
+        for _ in range(args.rounds):
+            rt_batch.append(runtime_batch(loaded, batch, args.new))
+            sv_batch.append(server.concurrent(batch, args.new))
+            rt_prefill.append(runtime_prefill(loaded, long))
+            rt_ttft.append(runtime_single(loaded, long, 2)[0])
             sent, first, _, _ = server.stream(long, 2)
-            samples.append(first - sent)
-        sv_ttft = min(samples)
+            sv_ttft.append(first - sent)
     finally:
         server.close()
+    batch_ratio = median([s / r for s, r in zip(sv_batch, rt_batch)])
+    ttft_ratio = median([s / r for s, r in zip(sv_ttft, rt_prefill)])
 
     print()
     print("| model | path | time to first token | decode tok/s (one sequence) |")
@@ -202,13 +215,14 @@ def main() -> None:
     for r in rows:
         print("| " + " | ".join(r) + " |")
     print()
-    print(f"targets on {target.name} ({args.threads} threads, {args.precision}):")
+    print(f"targets on {target} ({args.threads} threads, {args.precision}; medians; ratios per round):")
     print("| measure | server | runtime alone | server / runtime |")
     print("|---|---:|---:|---:|")
-    print(f"| 8 concurrent streaming clients, {args.new} tokens each: total tok/s | {sv_batch:.1f} | {rt_batch:.1f} "
-          f"(Engine, batch 8) | {sv_batch / rt_batch:.2f} |")  # fmt: skip
-    print(f"| time to first token, 512-token prompt (best of 3) | {sv_ttft * 1000:.0f} ms | {rt_prefill * 1000:.0f} ms "
-          f"(prefill); {rt_ttft * 1000:.0f} ms (Engine TTFT) | {sv_ttft / rt_prefill:.2f} |")  # fmt: skip
+    print(f"| 8 concurrent streaming clients, {args.new} tokens each: total tok/s | {median(sv_batch):.1f} | "
+          f"{median(rt_batch):.1f} (Engine, batch 8) | {batch_ratio:.2f} |")  # fmt: skip
+    print(f"| time to first token, 512-token prompt | {median(sv_ttft) * 1000:.0f} ms | {median(rt_prefill) * 1000:.0f} ms "
+          f"(prefill); {median(rt_ttft) * 1000:.0f} ms (Engine TTFT) | {ttft_ratio:.2f} |")  # fmt: skip
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

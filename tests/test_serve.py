@@ -5,6 +5,7 @@ serving, disconnects that free their slot, and the `moecarve serve` command."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -59,6 +60,24 @@ class Live:
         return self.http.get("/health").json()
 
 
+@contextlib.contextmanager
+def running(app):
+    """uvicorn serving `app` in a thread on a free port; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def live():
     from moecarve.runtime import generate, load_runtime
@@ -70,17 +89,8 @@ def live():
     for p in [*PROMPTS, FALLBACK_CHAT]:  # alone, on the runtime itself, before the engine thread runs
         expected[p] = list(generate(loaded.runtime, tok(p)["input_ids"], N_NEW, stop_ids=loaded.eos_ids))
     app = create_app(loaded, max_body=MAX_BODY)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield Live(f"http://127.0.0.1:{port}", app.state.service, tok, expected)
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running(app) as base:
+        yield Live(base, app.state.service, tok, expected)
 
 
 def wait_idle(live: Live, timeout: float = 10.0) -> dict:
@@ -283,11 +293,37 @@ def test_a_disconnect_cancels_the_generation_and_frees_the_slot(live):
     assert h["running"] == 0 and h["free_slots"] == BATCH and h["cancelled"] == before + 1, h
     # a client that gives up on a whole answer: the same
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{live.base}/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(30, read=0.3))
+        httpx.post(f"{live.base}/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(30, read=0.15))
     h = wait_idle(live)
     assert h["running"] == 0 and h["free_slots"] == BATCH and h["cancelled"] == before + 2, h
     r = live.client.completions.create(model="reference-lm", prompt=PROMPTS[5], max_tokens=N_NEW, temperature=0)
     assert r.choices[0].text == live.text(PROMPTS[5])
+
+
+def test_a_failed_engine_step_is_an_error_not_a_hang():
+    from moecarve.runtime import load_runtime
+    from moecarve.serve.app import create_app
+
+    loaded = load_runtime(str(REFERENCE_LM), precision="fp32", threads=1, max_ctx=64, max_slots=2)
+    real, calls = loaded.runtime.step, [0]
+
+    def step(*args):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("a simulated fault")
+        return real(*args)
+
+    loaded.runtime.step = step
+    with running(create_app(loaded)) as base:
+        body = {"prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0}
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 500 and "Traceback" not in r.text
+        err = r.json()["error"]
+        assert err["type"] == "server_error" and "a simulated fault" in err["message"]
+        health = httpx.get(f"{base}/health", timeout=30)
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        again = httpx.post(f"{base}/v1/completions", json=body, timeout=30)  # refused at once, not left waiting
+        assert again.status_code == 503 and again.json()["error"]["code"] == "engine_stopped"
 
 
 # ---------------------------------------------------------------------- moecarve serve
