@@ -20,11 +20,14 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..io.atomic import check_writable
+    from ..io.gguf import is_gguf
     from ..io.loading import read_json
     from ..io.save import REPORT_FILE, ModelNotFound, load_report, read_config
 
     folder = Path(args.dir)
     if not (folder / "config.json").is_file():
+        if folder.is_file() and is_gguf(folder):
+            raise ModelNotFound(f"{args.dir} is a GGUF file, a dense model: carve it first (moecarve carve {args.dir} --out DIR)")
         raise ModelNotFound(f"{args.dir} is not a model folder (no config.json)")
     own = read_json(folder / "config.json", "the model's config")  # a damaged file: one line naming it
     if (folder / REPORT_FILE).is_file():

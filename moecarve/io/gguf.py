@@ -70,9 +70,11 @@ def is_gguf(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix.lower() == SUFFIX:
         return True
+    if not path.is_file():  # a folder, a missing path, a pipe: nothing to open
+        return False
     try:
         with open(path, "rb") as f:
-            return path.is_file() and f.read(len(MAGIC)) == MAGIC
+            return f.read(len(MAGIC)) == MAGIC
     except OSError:
         return False
 
