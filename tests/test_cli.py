@@ -179,7 +179,8 @@ print(sorted(m for m in ("torch", "transformers", "datasets", "peft") if m in sy
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["carve", "--help"], ["eval", "--help"], ["frontier", "--help"], ["--version"]])
+@pytest.mark.parametrize("argv", [["--help"], ["carve", "--help"], ["eval", "--help"], ["frontier", "--help"], ["--version"],
+                                  ["generate", "--help"], ["chat", "--help"], ["serve", "--help"], ["bench", "--help"]])
 def test_help_imports_no_torch(argv):
     """The CLI's own modules import torch and transformers only inside commands. (The package's
     __init__ still imports the whole API: it is bypassed here so that the CLI is measured alone.)"""

@@ -20,7 +20,7 @@ from .common import Parser
 from .progress import log_lines
 
 # subcommand modules, in the order `moecarve --help` lists them
-COMMANDS = ["carve", "inspect", "eval", "compare", "frontier", "finetune", "condense", "export", "generate", "chat", "serve"]
+COMMANDS = ["carve", "inspect", "eval", "compare", "frontier", "finetune", "condense", "export", "generate", "chat", "serve", "bench"]
 
 
 def version() -> str:

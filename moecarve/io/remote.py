@@ -18,6 +18,17 @@ from ..modules.hf import MODEL_FILE, carved_name
 # module files whose classes a carved folder may name; each imports only torch and transformers
 MODULE_SOURCES = [moe, condensed, hf]
 
+# the modeling file's last lines: with moecarve installed, its decode runtime serves generate() and
+# its kernels the carved layers' forward; without it the folder still loads and runs the reference
+FAST_PATHS_HOOK = """
+try:
+    from moecarve.runtime.hf import register as _moecarve_register
+except ImportError:  # moecarve is not installed: the reference code runs
+    pass
+else:
+    _moecarve_register(FAST_PATHS)
+"""
+
 
 def modeling_source(base_class: str) -> str:
     """modeling_moecarve.py for a model carved from transformers class `base_class`."""
@@ -34,6 +45,7 @@ def modeling_source(base_class: str) -> str:
         f"\nfrom transformers import {base_class}\n\n{lm} = carved_lm_class({base_class})\n"
         f"{carved_name(config_class)} = {lm}.config_class\n"
     )
+    parts.append(FAST_PATHS_HOOK)
     return "\n".join(parts)
 
 
@@ -46,5 +58,8 @@ def write_modeling_file(folder: Path, base_class: str) -> None:
 def carved_class(base_class: str) -> type:
     """moecarve's carved causal-LM class for transformers class `base_class` (e.g. "LlamaForCausalLM");
     its save_pretrained writes this module's assembled modeling file."""
+    from ..runtime.hf import register  # the decode runtime and kernels serve moecarve's own carved classes
+
+    register(hf.FAST_PATHS)
     base = getattr(transformers, base_class)
     return hf.carved_lm_class(base, functools.partial(modeling_source, base_class))

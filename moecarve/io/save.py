@@ -169,7 +169,8 @@ def load(
     ("auto", CPU and disk offload) work as for any transformers model.
     kernels: None / "none" runs the reference forward; "auto", "cpu", "triton" or "torch" binds
     the fast inference paths (`moecarve.use_kernels(model, kernels)`, moecarve.modules.fast):
-    same outputs to float rounding, faster decode on CPU and GPU.
+    same outputs to float rounding, faster decode on CPU and GPU. Either way `generate()` decodes
+    on moecarve's runtime where it can (moecarve.runtime.hf; `use_runtime=False` opts out).
     """
     if kernels not in (None, "none", *BACKENDS):
         raise ValueError(f"unknown kernels {kernels!r}; choose none, {', '.join(BACKENDS)}")

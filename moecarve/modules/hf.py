@@ -24,6 +24,16 @@ from pathlib import Path
 from .moe import install_modules
 
 MODEL_FILE = "modeling_moecarve.py"
+
+# Fast paths of the carved classes' generate(), filled where moecarve is installed
+# (moecarve.runtime.hf.register, called by moecarve's own loader and by the last lines of a carved
+# folder's modeling file):
+#   "generate"  (model, args, kwargs) -> output, or None where the call needs transformers' generate;
+#   "kernels"   model -> a context manager under which the carved layers' forward runs the fast kernels
+#               (transformers' generate then decodes with them).
+# Empty, the classes compute with the reference code (a folder used without moecarve). forward()
+# itself always runs the reference code unless moecarve.use_kernels binds the kernels.
+FAST_PATHS: dict[str, Callable] = {}
 MODEL_TYPE_PREFIX = "moecarve_"  # a carved model's model_type: "moecarve_" + its source's
 
 
@@ -90,6 +100,18 @@ def carved_lm_class(base: type, modeling_source: Callable[[], str] | None = None
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
             install_modules(self, config.moecarve["modules"])
+
+        def generate(self, *args, use_runtime: bool = True, **kwargs):
+            """transformers' generate, served by moecarve's decode runtime where it implements the
+            call, else decoding with moecarve's fast kernels; use_runtime=False: the reference code."""
+            if use_runtime and "generate" in FAST_PATHS:
+                out = FAST_PATHS["generate"](self, args, kwargs)
+                if out is not None:
+                    return out
+            if use_runtime and "kernels" in FAST_PATHS:
+                with FAST_PATHS["kernels"](self):
+                    return super().generate(*args, **kwargs)
+            return super().generate(*args, **kwargs)
 
         def save_pretrained(self, save_directory, *args, **kwargs):
             super().save_pretrained(save_directory, *args, **kwargs)

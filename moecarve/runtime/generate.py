@@ -223,50 +223,71 @@ class TextStream:
     """Token ids in, text out as it becomes final: a token is only shown once the text decoded so
     far no longer ends in an incomplete character, and with stop strings, text that could still
     grow into one is held back; `finished` tells whether a stop string was met (the text before
-    it is everything that is returned)."""
+    it is everything that is returned).
+
+    Decoding is incremental: each token decodes a short window (the tokens since the last final
+    text, with the one before as context, as tokenizers join pieces differently at the start of a
+    text), so a long generation costs O(1) per token, not O(length)."""
 
     def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = (), skip_special_tokens: bool = True):
         self.tok = tokenizer
         self.stop = [s for s in stop if s]
         self.skip = skip_special_tokens
         self.ids: list[int] = []
-        self.sent = 0  # characters already returned
+        self.text = ""  # the final text decoded so far
+        self.sent = 0  # characters of it already returned
         self.finished = False
+        self._prefix = 0  # ids[_prefix:_read] decode to context already in self.text
+        self._read = 0
 
-    def _text(self) -> str:
-        return self.tok.decode(self.ids, skip_special_tokens=self.skip)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip)
+
+    def _advance(self) -> None:
+        """Append to self.text what the tokens since the last read add, if it is complete."""
+        prefix = self._decode(self.ids[self._prefix : self._read])
+        full = self._decode(self.ids[self._prefix :])
+        if full.endswith("\ufffd") or len(full) < len(prefix):  # an incomplete UTF-8 sequence: wait
+            return
+        self.text += full[len(prefix) :]
+        self._prefix, self._read = self._read, len(self.ids)
+
+    def _release(self) -> str:
+        """The text that can be returned now: up to a stop string (then finished), or short of any
+        tail that may still grow into one."""
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.sent - len(s) + 1))
+            if at >= 0:
+                self.finished = True
+                out, self.sent = self.text[self.sent : at], at
+                return out
+        hold = 0  # the longest tail that is a proper prefix of a stop string
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text) - self.sent), 0, -1):
+                if self.text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        end = len(self.text) - hold
+        out = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
 
     def push(self, token_id: int) -> str:
         """The new text this token makes final ("" if none yet)."""
         if self.finished:
             return ""
         self.ids.append(token_id)
-        text = self._text()
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
-        for s in self.stop:
-            at = text.find(s, max(0, self.sent - len(s) + 1))
-            if at >= 0:
-                self.finished = True
-                out, self.sent = text[self.sent : at], at
-                return out
-        hold = 0  # the longest tail that is a proper prefix of a stop string
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text) - self.sent), 0, -1):
-                if text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        end = len(text) - hold
-        out = text[self.sent : end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return out
+        self._advance()
+        return self._release()
 
     def flush(self) -> str:
         """What is left at the end of the generation (held-back text that never became a stop)."""
         if self.finished:
             return ""
-        text = self._text()
-        out, self.sent = text[self.sent :], len(text)
+        prefix = self._decode(self.ids[self._prefix : self._read])
+        self.text += self._decode(self.ids[self._prefix :])[len(prefix) :]
+        self._prefix = self._read = len(self.ids)
+        out, self.sent = self.text[self.sent :], len(self.text)
         return out
 
 

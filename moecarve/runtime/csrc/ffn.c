@@ -184,6 +184,14 @@ static void select_token(const rt_moe* M, const float* s, float* v, int32_t* ids
     select_top(v, ids, n, A);
     n = A;
   }
+  /* the picks in ascending order (a bitmap over E, reusing v): the rows are then read in address
+   * order, which the memory system streams far better than a scattered order */
+  uint64_t* bits = (uint64_t*)v;
+  memset(bits, 0, (size_t)(E + 63) / 64 * sizeof(uint64_t));
+  for (int a = 0; a < n; a++) bits[ids[a] >> 6] |= 1ull << (ids[a] & 63);
+  int k = 0;
+  for (int word = 0; word < (E + 63) / 64; word++)
+    for (uint64_t b = bits[word]; b; b &= b - 1) ids[k++] = word * 64 + __builtin_ctzll(b);
   float psum = 0.0f;
   for (int a = 0; a < A; a++) {
     if (a >= n) {
@@ -220,11 +228,84 @@ static void sort_slots(rt_ctx* c, const rt_moe* M) {
   S->n_slots = S->start[E];
 }
 
-/* the weighted hidden activations of sorted slots [s0, s1): runs of one expert share its rows */
-static void routed_hidden(rt_ctx* c, const rt_layer* L, int s0, int s1, float* gbuf) {
+/* Below this many tokens a step computes each token's picked neurons in turn (decode: their rows
+ * are read once per token, from memory or cache); from it on, each picked neuron in turn for all
+ * the tokens that picked it (prefill: the rows stay in cache while the tokens stream). */
+#define EXPERT_MAJOR_T 16
+/* picked experts whose rows are requested ahead of their use */
+#define PREFETCH_AHEAD 8
+
+/* act(g + b) * (u + b) * w for n neurons, in g (gated), or act(g + b) * w */
+static void glu_weighted(float* g, const float* u, const float* gb, const float* ub, const float* w, int n, int gated, int act) {
+  for (int i = 0; i < n; i++) g[i] += gb ? gb[i] : 0.0f;
+  act_inplace(g, n, act);
+  for (int i = 0; i < n; i++) g[i] *= (gated ? u[i] + (ub ? ub[i] : 0.0f) : 1.0f) * w[i];
+}
+
+/* Token-major hidden activations of slot range [s0, s1) of the flat (token, slot) list, h[slot * m + j]:
+ * each token's picked neurons four at a time (eight rows: four gate, four up), in expert order. */
+static void hidden_token_major(rt_ctx* c, const rt_layer* L, int64_t s0, int64_t s1, float* scratch) {
   const rt_moe* M = &L->moe;
   rt_moe_scratch* S = &c->moe;
-  const int m = M->m, R = L->gated ? 2 * m : m, A = M->A;
+  const int m = M->m, A = M->A, R = L->gated ? 2 * m : m, gated = L->gated;
+  const int64_t Kp = rt_pad(M->in_proj.cols, RT_BLOCK);
+  float* spread = scratch;            /* [Kp / 4] */
+  float* corr = spread + Kp / 4;      /* [Kp / 32] */
+  int64_t rows[8], slots[4];
+  float out[8], gb[4], ub[4], wv[4];
+  int js[4];
+  int64_t cur_t = -1;
+  int n = 0;
+  for (int64_t s = s0; s <= s1; s++) {
+    const int t = s < s1 ? (int)(s / A) : -1;
+    if (n == 4 || (n > 0 && (s == s1 || t != cur_t))) {  /* flush the pending neurons of token cur_t */
+      if (gated) {
+        for (int i = 0; i < n; i++) rows[n + i] = rows[4 + i];  /* gate rows 0..n-1, then up rows */
+        rows_dot(&M->in_proj, rows, 2 * n, &c->a_in, cur_t, spread, corr, out);
+      } else {
+        rows_dot(&M->in_proj, rows, n, &c->a_in, cur_t, spread, corr, out);
+      }
+      glu_weighted(out, out + n, M->in_bias ? gb : NULL, M->in_bias ? ub : NULL, wv, n, gated, L->act);
+      for (int i = 0; i < n; i++) S->h[slots[i] * m + js[i]] = out[i];
+      n = 0;
+    }
+    if (s == s1) break;
+    const int e = S->idx[s];
+    if (e < 0) continue;
+    if (PREFETCH_AHEAD && s + PREFETCH_AHEAD < s1 && S->idx[s + PREFETCH_AHEAD] >= 0)
+      rows_prefetch(&M->in_proj, (int64_t)S->idx[s + PREFETCH_AHEAD] * R, R);
+    if (t != cur_t) {
+      cur_t = t;
+      if (M->in_proj.dtype == RT_I8) token_spread(&c->a_in, t, Kp, spread, corr);
+    }
+    for (int j = 0; j < m; j++) {
+      const int64_t gr = (int64_t)e * R + j;
+      rows[n] = gr;
+      rows[4 + n] = gr + m;
+      if (M->in_bias) gb[n] = M->in_bias[gr], ub[n] = gated ? M->in_bias[gr + m] : 0.0f;
+      wv[n] = S->w[s];
+      slots[n] = s;
+      js[n] = j;
+      if (++n == 4 && j + 1 < m) {  /* an expert of more than 4 neurons: flush inside it */
+        if (gated) {
+          rows_dot(&M->in_proj, rows, 8, &c->a_in, cur_t, spread, corr, out);
+        } else {
+          rows_dot(&M->in_proj, rows, 4, &c->a_in, cur_t, spread, corr, out);
+        }
+        glu_weighted(out, out + 4, M->in_bias ? gb : NULL, M->in_bias ? ub : NULL, wv, 4, gated, L->act);
+        for (int i = 0; i < 4; i++) S->h[slots[i] * m + js[i]] = out[i];
+        n = 0;
+      }
+    }
+  }
+}
+
+/* Expert-major hidden activations of sorted slots [s0, s1): a run of slots of one expert shares its
+ * rows, dotted with all the run's tokens at once. */
+static void hidden_expert_major(rt_ctx* c, const rt_layer* L, int s0, int s1, float* gbuf) {
+  const rt_moe* M = &L->moe;
+  rt_moe_scratch* S = &c->moe;
+  const int m = M->m, R = L->gated ? 2 * m : m;
   float* ubuf = gbuf + c->desc.max_tokens;
   int s = s0;
   while (s < s1) {
@@ -234,21 +315,47 @@ static void routed_hidden(rt_ctx* c, const rt_layer* L, int s0, int s1, float* g
     const int n = s_end - s;
     for (int j = 0; j < m; j++) {
       const int64_t gr = (int64_t)e * R + j;
-      row_dots(&M->in_proj, gr, &c->a_in, S->tok + s, n, gbuf);
-      if (M->in_bias)
-        for (int i = 0; i < n; i++) gbuf[i] += M->in_bias[gr];
-      act_inplace(gbuf, n, L->act);
-      if (L->gated) {
-        row_dots(&M->in_proj, gr + m, &c->a_in, S->tok + s, n, ubuf);
-        for (int i = 0; i < n; i++) gbuf[i] *= ubuf[i] + (M->in_bias ? M->in_bias[gr + m] : 0.0f);
-      }
+      if (L->gated)
+        rows2_dot_tokens(&M->in_proj, gr, gr + m, &c->a_in, S->tok + s, n, gbuf, ubuf);
+      else
+        rows2_dot_tokens(&M->in_proj, gr, gr, &c->a_in, S->tok + s, n, gbuf, ubuf);
       for (int i = 0; i < n; i++) {
+        float g = gbuf[i] + (M->in_bias ? M->in_bias[gr] : 0.0f);
+        act_inplace(&g, 1, L->act);
+        if (L->gated) g *= ubuf[i] + (M->in_bias ? M->in_bias[gr + m] : 0.0f);
         const int sl = S->slot[s + i];
-        S->h[(int64_t)(s + i) * m + j] = gbuf[i] * S->w[sl];
+        S->h[(int64_t)sl * m + j] = g * S->w[sl];
       }
     }
     s = s_end;
-    (void)A;
+  }
+}
+
+/* y[t, k0:k1] += h * down column for every picked neuron, each token's neurons four at a time */
+static void down_token_major(rt_ctx* c, const rt_moe* M, int k0, int k1) {
+  rt_moe_scratch* S = &c->moe;
+  const int m = M->m, A = M->A;
+  int64_t rows[4];
+  float hv[4];
+  for (int t = 0; t < c->T; t++) {
+    float* y = c->tmp + (int64_t)t * c->dp + k0;
+    int n = 0;
+    for (int a = 0; a < A; a++) {
+      const int64_t sl = (int64_t)t * A + a;
+      const int e = S->idx[sl];
+      if (e < 0) continue;
+      if (PREFETCH_AHEAD && a + PREFETCH_AHEAD < A && S->idx[sl + PREFETCH_AHEAD] >= 0)
+        rows_prefetch(&M->out_proj, (int64_t)S->idx[sl + PREFETCH_AHEAD] * m, m);
+      for (int j = 0; j < m; j++) {
+        rows[n] = (int64_t)e * m + j;
+        hv[n] = S->h[sl * m + j];
+        if (++n == 4) {
+          rows_axpy(&M->out_proj, rows, hv, 4, k0, k1, y);
+          n = 0;
+        }
+      }
+    }
+    if (n) rows_axpy(&M->out_proj, rows, hv, n, k0, k1, y);
   }
 }
 
@@ -256,6 +363,7 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
   const rt_moe* M = &L->moe;
   rt_moe_scratch* S = &c->moe;
   const int T = c->T, d = c->desc.d, A = M->A, m = M->m;
+  const int expert_major = T >= EXPERT_MAJOR_T;
   float* thr = S->thr + (int64_t)tid * S->thr_len;
   int64_t a, b;
 
@@ -276,18 +384,25 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
     select_token(M, S->scores + (int64_t)t * M->E, thr, (int32_t*)(thr + M->E), S->idx + (int64_t)t * A,
                  S->w + (int64_t)t * A);
   pool_barrier(c->pool);
-  if (tid == 0) sort_slots(c, M);
-  pool_barrier(c->pool);
+  if (expert_major) {
+    if (tid == 0) sort_slots(c, M);
+    pool_barrier(c->pool);
+  }
 
-  /* shared neurons' up product and the routed slots' hidden activations, in one phase */
+  /* shared neurons' up product and the routed neurons' hidden activations, in one phase */
   const rt_dense* Sh = &M->shared;
   int p0 = 0, p1 = 0;
   if (Sh->n > 0) {
     up_share(Sh, L->gated, tid, nth, &p0, &p1);
     dense_up(c, Sh, L->gated, L->act, p0, p1, T);
   }
-  rt_share(S->n_slots, tid, nth, &a, &b);
-  routed_hidden(c, L, (int)a, (int)b, thr);
+  if (expert_major) {
+    rt_share(S->n_slots, tid, nth, &a, &b);
+    hidden_expert_major(c, L, (int)a, (int)b, thr);
+  } else {
+    rt_share((int64_t)T * A, tid, nth, &a, &b);
+    hidden_token_major(c, L, a, b, thr);
+  }
   pool_barrier(c->pool);
 
   int k0, k1;
@@ -301,10 +416,14 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
   } else {
     for (int t = 0; t < T; t++) memset(c->tmp + (int64_t)t * c->dp + k0, 0, (size_t)(k1 - k0) * sizeof(float));
   }
-  for (int s = 0; s < S->n_slots; s++) {  /* y[t, k0:k1] += h * down column, slots in expert order */
-    const int e = S->idx[S->slot[s]], t = S->tok[s];
-    float* y = c->tmp + (int64_t)t * c->dp + k0;
-    for (int j = 0; j < m; j++) row_axpy(&M->out_proj, (int64_t)e * m + j, S->h[(int64_t)s * m + j], k0, k1, y);
+  if (expert_major) {
+    for (int s = 0; s < S->n_slots; s++) {  /* y[t, k0:k1] += h * down column, slots in expert order */
+      const int sl = S->slot[s], e = S->idx[sl], t = S->tok[s];
+      float* y = c->tmp + (int64_t)t * c->dp + k0;
+      for (int j = 0; j < m; j++) row_axpy(&M->out_proj, (int64_t)e * m + j, S->h[(int64_t)sl * m + j], k0, k1, y);
+    }
+  } else {
+    down_token_major(c, M, k0, k1);
   }
   finish(c, L, M->out_bias, k0, k1, t0, t1);
 }

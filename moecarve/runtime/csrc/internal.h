@@ -89,10 +89,16 @@ void act_convert(rt_act* a, int K, int dtype, int t0, int t1);
  * W in RT_PANEL layout; Y row stride ldy. */
 void panel_matmul(const rt_mat* W, int p0, int p1, const rt_act* X, int T, float* Y, int ldy);
 void panel_tile(int dtype, const void* W, int64_t ps, int Kp, const void* X, int ldx, float* Y, int ldy, int np, int nt);
-/* one row of a RT_ROWS matrix against token rows X[tokens[i]] -> out[i] (i < n) */
-void row_dots(const rt_mat* W, int64_t row, const rt_act* X, const int32_t* tokens, int n, float* out);
 /* y[0..k1-k0) += s * W[row, k0:k1] for a RT_ROWS matrix (k0, k1 multiples of 32 or k1 = cols) */
 void row_axpy(const rt_mat* W, int64_t row, float s, int k0, int k1, float* y);
+/* neurons.c: the picked neurons' rows (RT_ROWS) */
+void token_spread(const rt_act* X, int64_t t, int64_t Kp, float* spread, float* corr);
+void rows_prefetch(const rt_mat* W, int64_t row, int n);
+void rows_dot(const rt_mat* W, const int64_t* rows, int n, const rt_act* X, int64_t t, const float* spread,
+              const float* corr, float* out);
+void rows_axpy(const rt_mat* W, const int64_t* rows, const float* h, int n, int k0, int k1, float* y);
+void rows2_dot_tokens(const rt_mat* W, int64_t ra, int64_t rb, const rt_act* X, const int32_t* tokens, int n,
+                      float* oa, float* ob);
 /* row n of any matrix as float32 [cols] (embeddings: gathered, not multiplied) */
 void mat_row(const rt_mat* W, int64_t n, float* out);
 int64_t panels_of(const rt_mat* W);

@@ -239,64 +239,6 @@ void panel_tile(int dtype, const void* W, int64_t ps, int Kp, const void* X, int
 
 /* ------------------------------------------------------------------ rows */
 
-void row_dots(const rt_mat* W, int64_t row, const rt_act* X, const int32_t* tokens, int n, float* out) {
-  const int64_t Kp = kpad(W), nb = Kp / RT_BLOCK;
-  for (int i = 0; i < n; i++) {
-    const int64_t t = tokens ? tokens[i] : i;
-    float acc = 0.0f;
-    if (W->dtype == RT_F32) {
-      const float* w = (const float*)W->data + row * Kp;
-      const float* x = X->f + t * X->ld;
-#ifdef RT_AVX512
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      for (int64_t k = 0; k < Kp; k += 32) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-      }
-      acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#else
-      for (int64_t k = 0; k < Kp; k++) acc += w[k] * x[k];
-#endif
-    } else if (W->dtype == RT_BF16) {
-      const uint16_t* w = (const uint16_t*)W->data + row * Kp;
-      const uint16_t* x = X->b + t * X->ld;
-#ifdef RT_AVX512BF16
-      __m512 a0 = _mm512_setzero_ps();
-      for (int64_t k = 0; k < Kp; k += 32)
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
-      acc = _mm512_reduce_add_ps(a0);
-#else
-      for (int64_t k = 0; k < Kp; k++) acc += bf16_to_f32(w[k]) * bf16_to_f32(x[k]);
-#endif
-    } else {
-      const uint8_t* w = (const uint8_t*)W->data + row * Kp;
-      const uint16_t* ws = W->scales + row * nb;
-      const int8_t* x = X->q + t * X->ld;
-      const float* xs = X->s + t * nb;
-      const int32_t* xsum = X->sum + t * nb;
-      int64_t b = 0;
-#ifdef RT_VNNI
-      __m512 a0 = _mm512_setzero_ps();
-      float corr = 0.0f;
-      for (; b + 2 <= nb; b += 2) {  /* 64 bytes: two blocks, in the low and high 8 lanes */
-        const float s0 = f16_to_f32(ws[b]) * xs[b], s1 = f16_to_f32(ws[b + 1]) * xs[b + 1];
-        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(w + b * RT_BLOCK),
-                                              _mm512_loadu_si512(x + b * RT_BLOCK));
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0), _mm512_set1_ps(s1)), a0);
-        corr += s0 * (float)xsum[b] + s1 * (float)xsum[b + 1];
-      }
-      acc = _mm512_reduce_add_ps(a0) - 128.0f * corr;
-#endif
-      for (; b < nb; b++) {
-        int32_t dot = 0;
-        for (int k = 0; k < RT_BLOCK; k++) dot += ((int32_t)w[b * RT_BLOCK + k] - 128) * x[b * RT_BLOCK + k];
-        acc += (float)dot * f16_to_f32(ws[b]) * xs[b];
-      }
-    }
-    out[i] = acc;
-  }
-}
-
 void row_axpy(const rt_mat* W, int64_t row, float s, int k0, int k1, float* y) {
   const int64_t Kp = kpad(W);
   const int n = k1 - k0;

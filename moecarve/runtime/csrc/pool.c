@@ -1,13 +1,13 @@
-/* A fixed pool of threads that all run the same job (SPMD), with a spinning barrier between the
- * job's phases. A decode step has a few hundred phases (one or two per matrix product), so the
- * barrier must cost well under a microsecond: arrivals are counted on one atomic and waiters spin.
- * Between jobs the workers spin for a while (the next step follows within microseconds while
- * tokens stream), then sleep on a condition variable so an idle runtime costs no CPU. */
+/* A fixed pool of threads that all run the same job (SPMD), with a barrier between the job's
+ * phases. A decode step has a few hundred phases (one or two per matrix product), so a barrier
+ * must cost well under a microsecond when the threads arrive together: arrivals are counted on one
+ * atomic and waiters spin. A waiter that has spun for a while (a peer is late, or descheduled on
+ * a busy machine) sleeps on a futex instead, so an oversubscribed CPU is not burnt on spinning;
+ * between jobs the workers sleep the same way. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
-#include <time.h>
 
 #include "internal.h"
 
@@ -20,22 +20,40 @@
 #define cpu_relax() ((void)0)
 #endif
 
-/* how long an idle worker spins before it sleeps (the gap between two steps of a stream, when
- * Python samples the next token, is ~50-200 us) */
-#define IDLE_SPIN_NS 2000000L
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+/* sleep while *addr == value (returns at once when it no longer is) / wake every sleeper */
+static void futex_wait(_Atomic int* addr, int value) {
+  syscall(SYS_futex, (int*)addr, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+}
+static void futex_wake(_Atomic int* addr) { syscall(SYS_futex, (int*)addr, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0); }
+#else
+static void futex_wait(_Atomic int* addr, int value) {
+  (void)addr;
+  (void)value;
+  sched_yield();
+}
+static void futex_wake(_Atomic int* addr) { (void)addr; }
+#endif
+
+/* spins before sleeping: ~10-30 us of PAUSE, longer than a peer's usual lag within a step (a few
+ * us), far shorter than a scheduler slice a descheduled peer would cost a spinner */
+#define BARRIER_SPINS 4000
+/* between jobs: the next decode step follows in ~50-200 us while tokens stream */
+#define IDLE_SPINS 20000
 
 struct rt_pool {
   int n;
   pthread_t* threads;
   rt_job job;
   void* arg;
-  _Atomic long job_gen;
+  _Atomic int job_gen;
   _Atomic int stop;
   _Atomic int bar_count;
   _Atomic int bar_gen;
-  _Atomic int sleepers;
-  pthread_mutex_t mu;
-  pthread_cond_t cv;
+  _Atomic int sleepers;  /* threads asleep on bar_gen or job_gen */
 };
 
 typedef struct {
@@ -43,10 +61,22 @@ typedef struct {
   int tid;
 } worker_arg;
 
-static long now_ns(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec * 1000000000L + t.tv_nsec;
+/* wait until *gen != seen: spin `spins` times, then sleep on the futex */
+static void await_change(rt_pool* p, _Atomic int* gen, int seen, int spins) {
+  for (int i = 0; atomic_load(gen) == seen; i++) {
+    if (i < spins) {
+      cpu_relax();
+      continue;
+    }
+    atomic_fetch_add(&p->sleepers, 1);
+    if (atomic_load(gen) == seen) futex_wait(gen, seen);
+    atomic_fetch_sub(&p->sleepers, 1);
+  }
+}
+
+static void publish(rt_pool* p, _Atomic int* gen) {
+  atomic_fetch_add(gen, 1);
+  if (atomic_load(&p->sleepers) > 0) futex_wake(gen);
 }
 
 void pool_barrier(rt_pool* p) {
@@ -54,13 +84,9 @@ void pool_barrier(rt_pool* p) {
   const int gen = atomic_load(&p->bar_gen);
   if (atomic_fetch_add(&p->bar_count, 1) == p->n - 1) {
     atomic_store(&p->bar_count, 0);  /* reset before release: no thread can arrive early */
-    atomic_fetch_add(&p->bar_gen, 1);
+    publish(p, &p->bar_gen);
   } else {
-    unsigned spins = 0;
-    while (atomic_load(&p->bar_gen) == gen) {
-      cpu_relax();
-      if (++spins % 4096 == 0) sched_yield();  /* a descheduled peer: give it the core */
-    }
+    await_change(p, &p->bar_gen, gen, BARRIER_SPINS);
   }
 }
 
@@ -69,26 +95,11 @@ static void* worker(void* v) {
   rt_pool* p = wa->pool;
   const int tid = wa->tid;
   free(wa);
-  long seen = 0;
+  int seen = 0;
   for (;;) {
-    long gen = atomic_load(&p->job_gen);
-    if (gen == seen) {
-      const long t0 = now_ns();
-      unsigned spins = 0;
-      while ((gen = atomic_load(&p->job_gen)) == seen && !atomic_load(&p->stop)) {
-        cpu_relax();
-        if (++spins % 1024 == 0 && now_ns() - t0 > IDLE_SPIN_NS) {
-          pthread_mutex_lock(&p->mu);
-          atomic_fetch_add(&p->sleepers, 1);
-          while ((gen = atomic_load(&p->job_gen)) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
-          atomic_fetch_sub(&p->sleepers, 1);
-          pthread_mutex_unlock(&p->mu);
-          break;
-        }
-      }
-    }
+    await_change(p, &p->job_gen, seen, IDLE_SPINS);
+    seen = atomic_load(&p->job_gen);
     if (atomic_load(&p->stop)) return NULL;
-    seen = gen;
     p->job(p->arg, tid, p->n);
     pool_barrier(p);  /* the job's end: the caller returns once every worker got here */
   }
@@ -98,10 +109,11 @@ rt_pool* pool_create(int n_threads) {
   rt_pool* p = (rt_pool*)calloc(1, sizeof(rt_pool));
   if (!p) return NULL;
   p->n = n_threads < 1 ? 1 : n_threads;
-  pthread_mutex_init(&p->mu, NULL);
-  pthread_cond_init(&p->cv, NULL);
   p->threads = (pthread_t*)calloc((size_t)p->n, sizeof(pthread_t));
-  if (!p->threads) { free(p); return NULL; }
+  if (!p->threads) {
+    free(p);
+    return NULL;
+  }
   for (int i = 1; i < p->n; i++) {
     worker_arg* wa = (worker_arg*)malloc(sizeof(worker_arg));
     if (wa) {
@@ -122,12 +134,7 @@ int pool_size(const rt_pool* p) { return p->n; }
 void pool_run(rt_pool* p, rt_job job, void* arg) {
   p->job = job;
   p->arg = arg;
-  atomic_fetch_add(&p->job_gen, 1);
-  if (atomic_load(&p->sleepers) > 0) {
-    pthread_mutex_lock(&p->mu);
-    pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->mu);
-  }
+  publish(p, &p->job_gen);
   job(arg, 0, p->n);
   pool_barrier(p);
 }
@@ -135,12 +142,8 @@ void pool_run(rt_pool* p, rt_job job, void* arg) {
 void pool_free(rt_pool* p) {
   if (!p) return;
   atomic_store(&p->stop, 1);
-  pthread_mutex_lock(&p->mu);
-  pthread_cond_broadcast(&p->cv);
-  pthread_mutex_unlock(&p->mu);
+  publish(p, &p->job_gen);
   for (int i = 1; i < p->n; i++) pthread_join(p->threads[i], NULL);
-  pthread_mutex_destroy(&p->mu);
-  pthread_cond_destroy(&p->cv);
   free(p->threads);
   free(p);
 }

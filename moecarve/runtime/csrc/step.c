@@ -160,7 +160,7 @@ rt_ctx* rt_create(const rt_desc* desc, int n_threads) {
   S->sqs = (float*)rt_alloc((size_t)T * sizeof(float));
   S->sqsum = (int32_t*)rt_alloc((size_t)T * sizeof(int32_t));
   S->feats = (float*)rt_alloc((size_t)(T * c->feats_max) * sizeof(float));
-  S->thr_len = rt_pad(RT_MAX(2 * c->E_max, 2 * T) + 16, 16);
+  S->thr_len = rt_pad(RT_MAX(RT_MAX(2 * c->E_max, 2 * T), c->dp / 4 + c->dp / RT_BLOCK) + 16, 16);
   S->thr = (float*)rt_alloc((size_t)(nth * S->thr_len) * sizeof(float));
   if (!c->pool || !c->k_cache || !c->v_cache || !c->ropes || !c->x || !c->x_par || !c->tmp || !c->qkv || !c->hbuf ||
       !c->att_scratch || !c->items || D->hd > RT_MAX_HD || alloc_act(&c->a_in, T, c->dp) || alloc_act(&c->a_att, T, c->att_n) ||
