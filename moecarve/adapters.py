@@ -1,13 +1,17 @@
 """The one table of per-architecture knowledge.
 
 Where each family keeps its decoder layers and MLP, what its projections are called, how its
-activation is named in the config, and how a carved module is installed. Nothing else in
+activation is named in the config, and how a carved module is installed (`Adapter`); and how the
+rest of its decoder block departs from the canonical pre-norm block the decode runtime computes
+(`Decoder`: norms, q/k norms, RoPE pairing, multipliers, parallel blocks ...). Nothing else in
 moecarve names a model_type.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -19,6 +23,99 @@ from .modules.hf import source_model_type
 
 class UnsupportedArchitecture(MoecarveError, ValueError):
     """The model's architecture is not in the adapter table."""
+
+
+def _all(config, i: int, layer_type: str | None) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """How one family's decoder block maps onto the decode runtime's canonical one (runtime/csrc/rt.h).
+
+    prefix: path from the model to its decoder ("model", "model.language_model", ...): embed,
+    final_norm live under it; lm_head is the model's output embedding.
+    attn: path from a decoder layer to its attention module; q, k, v, o the projections inside it
+    (qkv instead where they are fused, q rows then k then v).
+    norms: the layer's (pre-attention, post-attention, pre-FFN, post-FFN) norm attributes, None
+    where the family has none (Llama: input_layernorm and post_attention_layernorm, which despite
+    its name normalises the FFN's input).
+    norm: "rms" or "layer"; norm_offset: the weight is applied as (1 + w) (Gemma); eps: for norm
+    modules that do not keep theirs.
+    qk_norm: "head" (per head), "full" (over all heads, OLMo-2) or None; qk_names its modules;
+    qk_after_rope: applied after RoPE (HunYuan).
+    parallel: config -> whether attention and FFN both read the layer's input (Cohere).
+    rope_interleaved: RoPE pairs (2i, 2i+1) instead of (i, i + rot/2).
+    rope_on: (config, layer, layer_type) -> whether that layer applies RoPE.
+    pos_embed / pos_offset: learned absolute positions (GPT-2, OPT: row pos + 2).
+    conv1d: weights stored [in, out] (GPT-2's Conv1D).
+    scales: config -> the multipliers that differ from 1 / the default: "embed", "residual",
+    "attn" (the attention score scale, default head_dim ** -0.5), "logit", "attn_softcap",
+    "final_softcap".
+    check: config -> why the runtime cannot run this model, or None.
+    """
+
+    prefix: str = "model"
+    embed: str = "embed_tokens"
+    final_norm: str = "norm"
+    attn: str = "self_attn"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    qkv: str | None = None
+    norms: tuple[str | None, str | None, str | None, str | None] = ("input_layernorm", None, "post_attention_layernorm", None)
+    norm: str = "rms"
+    norm_offset: bool = False
+    eps: float | None = None  # for norm modules that keep no epsilon (OLMo's is fixed at 1e-5)
+    qk_norm: str | None = None
+    qk_names: tuple[str, str] = ("q_norm", "k_norm")
+    qk_after_rope: bool = False
+    parallel: Callable[[object], bool] = field(default=lambda c: False)
+    rope_interleaved: bool = False
+    rope_on: Callable[[object, int, str | None], bool] = _all
+    pos_embed: str | None = None
+    pos_offset: int = 0
+    conv1d: bool = False
+    scales: Callable[[object], dict] = field(default=lambda c: {})
+    check: Callable[[object], str | None] = field(default=lambda c: None)
+
+
+def _gemma_scales(c) -> dict:
+    out = {"embed": math.sqrt(c.hidden_size)}
+    if getattr(c, "query_pre_attn_scalar", None):
+        out["attn"] = c.query_pre_attn_scalar**-0.5
+    if getattr(c, "attn_logit_softcapping", None):
+        out["attn_softcap"] = c.attn_logit_softcapping
+    if getattr(c, "final_logit_softcapping", None):
+        out["final_softcap"] = c.final_logit_softcapping
+    return out
+
+
+def _granite_scales(c) -> dict:
+    return {"embed": c.embedding_multiplier, "residual": c.residual_multiplier, "attn": c.attention_multiplier,
+            "logit": 1.0 / c.logits_scaling}  # fmt: skip
+
+
+def _opt_check(c) -> str | None:
+    if not getattr(c, "do_layer_norm_before", True):
+        return "OPT with do_layer_norm_before=False (post-norm, e.g. opt-350m)"
+    if getattr(c, "word_embed_proj_dim", c.hidden_size) != c.hidden_size:
+        return "OPT with project_in/project_out (word_embed_proj_dim != hidden_size)"
+    return None
+
+
+def _gpt2_check(c) -> str | None:
+    if getattr(c, "scale_attn_by_inverse_layer_idx", False):
+        return "GPT-2 with scale_attn_by_inverse_layer_idx"
+    if not getattr(c, "scale_attn_weights", True):
+        return "GPT-2 without scale_attn_weights"
+    return None
+
+
+def _sliding_only(c, i: int, layer_type: str | None) -> bool:
+    """Cohere 2 / EXAONE 4: RoPE on the sliding-window layers only (global layers use no positions)."""
+    return layer_type != "full_attention" or not getattr(c, "sliding_window", None)
 
 
 @dataclass(frozen=True)
@@ -35,6 +132,7 @@ class Adapter:
     conv1d: weights stored [in, out] (GPT-2's Conv1D) instead of nn.Linear's [out, in].
     extra_identity: attributes of the MLP's owner to replace with Identity when `mlp` is "" (the
           carved module takes fc1's place and computes the whole FFN).
+    decoder: the rest of the block, for the decode runtime.
     """
 
     kind: str
@@ -44,6 +142,7 @@ class Adapter:
     act_keys: tuple[str, ...] = ("hidden_act",)
     conv1d: bool = False
     extra_identity: tuple[str, ...] = ()
+    decoder: Decoder = Decoder()
 
 
 # Gated MLPs at model.layers[i].mlp: down(act(gate x) * up x). Whatever a family adds around the MLP
@@ -59,14 +158,55 @@ _GEMMA = Adapter(  # GeGLU, the activation named `hidden_activation` (older conf
 )
 _FUSED = Adapter(kind="fused", layers="model.layers", mlp="mlp", proj=("gate_up_proj", "down_proj"))
 
+_GEMMA_DECODER = Decoder(norm_offset=True, scales=_gemma_scales)
+_GEMMA2_DECODER = replace(
+    _GEMMA_DECODER,
+    norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+)
+_OLMO2_DECODER = Decoder(norms=(None, "post_attention_layernorm", None, "post_feedforward_layernorm"), qk_norm="full")
+_COHERE_DECODER = Decoder(
+    norms=("input_layernorm", None, "input_layernorm", None), norm="layer", parallel=lambda c: True,
+    rope_interleaved=True, scales=lambda c: {"logit": c.logit_scale},
+    check=lambda c: "Cohere with use_qk_norm (per-head norm weights)" if getattr(c, "use_qk_norm", False) else None,
+)  # fmt: skip
+
+
+def _like(base: Adapter, **decoder) -> Adapter:
+    return replace(base, decoder=Decoder(**decoder))
+
+
 ADAPTERS: dict[str, Adapter] = {
-    **dict.fromkeys(
-        ["llama", "mistral", "ministral", "ministral3", "qwen2", "qwen3", "smollm3", "granite", "olmo", "olmo2", "olmo3",
-         "cohere", "cohere2", "exaone4", "helium", "stablelm", "seed_oss", "hunyuan_v1_dense", "ernie4_5"],
-        _LLAMA_LIKE,
-    ),  # fmt: skip
-    **dict.fromkeys(["gemma", "gemma2", "gemma3_text", "vaultgemma"], _GEMMA),
-    **dict.fromkeys(["phi3", "glm", "glm4"], _FUSED),
+    **dict.fromkeys(["llama", "mistral", "ministral", "ministral3", "qwen2", "seed_oss"], _LLAMA_LIKE),
+    "qwen3": _like(_LLAMA_LIKE, qk_norm="head"),
+    "smollm3": _like(_LLAMA_LIKE, rope_on=lambda c, i, t: bool(c.no_rope_layers[i])),
+    "granite": _like(_LLAMA_LIKE, scales=_granite_scales),
+    "helium": _like(_LLAMA_LIKE, rope_interleaved=True),
+    "ernie4_5": _like(_LLAMA_LIKE, rope_interleaved=True),
+    "hunyuan_v1_dense": _like(_LLAMA_LIKE, qk_norm="head", qk_names=("query_layernorm", "key_layernorm"),
+                              qk_after_rope=True),
+    "olmo": _like(_LLAMA_LIKE, norm="layer", eps=1e-5,
+                  check=lambda c: "OLMo with clip_qkv" if getattr(c, "clip_qkv", None) else None),
+    "olmo2": replace(_LLAMA_LIKE, decoder=_OLMO2_DECODER),
+    "olmo3": replace(_LLAMA_LIKE, decoder=_OLMO2_DECODER),
+    "exaone4": replace(_LLAMA_LIKE, decoder=replace(_OLMO2_DECODER, qk_norm="head", rope_on=_sliding_only)),
+    "cohere": replace(_LLAMA_LIKE, decoder=_COHERE_DECODER),
+    "cohere2": replace(_LLAMA_LIKE, decoder=replace(
+        _COHERE_DECODER, rope_on=lambda c, i, t: t == "sliding_attention" and bool(c.sliding_window), check=lambda c: None)),
+    "stablelm": _like(
+        _LLAMA_LIKE, norms=("input_layernorm", None, "post_attention_layernorm", None), norm="layer",
+        parallel=lambda c: bool(getattr(c, "use_parallel_residual", False)),
+        check=lambda c: "StableLM with qk_layernorm (per-head norm weights)" if getattr(c, "qk_layernorm", False) else None,
+    ),
+    "gemma": replace(_GEMMA, decoder=_GEMMA_DECODER),
+    "gemma2": replace(_GEMMA, decoder=_GEMMA2_DECODER),
+    "gemma3_text": replace(_GEMMA, decoder=replace(_GEMMA2_DECODER, qk_norm="head")),
+    "vaultgemma": replace(_GEMMA, decoder=replace(_GEMMA_DECODER, norms=("input_layernorm", None, "pre_feedforward_layernorm", None))),
+    "phi3": _like(_FUSED, qkv="qkv_proj"),
+    "glm": _like(_FUSED, rope_interleaved=True),
+    "glm4": _like(
+        _FUSED, norms=("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
+        rope_interleaved=True,
+    ),
     # Gemma 3 with its vision tower (Gemma3ForConditionalGeneration): only the language model is carved
     "gemma3": Adapter(
         kind="gated",
@@ -74,6 +214,7 @@ ADAPTERS: dict[str, Adapter] = {
         mlp="mlp",
         proj=("gate_proj", "up_proj", "down_proj"),
         act_keys=("text_config.hidden_activation", "text_config.hidden_act"),
+        decoder=replace(_GEMMA2_DECODER, qk_norm="head", prefix="model.language_model"),
     ),
     "gpt2": Adapter(
         kind="plain",
@@ -82,6 +223,8 @@ ADAPTERS: dict[str, Adapter] = {
         proj=("c_fc", "c_proj"),
         act_keys=("activation_function",),
         conv1d=True,
+        decoder=Decoder(prefix="transformer", embed="wte", final_norm="ln_f", attn="attn", qkv="c_attn", o="c_proj",
+                        norms=("ln_1", None, "ln_2", None), norm="layer", pos_embed="wpe", conv1d=True, check=_gpt2_check),
     ),
     "opt": Adapter(
         kind="plain",
@@ -90,8 +233,11 @@ ADAPTERS: dict[str, Adapter] = {
         proj=("fc1", "fc2"),
         act_keys=("activation_function",),
         extra_identity=("activation_fn", "fc2"),
+        decoder=Decoder(prefix="model.decoder", final_norm="final_layer_norm", o="out_proj",
+                        norms=("self_attn_layer_norm", None, "final_layer_norm", None), norm="layer",
+                        pos_embed="embed_positions", pos_offset=2, check=_opt_check),
     ),
-}
+}  # fmt: skip
 
 
 def supported() -> list[str]:

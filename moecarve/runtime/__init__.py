@@ -5,7 +5,7 @@
     logits = rt.prefill(prompt_ids)            # [vocab] of the last prompt token
     logits = rt.step([tok], [pos], [0], [0])   # one decode step of sequence 0
 
-Layout (one idea per file): arch.py (each family's decoder, one table), pack.py (weight layouts),
+Layout (one idea per file): arch.py (a family's entry in moecarve.adapters, or a refusal), pack.py (weight layouts),
 weights.py (a model -> the packed description), native.py (the C library and its ctypes
 structures), step.py (Runtime: cache, threads, a step), sample.py, generate.py (token streams and
 the batch scheduler), csrc/ (the C: thread pool, matrix products, attention, FFN, the step).
