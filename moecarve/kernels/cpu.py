@@ -39,7 +39,7 @@ import struct
 import torch
 import torch.nn.functional as F
 
-from .tensors import MoETensors, route, router_logits
+from .tensors import MoETensors, route, router_logits, selection_threshold
 
 # Largest T taken by this path; above it the reference grouped-mm forward (compute bound, sparse
 # in work) is as fast or faster (Zen 4, reference-model shapes, float32; see bench/speed.py).
@@ -147,6 +147,18 @@ def native_ok(t: MoETensors) -> bool:
     return t.native
 
 
+def _route(x: torch.Tensor, t: MoETensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """tensors.route, with the shadow router scored and selected by the C kernel where it runs."""
+    from . import native
+
+    if t.router == "shadow" and t.shadow_codes is not None and t.act_name in native.ACTS and native.available():
+        scores = native.shadow_scores(x, t.shadow_codes, t.shadow_scale, t.shadow_bias, t.n_routed, t.expert_size,
+                                      t.gated, t.act_name)  # fmt: skip
+        weights, idx = native.select_experts(scores, t.router_bias, t.router_scale, t.top_k, selection_threshold(t))
+        return weights.to(x.dtype), idx.clamp_(min=0)  # "threshold": unused slots (weight 0) name expert 0
+    return route(x, t)
+
+
 def _native(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
     """The whole layer in C: each picked expert's rows read once, in place, for every token that
     picked it, whatever A and m are. The shadow router is scored and selected in the same call;
@@ -156,7 +168,7 @@ def _native(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
     if t.router == "shadow" and t.shadow_codes is not None:
         y = native.moe_layer_shadow(x, t)
     else:
-        weights, idx = route(x, t)  # [T, A]
+        weights, idx = _route(x, t)  # [T, A]
         y = native.moe_layer(x, t, idx, weights)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -193,7 +205,7 @@ def _decode(x: torch.Tensor, t: MoETensors, path: str) -> torch.Tensor:
         for e, w in zip(idx, ws):
             y = torch.addmm(y, _expert_hidden(x, t, e), t.out_proj[e].t(), alpha=w)  # y + w h W_e^T
         return y
-    weights, idx = route(x, t)  # [T, A], [T, A]
+    weights, idx = _route(x, t)  # [T, A], [T, A]
     counts = torch.bincount(idx.reshape(-1), minlength=t.n_routed).tolist()  # tokens per expert
     hit = [e for e, c in enumerate(counts) if c]
     lo, hi = hit[0], hit[-1] + 1

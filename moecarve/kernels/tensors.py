@@ -8,9 +8,9 @@ Shapes: T tokens, d hidden, E routed experts, m neurons per expert, n = N_s * m 
 A experts per token. Gated MLPs stack gate rows then up rows ([.., 2m, d]); plain MLPs keep [.., m, d].
 
 Routers: "analytic" and "linear" are implemented here (and fused in the Triton decode kernel);
-"shadow" is scored by the C kernel on CPU (kernels/native.c) when its packed codes are given;
-any other router (e.g. "fitted") is passed as `router_fn`, the module's own router, which `route`
-then calls: the expert computation is the same whatever chose the experts.
+any other router ("shadow", "fitted") is passed as `router_fn`, the module's own router, which
+`route` then calls (kernels.cpu scores "shadow" with the C kernel instead): the expert computation
+is the same whatever chose the experts. This module imports no kernel.
 """
 
 from __future__ import annotations
@@ -87,27 +87,14 @@ def selection_threshold(t: MoETensors) -> float | None:
     return None if t.shadow_threshold is None else float(t.shadow_threshold)
 
 
-def native_shadow(x: torch.Tensor, t: MoETensors) -> bool:
-    """Whether `route` scores this shadow router with the C kernel (CPU tensors, kernels built)."""
-    from . import native
-
-    return t.shadow_codes is not None and x.device.type == "cpu" and t.act_name in native.ACTS and native.available()
-
-
 def route(x: torch.Tensor, t: MoETensors) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, d] -> (combine weights [T, A] in x.dtype, expert indices [T, A] int64).
 
     Same maths as the module's routers: softmax in float32, top-A of probs + bias, analytic
     weight 1 + p * scale, linear weight p (renormalised over the top-A if asked) * (1 + scale).
-    The shadow router: its C scoring kernel on CPU; other routers: t.router_fn(x).
+    Other routers (the shadow and probe routers): t.router_fn(x), the module's own (kernels.cpu
+    scores the shadow router in C instead where it can).
     """
-    if t.router == "shadow" and native_shadow(x, t):
-        from .native import select_experts, shadow_scores
-
-        scores = shadow_scores(x, t.shadow_codes, t.shadow_scale, t.shadow_bias, t.n_routed, t.expert_size, t.gated,
-                               t.act_name)  # fmt: skip
-        weights, idx = select_experts(scores, t.router_bias, t.router_scale, t.top_k, selection_threshold(t))
-        return weights.to(x.dtype), idx.clamp_(min=0)  # "threshold": unused slots (weight 0) name expert 0
     if t.router_fn is not None:
         return t.router_fn(x)
     probs = router_logits(x, t).softmax(dim=-1)  # [T, E]
