@@ -18,7 +18,7 @@ import torch
 from moecarve import CarveConfig, carve
 from moecarve.runtime import Engine, Runtime, UnsupportedModel, generate
 from moecarve.runtime.generate import RequestError, logits_of
-from moecarve.runtime.pack import dequantize_blocks, pack_panels, pack_rows, quantize_blocks
+from moecarve.runtime.pack import dequantize_blocks, pack_panels, pack_rows, quantize_blocks, unpack_rows
 from moecarve.runtime.native import BF16, F32, I8
 from moecarve.runtime.step import RuntimeError_
 
@@ -62,8 +62,9 @@ def test_panel_layouts_hold_every_element_once():
     assert b.view(torch.bfloat16)[0, 7, 2, 1].float().item() == w[2, 15].bfloat16().float().item()
     q, s = pack_panels(w, I8)
     assert q.shape == (2, 16, 16, 4) and s.shape == (2, 2, 16)
-    rows, rs = pack_rows(w, I8)
-    assert torch.allclose(dequantize_blocks(rows, rs)[:, :40], w, rtol=0.01, atol=0.01 * w.abs().max())
+    rows, none = pack_rows(w, I8)
+    assert none is None and rows.shape == (20, 128)  # 64 codes + 2 float16 scales per row, padded to 64 bytes
+    assert torch.allclose(unpack_rows(rows, 40), w, rtol=0.01, atol=0.01 * w.abs().max())
 
 
 # ------------------------------------------------------------------ dense models of every family

@@ -59,15 +59,17 @@ static void dot4_nibbles(const uint8_t* q, int64_t stride, const int8_t* x, int 
 #ifdef HAVE_VNNI
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
   const __m512i low = _mm512_set1_epi8(15);
-  for (; k + 64 <= half; k += 64) {
-    __m512i xl = _mm512_loadu_si512(x + k), xh = _mm512_loadu_si512(x + half + k), v;
+  for (; k < half; k += 64) {  /* the last chunk masked: a row of d = 576 ends 32 bytes into one */
+    const __mmask64 mk = half - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (half - k)) - 1);
+    __m512i xl = _mm512_maskz_loadu_epi8(mk, x + k), xh = _mm512_maskz_loadu_epi8(mk, x + half + k), v;
 #define ROW(i, acc)                                                         \
-  v = _mm512_loadu_si512(q + (i) * stride + k);                             \
+  v = _mm512_maskz_loadu_epi8(mk, q + (i) * stride + k);                    \
   acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, low), xl);             \
   acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), xh);
     ROW(0, a0) ROW(1, a1) ROW(2, a2) ROW(3, a3)
 #undef ROW
   }
+  k = half;
   s[0] = _mm512_reduce_add_epi32(a0);
   s[1] = _mm512_reduce_add_epi32(a1);
   s[2] = _mm512_reduce_add_epi32(a2);
@@ -92,16 +94,18 @@ static void dot2x8_nibbles(const uint8_t* q, int64_t stride, const int8_t* const
   const __m512i low = _mm512_set1_epi8(15);
   const int8_t* xt[8];
   for (int t = 0; t < 8; t++) xt[t] = x[t < nt ? t : 0];
-  for (; k + 64 <= half; k += 64) {
-    const __m512i v0 = _mm512_loadu_si512(q + k), v1 = _mm512_loadu_si512(q + stride + k);
+  for (; k < half; k += 64) {  /* the last chunk masked (d = 576: 32 bytes into one) */
+    const __mmask64 mk = half - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (half - k)) - 1);
+    const __m512i v0 = _mm512_maskz_loadu_epi8(mk, q + k), v1 = _mm512_maskz_loadu_epi8(mk, q + stride + k);
     const __m512i l0 = _mm512_and_si512(v0, low), h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low);
     const __m512i l1 = _mm512_and_si512(v1, low), h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low);
     for (int t = 0; t < 8; t++) {
-      const __m512i xl = _mm512_loadu_si512(xt[t] + k), xh = _mm512_loadu_si512(xt[t] + half + k);
+      const __m512i xl = _mm512_maskz_loadu_epi8(mk, xt[t] + k), xh = _mm512_maskz_loadu_epi8(mk, xt[t] + half + k);
       acc[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[t], l0, xl), h0, xh);
       acc[8 + t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[8 + t], l1, xl), h1, xh);
     }
   }
+  k = half;
   for (int i = 0; i < 16; i++) s[i] = _mm512_reduce_add_epi32(acc[i]);
 #endif
   for (int i = 0; i < 2; i++)
@@ -160,12 +164,16 @@ int shadow_scores_q(const int8_t* q, const float* qs, const int32_t* qsum, int T
             dots[(int64_t)(t0 + t) * R + r + 1] = out[8 + t] - 8 * qsum[t0 + t];
           }
         }
-    for (; r + 4 <= R; r += 4)
+    /* four rows a quarter of the codes apart: four streams from memory at once, as one alone
+     * does not fill the memory system (the codes are read once per token: this is a stream) */
+    const int Q = (R - r) / 4;
+    for (int i = 0; i < Q; i++)
       for (int t = 0; t < T; t++) {
         int32_t out[4];
-        dot4_nibbles(c + (int64_t)r * half, half, q + (int64_t)t * d, half, out);
-        for (int k = 0; k < 4; k++) dots[(int64_t)t * R + r + k] = out[k] - 8 * qsum[t];
+        dot4_nibbles(c + (int64_t)(r + i) * half, (int64_t)Q * half, q + (int64_t)t * d, half, out);
+        for (int k = 0; k < 4; k++) dots[(int64_t)t * R + r + i + k * Q] = out[k] - 8 * qsum[t];
       }
+    r += 4 * Q;
     for (; r < R; r++)
       for (int t = 0; t < T; t++)
         dots[(int64_t)t * R + r] = dot_nibbles(c + (int64_t)r * half, q + (int64_t)t * d, half) - 8 * qsum[t];
@@ -220,9 +228,36 @@ int shadow_scores(const float* x, int T, int d, const void* codes, int layout, c
 /* a ranks before b: larger value first, ties to the lower index (deterministic) */
 static inline int before(const float* v, int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); }
 
-/* Reorder ids[0..n) so that its first k entries are the k best by `before` (quickselect, O(n));
- * also called by the decode runtime's routers. */
-void select_top(const float* v, int32_t* ids, int n, int k) {
+/* a float's bits as an unsigned key in the float's order (-inf < ... < -0 = +0 ... < +inf) */
+static inline uint32_t order_key(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if (u == 0x80000000u) u = 0;  /* -0 == +0, as the comparisons of `before` have it */
+  return (u & 0x80000000u) ? ~u : u | 0x80000000u;
+}
+
+/* The k-th largest key of v[ids[0..n)] by radix selection: three histogram passes over the keys'
+ * 11 + 11 + 10 bits, each narrowing the prefix the k-th key has. O(n), no data-dependent swaps. */
+static uint32_t kth_key(const float* v, const int32_t* ids, int n, int k, uint32_t* keys) {
+  static const int shift[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
+  uint32_t prefix = 0, mask = 0;
+  int32_t hist[2048];
+  for (int i = 0; i < n; i++) keys[i] = order_key(v[ids[i]]);
+  for (int p = 0; p < 3; p++) {
+    const int nb = 1 << bits[p];
+    memset(hist, 0, (size_t)nb * sizeof(int32_t));
+    for (int i = 0; i < n; i++)
+      if ((keys[i] & mask) == prefix) hist[(keys[i] >> shift[p]) & (nb - 1)]++;
+    int b = nb - 1;
+    for (; b > 0 && hist[b] < k; b--) k -= hist[b];  /* the bucket holding the k-th largest */
+    prefix |= (uint32_t)b << shift[p];
+    mask |= (uint32_t)(nb - 1) << shift[p];
+  }
+  return prefix;
+}
+
+/* quickselect: reorder ids[0..n) so that its first k entries are the k best by `before` */
+static void select_top_small(const float* v, int32_t* ids, int n, int k) {
   int lo = 0, hi = n - 1;
   while (lo < hi) {
     int mid = lo + (hi - lo) / 2;  /* median of three as the pivot */
@@ -240,6 +275,32 @@ void select_top(const float* v, int32_t* ids, int n, int k) {
     else if (k - 1 >= i) lo = i;
     else break;
   }
+}
+
+/* Reorder ids[0..n) so that its first k entries are the k best by `before` (larger value first,
+ * ties to the lower index); also called by the decode runtime's routers. Large n: radix selection
+ * of the k-th value, then one pass that keeps the ids' order (callers pass ids ascending, so ties
+ * go to the lower index); small n: quickselect. */
+void select_top(const float* v, int32_t* ids, int n, int k) {
+  if (n >= 256 && k < n) {
+    uint32_t* keys = (uint32_t*)malloc((size_t)n * (sizeof(uint32_t) + sizeof(int32_t)));
+    if (keys) {
+      int32_t* out = (int32_t*)(keys + n);
+      const uint32_t kth = kth_key(v, ids, n, k, keys);
+      int above = 0;
+      for (int i = 0; i < n; i++) above += keys[i] > kth;
+      int a = 0, t = above, r = k;  /* [0, above): above the k-th; [above, k): its ties, first come; [k, n): the rest */
+      for (int i = 0; i < n; i++) {
+        if (keys[i] > kth) out[a++] = ids[i];
+        else if (keys[i] == kth && t < k) out[t++] = ids[i];
+        else out[r++] = ids[i];
+      }
+      memcpy(ids, out, (size_t)n * sizeof(int32_t));
+      free(keys);
+      return;
+    }
+  }
+  select_top_small(v, ids, n, k);
 }
 
 /* For each token: picks (top-A of scores + bias, or, when threshold is finite, every expert whose

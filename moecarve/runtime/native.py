@@ -22,6 +22,7 @@ NORM_RMS, NORM_LAYER = 0, 1
 FFN_NONE, FFN_DENSE, FFN_MOE = 0, 1, 2
 ROUTER_SHADOW, ROUTER_ANALYTIC, ROUTER_LINEAR, ROUTER_FITTED = 0, 1, 2, 3
 PANEL_ROWS, BLOCK = 16, 32
+PHASES = ("embed", "qkv", "attention", "wo", "ffn_norm", "router", "ffn", "lm_head")  # rt_profile's order
 
 
 class Mat(Structure):
@@ -40,7 +41,7 @@ class Dense(Structure):
 class Moe(Structure):
     _fields_ = [
         ("E", c_int32), ("m", c_int32), ("A", c_int32),
-        ("in_proj", Mat), ("in_bias", c_void_p), ("out_proj", Mat), ("shared", Dense), ("out_bias", c_void_p),
+        ("neurons", Mat), ("per", c_int32), ("bias", c_void_p), ("shared", Dense), ("out_bias", c_void_p),
         ("router", c_int32), ("rank_softmax", c_int32), ("weight_mode", c_int32),
         ("r_bias", c_void_p), ("r_scale", c_void_p), ("threshold", c_float),
         ("sh_codes", c_void_p), ("sh_bits", c_int32), ("sh_scale", c_void_p), ("sh_bias", c_void_p),
@@ -90,6 +91,7 @@ def library() -> ctypes.CDLL:
             P = c_void_p
             lib.rt_step.argtypes = [P, c_int32, P, P, P, c_int32, P, P, c_int64]
             lib.rt_step.restype = c_int32
+            lib.rt_profile.argtypes, lib.rt_profile.restype = [P, c_int32, P], None
             _lib = lib
     return _lib
 

@@ -60,14 +60,34 @@ def pack_panels(w: torch.Tensor, precision: int) -> tuple[torch.Tensor, torch.Te
     return codes, scales
 
 
-def pack_rows(w: torch.Tensor, precision: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """w [N, K] -> (row-major elements, K padded to 32, int8 block scales or None)."""
+def row_bytes(K: int) -> int:
+    """Bytes of one int8 row: K (padded to 32) codes, then K/32 float16 scales, padded to 64."""
+    Kp = -(-K // BLOCK) * BLOCK
+    return -(-(Kp + 2 * Kp // BLOCK) // 64) * 64
+
+
+def pack_rows(w: torch.Tensor, precision: int) -> tuple[torch.Tensor, None]:
+    """w [N, K] -> (row-major elements with K padded to 32; int8: each row its codes then its float16
+    block scales, padded to row_bytes(K)), None."""
     w = pad_to(w, 1, BLOCK)
     if precision == F32:
         return w.contiguous(), None
     if precision == BF16:
         return w.to(torch.bfloat16).view(torch.int16).contiguous(), None
-    return quantize_blocks(w)
+    N, Kp = w.shape
+    codes, scales = quantize_blocks(w)
+    rows = torch.zeros(N, row_bytes(Kp), dtype=torch.uint8)
+    rows[:, :Kp] = codes
+    rows[:, Kp : Kp + 2 * (Kp // BLOCK)] = scales.view(torch.uint8).view(N, -1)
+    return rows, None
+
+
+def unpack_rows(rows: torch.Tensor, K: int) -> torch.Tensor:
+    """The float32 [N, K] an int8 rows matrix (pack_rows' layout) stands for."""
+    Kp = -(-K // BLOCK) * BLOCK
+    codes = rows[:, :Kp].contiguous()
+    scales = rows[:, Kp : Kp + 2 * (Kp // BLOCK)].contiguous().view(torch.float16)
+    return dequantize_blocks(codes, scales)[:, :K]
 
 
 def interleave_gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

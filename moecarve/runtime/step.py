@@ -105,6 +105,14 @@ class Runtime:
             raise MemoryError(f"the decode runtime failed a step (code {rc})")
         return self._logits[:n_out, : self.vocab]
 
+    def profile(self, on: bool = True) -> dict[str, float]:
+        """Switch per-phase timing on or off; returns the seconds spent per phase since the last call
+        (embed, qkv, attention, wo, ffn_norm, router, ffn, lm_head: thread 0's wall time between the
+        barriers that end each phase, summed over steps and layers)."""
+        out = (ctypes.c_double * len(N.PHASES))()
+        self._lib.rt_profile(self._ctx, int(on), out)
+        return dict(zip(N.PHASES, out))
+
     def prefill(self, token_ids: list[int], slot: int = 0, start: int = 0) -> torch.Tensor:
         """Feed a sequence's tokens from position `start` in chunks; logits [vocab] of the last one."""
         if not token_ids:

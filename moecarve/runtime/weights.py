@@ -20,7 +20,7 @@ from ..kernels.native import ACTS
 from ..modules.hf import source_model_type
 from . import native as N
 from .arch import Decoder, UnsupportedModel, decoder_for
-from .pack import PRECISIONS, interleave_gated, interleave_gated_bias, pack_panels, pack_rows
+from .pack import PRECISIONS, interleave_gated, interleave_gated_bias, pack_panels, pack_rows, row_bytes
 
 
 def _get(obj, path: str):
@@ -61,6 +61,8 @@ class Weights:
 def _mat_bytes(m: N.Mat, rows: float | None = None) -> int:
     """Bytes of m a product reads (all its rows, or `rows` of them)."""
     per = {N.F32: 4.0, N.BF16: 2.0, N.I8: 1.0 + 2.0 / N.BLOCK}[m.dtype]
+    if m.layout == N.ROWS and m.dtype == N.I8:  # codes and scales padded to 64 bytes per row
+        return int((m.rows if rows is None else rows) * row_bytes(m.cols))
     return int((m.rows if rows is None else rows) * m.cols * per)
 
 
@@ -111,9 +113,14 @@ def _moe(w: Weights, mod: nn.Module, L: N.Layer) -> float:
     E, m, A, d = spec.n_routed, spec.expert_size, spec.top_k, spec.hidden_size
     M = L.moe
     M.E, M.m, M.A = E, m, A
-    M.in_proj = w.mat(ex.in_proj.detach().reshape(-1, d), N.ROWS)  # [E * R, d]
-    M.in_bias = w.f32(None if ex.in_bias is None else ex.in_bias.reshape(-1))
-    M.out_proj = w.mat(ex.out_proj.detach().transpose(1, 2).reshape(E * m, d), N.ROWS)  # [E * m, d]: neuron columns
+    # each neuron's rows together: gate, up, output column (rt.h), [E, m, P, d] -> [E * m * P, d]
+    inp = ex.in_proj.detach().view(E, -1, m, d)  # [E, 2, m, d] gated (gate rows, then up rows) or [E, 1, m, d]
+    parts = [inp[:, k] for k in range(inp.shape[1])] + [ex.out_proj.detach().transpose(1, 2)]
+    M.per = len(parts)
+    M.neurons = w.mat(torch.stack(parts, dim=2).reshape(-1, d), N.ROWS)
+    if ex.in_bias is not None:
+        b = ex.in_bias.detach().float().view(E, -1, m).transpose(1, 2)  # [E, m, 2 or 1]
+        M.bias = w.f32(torch.nn.functional.pad(b, (0, 2 - b.shape[-1])).reshape(-1))
     if mod.shared is not None:
         sh = mod.shared
         n = sh.out_proj.shape[1]
@@ -148,7 +155,7 @@ def _moe(w: Weights, mod: nn.Module, L: N.Layer) -> float:
     else:
         raise UnsupportedModel(f"the decode runtime has no router {kind!r}")
     active = spec.mean_active or A
-    routed_bytes = _mat_bytes(M.in_proj, active * M.in_proj.rows / E) + _mat_bytes(M.out_proj, active * m)
+    routed_bytes = _mat_bytes(M.neurons, active * m * M.per)
     shared_bytes = _mat_bytes(M.shared.in_w) + _mat_bytes(M.shared.out_w) if mod.shared is not None else 0
     router_bytes = int(r.codes.numel() * r.codes.element_size()) if kind == "shadow" else 0
     w.bytes_per_token["ffn"] = w.bytes_per_token.get("ffn", 0) + routed_bytes + shared_bytes

@@ -275,6 +275,7 @@ void attention_block(rt_ctx* c, const rt_layer* L, int l, int tid, int nth) {
       for (int n = n0; n < n1; n++) c->qkv[(int64_t)t * c->qkv_n + n] += L->bqkv[n];
   }
   pool_barrier(c->pool);
+  prof_mark(c, tid, PROF_QKV);
 
   for (int64_t t = t0; t < t1; t++) place_token(c, L, l, (int)t);
   pool_barrier(c->pool);
@@ -287,6 +288,7 @@ void attention_block(rt_ctx* c, const rt_layer* L, int l, int tid, int nth) {
 
   act_convert(&c->a_att, (int)c->att_n, L->wo.dtype, (int)t0, (int)t1);
   pool_barrier(c->pool);
+  prof_mark(c, tid, PROF_ATTENTION);
 
   panel_share(&L->wo, tid, nth, &p0, &p1);
   panel_matmul(&L->wo, p0, p1, &c->a_att, T, c->tmp, (int)c->dp);
@@ -299,9 +301,11 @@ void attention_block(rt_ctx* c, const rt_layer* L, int l, int tid, int nth) {
     for (int t = 0; t < T; t++)
       for (int n = n0; n < n1; n++) xr[(int64_t)t * D->d + n] += c->tmp[(int64_t)t * c->dp + n] * D->residual_scale;
     pool_barrier(c->pool);
+    prof_mark(c, tid, PROF_WO);
     return;
   }
   pool_barrier(c->pool);
   residual_rows(c, xr, &L->post_attn_norm, c->tmp, (int)c->dp, (int)t0, (int)t1);
   pool_barrier(c->pool);
+  prof_mark(c, tid, PROF_WO);
 }

@@ -22,7 +22,7 @@ static void feature_share(int d, int tid, int nth, int* k0, int* k1) {
 }
 
 /* out[t, own columns] -> x (+ bias) * residual_scale, or leave for residual_rows after a barrier */
-static void finish(rt_ctx* c, const rt_layer* L, const float* bias, int n0, int n1, int t0, int t1) {
+static void finish(rt_ctx* c, const rt_layer* L, const float* bias, int n0, int n1, int t0, int t1, int tid) {
   const rt_desc* D = &c->desc;
   const rt_norm* post = &L->post_ffn_norm;
   float* xr = residual_of(c, L);
@@ -38,6 +38,7 @@ static void finish(rt_ctx* c, const rt_layer* L, const float* bias, int n0, int 
     residual_rows(c, xr, post, c->tmp, (int)c->dp, t0, t1);
     pool_barrier(c->pool);
   }
+  prof_mark(c, tid, PROF_FFN);
 }
 
 /* ------------------------------------------------------------------ dense MLPs */
@@ -94,7 +95,7 @@ static void dense_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, 
   pool_barrier(c->pool);
   panel_share(&F->out_w, tid, nth, &p0, &p1);
   panel_matmul(&F->out_w, p0, p1, &c->a_h, c->T, c->tmp, (int)c->dp);
-  finish(c, L, F->out_b, p0 * RT_PANEL_ROWS, RT_MIN(p1 * RT_PANEL_ROWS, c->desc.d), t0, t1);
+  finish(c, L, F->out_b, p0 * RT_PANEL_ROWS, RT_MIN(p1 * RT_PANEL_ROWS, c->desc.d), t0, t1, tid);
 }
 
 /* ------------------------------------------------------------------ routers */
@@ -228,84 +229,64 @@ static void sort_slots(rt_ctx* c, const rt_moe* M) {
   S->n_slots = S->start[E];
 }
 
-/* Below this many tokens a step computes each token's picked neurons in turn (decode: their rows
- * are read once per token, from memory or cache); from it on, each picked neuron in turn for all
- * the tokens that picked it (prefill: the rows stay in cache while the tokens stream). */
-#define EXPERT_MAJOR_T 16
-/* picked experts whose rows are requested ahead of their use */
-#define PREFETCH_AHEAD 8
-
-/* act(g + b) * (u + b) * w for n neurons, in g (gated), or act(g + b) * w */
-static void glu_weighted(float* g, const float* u, const float* gb, const float* ub, const float* w, int n, int gated, int act) {
-  for (int i = 0; i < n; i++) g[i] += gb ? gb[i] : 0.0f;
-  act_inplace(g, n, act);
-  for (int i = 0; i < n; i++) g[i] *= (gated ? u[i] + (ub ? ub[i] : 0.0f) : 1.0f) * w[i];
+/* token t's picked neuron i (0 <= i < A m): its number e m + j and its combine weight; -1 for none */
+static inline int64_t picked_neuron(const rt_moe_scratch* S, const rt_moe* M, int t, int i, float* w) {
+  const int64_t sl = (int64_t)t * M->A + i / M->m;
+  const int e = S->idx[sl];
+  if (e < 0) return -1;
+  *w = S->w[sl];
+  return (int64_t)e * M->m + i % M->m;
 }
 
-/* Token-major hidden activations of slot range [s0, s1) of the flat (token, slot) list, h[slot * m + j]:
- * each token's picked neurons four at a time (eight rows: four gate, four up), in expert order. */
-static void hidden_token_major(rt_ctx* c, const rt_layer* L, int64_t s0, int64_t s1, float* scratch) {
+/* up to 8 neurons of token t: h = act(gate + b) * (up + b) * w, then part += h * output column.
+ * The gate rows of all n neurons are dotted in one pass (n runs of memory in flight), then the up
+ * rows and the columns, which by then the prefetchers have streamed in behind the gate rows. */
+static void neuron_group(rt_ctx* c, const rt_layer* L, int t, const int64_t* ids, const float* wv, int n, float* part,
+                         const float* spread, const float* corr) {
   const rt_moe* M = &L->moe;
-  rt_moe_scratch* S = &c->moe;
-  const int m = M->m, A = M->A, R = L->gated ? 2 * m : m, gated = L->gated;
-  const int64_t Kp = rt_pad(M->in_proj.cols, RT_BLOCK);
-  float* spread = scratch;            /* [Kp / 4] */
-  float* corr = spread + Kp / 4;      /* [Kp / 32] */
-  int64_t rows[8], slots[4];
-  float out[8], gb[4], ub[4], wv[4];
-  int js[4];
-  int64_t cur_t = -1;
-  int n = 0;
-  for (int64_t s = s0; s <= s1; s++) {
-    const int t = s < s1 ? (int)(s / A) : -1;
-    if (n == 4 || (n > 0 && (s == s1 || t != cur_t))) {  /* flush the pending neurons of token cur_t */
-      if (gated) {
-        for (int i = 0; i < n; i++) rows[n + i] = rows[4 + i];  /* gate rows 0..n-1, then up rows */
-        rows_dot(&M->in_proj, rows, 2 * n, &c->a_in, cur_t, spread, corr, out);
-      } else {
-        rows_dot(&M->in_proj, rows, n, &c->a_in, cur_t, spread, corr, out);
-      }
-      glu_weighted(out, out + n, M->in_bias ? gb : NULL, M->in_bias ? ub : NULL, wv, n, gated, L->act);
-      for (int i = 0; i < n; i++) S->h[slots[i] * m + js[i]] = out[i];
-      n = 0;
-    }
-    if (s == s1) break;
-    const int e = S->idx[s];
-    if (e < 0) continue;
-    if (PREFETCH_AHEAD && s + PREFETCH_AHEAD < s1 && S->idx[s + PREFETCH_AHEAD] >= 0)
-      rows_prefetch(&M->in_proj, (int64_t)S->idx[s + PREFETCH_AHEAD] * R, R);
-    if (t != cur_t) {
-      cur_t = t;
-      if (M->in_proj.dtype == RT_I8) token_spread(&c->a_in, t, Kp, spread, corr);
-    }
-    for (int j = 0; j < m; j++) {
-      const int64_t gr = (int64_t)e * R + j;
-      rows[n] = gr;
-      rows[4 + n] = gr + m;
-      if (M->in_bias) gb[n] = M->in_bias[gr], ub[n] = gated ? M->in_bias[gr + m] : 0.0f;
-      wv[n] = S->w[s];
-      slots[n] = s;
-      js[n] = j;
-      if (++n == 4 && j + 1 < m) {  /* an expert of more than 4 neurons: flush inside it */
-        if (gated) {
-          rows_dot(&M->in_proj, rows, 8, &c->a_in, cur_t, spread, corr, out);
-        } else {
-          rows_dot(&M->in_proj, rows, 4, &c->a_in, cur_t, spread, corr, out);
-        }
-        glu_weighted(out, out + 4, M->in_bias ? gb : NULL, M->in_bias ? ub : NULL, wv, 4, gated, L->act);
-        for (int i = 0; i < 4; i++) S->h[slots[i] * m + js[i]] = out[i];
-        n = 0;
-      }
-    }
+  const int P = M->per, gated = L->gated;
+  int64_t rows[16];
+  float out[16], h[8];
+  for (int k = 0; k < n; k++) {
+    rows[k] = ids[k] * P;
+    rows[n + k] = ids[k] * P + 1;
   }
+  rows_dot(&M->neurons, rows, gated ? 2 * n : n, &c->a_in, t, spread, corr, out);
+  for (int k = 0; k < n; k++) h[k] = out[k] + (M->bias ? M->bias[2 * ids[k]] : 0.0f);
+  act_inplace(h, n, L->act);
+  for (int k = 0; k < n; k++) {
+    const float up = gated ? out[n + k] + (M->bias ? M->bias[2 * ids[k] + 1] : 0.0f) : 1.0f;
+    h[k] *= up * wv[k];
+    rows[k] = ids[k] * P + P - 1;
+  }
+  rows_axpy(&M->neurons, rows, h, n, 0, c->desc.d, part);
+}
+
+/* unit (t, ch): neurons [ch C, ch C + C) of token t's picks into part [d], 8 at a time */
+static void neuron_unit(rt_ctx* c, const rt_layer* L, int t, int ch, float* part, float* scratch) {
+  const rt_moe* M = &L->moe;
+  const int N = M->A * M->m, i1 = RT_MIN(N, (ch + 1) * NEURON_CHUNK);
+  const int64_t Kp = rt_pad(c->desc.d, RT_BLOCK);
+  float* spread = scratch;       /* [Kp / 4] */
+  float* corr = spread + Kp / 4; /* [Kp / 32] */
+  if (M->neurons.dtype == RT_I8) token_spread(&c->a_in, t, Kp, spread, corr);
+  memset(part, 0, (size_t)c->desc.d * sizeof(float));
+  int64_t ids[NEURON_CHUNK];
+  float wv[NEURON_CHUNK];
+  int n = 0;
+  for (int i = ch * NEURON_CHUNK; i < i1; i++) {
+    const int64_t id = picked_neuron(&c->moe, M, t, i, &wv[n]);
+    if (id >= 0) ids[n++] = id;
+  }
+  for (int g = 0; g < n; g += 8) neuron_group(c, L, t, ids + g, wv + g, RT_MIN(8, n - g), part, spread, corr);
 }
 
 /* Expert-major hidden activations of sorted slots [s0, s1): a run of slots of one expert shares its
- * rows, dotted with all the run's tokens at once. */
+ * neurons' rows, dotted with all the run's tokens at once; h [slot * m + j]. */
 static void hidden_expert_major(rt_ctx* c, const rt_layer* L, int s0, int s1, float* gbuf) {
   const rt_moe* M = &L->moe;
   rt_moe_scratch* S = &c->moe;
-  const int m = M->m, R = L->gated ? 2 * m : m;
+  const int m = M->m, P = M->per;
   float* ubuf = gbuf + c->desc.max_tokens;
   int s = s0;
   while (s < s1) {
@@ -314,48 +295,17 @@ static void hidden_expert_major(rt_ctx* c, const rt_layer* L, int s0, int s1, fl
     while (s_end < s1 && S->idx[S->slot[s_end]] == e) s_end++;
     const int n = s_end - s;
     for (int j = 0; j < m; j++) {
-      const int64_t gr = (int64_t)e * R + j;
-      if (L->gated)
-        rows2_dot_tokens(&M->in_proj, gr, gr + m, &c->a_in, S->tok + s, n, gbuf, ubuf);
-      else
-        rows2_dot_tokens(&M->in_proj, gr, gr, &c->a_in, S->tok + s, n, gbuf, ubuf);
+      const int64_t id = (int64_t)e * m + j;
+      rows2_dot_tokens(&M->neurons, id * P, L->gated ? id * P + 1 : id * P, &c->a_in, S->tok + s, n, gbuf, ubuf);
       for (int i = 0; i < n; i++) {
-        float g = gbuf[i] + (M->in_bias ? M->in_bias[gr] : 0.0f);
+        float g = gbuf[i] + (M->bias ? M->bias[2 * id] : 0.0f);
         act_inplace(&g, 1, L->act);
-        if (L->gated) g *= ubuf[i] + (M->in_bias ? M->in_bias[gr + m] : 0.0f);
+        if (L->gated) g *= ubuf[i] + (M->bias ? M->bias[2 * id + 1] : 0.0f);
         const int sl = S->slot[s + i];
         S->h[(int64_t)sl * m + j] = g * S->w[sl];
       }
     }
     s = s_end;
-  }
-}
-
-/* y[t, k0:k1] += h * down column for every picked neuron, each token's neurons four at a time */
-static void down_token_major(rt_ctx* c, const rt_moe* M, int k0, int k1) {
-  rt_moe_scratch* S = &c->moe;
-  const int m = M->m, A = M->A;
-  int64_t rows[4];
-  float hv[4];
-  for (int t = 0; t < c->T; t++) {
-    float* y = c->tmp + (int64_t)t * c->dp + k0;
-    int n = 0;
-    for (int a = 0; a < A; a++) {
-      const int64_t sl = (int64_t)t * A + a;
-      const int e = S->idx[sl];
-      if (e < 0) continue;
-      if (PREFETCH_AHEAD && a + PREFETCH_AHEAD < A && S->idx[sl + PREFETCH_AHEAD] >= 0)
-        rows_prefetch(&M->out_proj, (int64_t)S->idx[sl + PREFETCH_AHEAD] * m, m);
-      for (int j = 0; j < m; j++) {
-        rows[n] = (int64_t)e * m + j;
-        hv[n] = S->h[sl * m + j];
-        if (++n == 4) {
-          rows_axpy(&M->out_proj, rows, hv, 4, k0, k1, y);
-          n = 0;
-        }
-      }
-    }
-    if (n) rows_axpy(&M->out_proj, rows, hv, n, k0, k1, y);
   }
 }
 
@@ -388,6 +338,7 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
     if (tid == 0) sort_slots(c, M);
     pool_barrier(c->pool);
   }
+  prof_mark(c, tid, PROF_ROUTER);
 
   /* shared neurons' up product and the routed neurons' hidden activations, in one phase */
   const rt_dense* Sh = &M->shared;
@@ -396,12 +347,14 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
     up_share(Sh, L->gated, tid, nth, &p0, &p1);
     dense_up(c, Sh, L->gated, L->act, p0, p1, T);
   }
+  const int nch = (A * m + NEURON_CHUNK - 1) / NEURON_CHUNK;  /* token-major units per token */
   if (expert_major) {
     rt_share(S->n_slots, tid, nth, &a, &b);
     hidden_expert_major(c, L, (int)a, (int)b, thr);
   } else {
-    rt_share((int64_t)T * A, tid, nth, &a, &b);
-    hidden_token_major(c, L, a, b, thr);
+    rt_share((int64_t)T * nch, tid, nth, &a, &b);
+    for (int64_t u = a; u < b; u++)
+      neuron_unit(c, L, (int)(u / nch), (int)(u % nch), S->part + u * c->dp, thr);
   }
   pool_barrier(c->pool);
 
@@ -417,15 +370,23 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
     for (int t = 0; t < T; t++) memset(c->tmp + (int64_t)t * c->dp + k0, 0, (size_t)(k1 - k0) * sizeof(float));
   }
   if (expert_major) {
-    for (int s = 0; s < S->n_slots; s++) {  /* y[t, k0:k1] += h * down column, slots in expert order */
+    for (int s = 0; s < S->n_slots; s++) {  /* y[t, k0:k1] += h * output column, slots in expert order */
       const int sl = S->slot[s], e = S->idx[sl], t = S->tok[s];
       float* y = c->tmp + (int64_t)t * c->dp + k0;
-      for (int j = 0; j < m; j++) row_axpy(&M->out_proj, (int64_t)e * m + j, S->h[(int64_t)sl * m + j], k0, k1, y);
+      for (int j = 0; j < m; j++)
+        row_axpy(&M->neurons, ((int64_t)e * m + j) * M->per + M->per - 1, S->h[(int64_t)sl * m + j], k0, k1, y);
     }
-  } else {
-    down_token_major(c, M, k0, k1);
+  } else {  /* y[t, k0:k1] += the token's unit partials, in unit order */
+    for (int t = 0; t < T; t++) {
+      float* y = c->tmp + (int64_t)t * c->dp;
+      for (int u = 0; u < nch; u++) {
+        const float* pu = S->part + ((int64_t)t * nch + u) * c->dp;
+#pragma omp simd
+        for (int k = k0; k < k1; k++) y[k] += pu[k];
+      }
+    }
   }
-  finish(c, L, M->out_bias, k0, k1, t0, t1);
+  finish(c, L, M->out_bias, k0, k1, t0, t1, tid);
 }
 
 void ffn_block(rt_ctx* c, const rt_layer* L, int tid, int nth) {
@@ -433,9 +394,10 @@ void ffn_block(rt_ctx* c, const rt_layer* L, int tid, int nth) {
   const rt_desc* D = &c->desc;
   int64_t t0, t1;
   rt_share(c->T, tid, nth, &t0, &t1);
-  const int dtype = L->ffn_kind == RT_FFN_DENSE ? L->dense.in_w.dtype : L->moe.in_proj.dtype;
+  const int dtype = L->ffn_kind == RT_FFN_DENSE ? L->dense.in_w.dtype : L->moe.neurons.dtype;
   norm_rows(c, &L->ffn_norm, c->x, D->d, &c->a_in, D->d, dtype, (int)t0, (int)t1);
   pool_barrier(c->pool);
+  prof_mark(c, tid, PROF_FFN_NORM);
   if (L->ffn_kind == RT_FFN_DENSE)
     dense_block(c, L, tid, nth, (int)t0, (int)t1);
   else

@@ -9,8 +9,10 @@
 
 #include "rt.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define RT_AVX512 1
 #if defined(__AVX512BF16__)
 #define RT_AVX512BF16 1
@@ -25,6 +27,9 @@
 #define RT_MAX(a, b) ((a) > (b) ? (a) : (b))
 
 static inline int64_t rt_pad(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+/* RT_ROWS int8 rows: Kp codes, then Kp/32 float16 scales, padded to 64 bytes (rt.h) */
+static inline int64_t rt_row_bytes(int64_t Kp) { return rt_pad(Kp + 2 * (Kp / 32), 64); }
 
 /* ------------------------------------------------------------------ thread pool (pool.c) */
 
@@ -56,7 +61,21 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even (NaN kep
   if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
   return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
-float f16_to_f32(uint16_t h);
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  union { uint32_t u; float f; } v;
+  if (exp == 0) {  /* zero or subnormal: man * 2^-24 */
+    v.f = (float)man * 5.9604644775390625e-8f;
+    v.u |= sign;
+    return v.f;
+  }
+  v.u = exp == 31 ? sign | 0x7f800000u | (man << 13) : sign | ((exp + 112u) << 23) | (man << 13);
+  return v.f;
+#endif
+}
 
 void act_inplace(float* v, int n, int act);
 void rms_norm(const float* x, const float* w, int n, float eps, float* out);
@@ -93,7 +112,6 @@ void panel_tile(int dtype, const void* W, int64_t ps, int Kp, const void* X, int
 void row_axpy(const rt_mat* W, int64_t row, float s, int k0, int k1, float* y);
 /* neurons.c: the picked neurons' rows (RT_ROWS) */
 void token_spread(const rt_act* X, int64_t t, int64_t Kp, float* spread, float* corr);
-void rows_prefetch(const rt_mat* W, int64_t row, int n);
 void rows_dot(const rt_mat* W, const int64_t* rows, int n, const rt_act* X, int64_t t, const float* spread,
               const float* corr, float* out);
 void rows_axpy(const rt_mat* W, const int64_t* rows, const float* h, int n, int k0, int k1, float* y);
@@ -119,6 +137,15 @@ typedef struct {
   float* cs;              /* [max_ctx][rot/2] cos, then [max_ctx][rot/2] sin, times scale */
 } rt_rope;
 
+/* Below this many tokens a step computes each token's picked neurons in turn (decode: their rows
+ * are read once per token, from memory or cache); from it on, each picked neuron in turn for all
+ * the tokens that picked it (prefill: the rows stay in cache while the tokens stream). */
+#define EXPERT_MAJOR_T 16
+/* token-major work comes in units of this many of a token's picked neurons, each summing into its
+ * own partial output; the partials are added in unit order, so the result does not depend on how
+ * units are shared among threads */
+#define NEURON_CHUNK 32
+
 /* what a carved layer's step keeps between its phases (sized for max_tokens) */
 typedef struct {
   float* scores;          /* [T, E] */
@@ -127,7 +154,8 @@ typedef struct {
   int32_t* start;         /* [E + 1] the sorted slots of expert e: start[e] .. start[e+1] */
   int32_t* slot;          /* [T * A] slot ids (t * A + a) sorted by expert */
   int32_t* tok;           /* [T * A] the token of each sorted slot */
-  float* h;               /* [T * A, m] hidden activations of each sorted slot, weighted */
+  float* h;               /* [T * A, m] hidden activations of each slot, weighted (expert-major) */
+  float* part;            /* [T * units, dp] token-major partial outputs (ffn.c: NEURON_CHUNK) */
   int32_t n_slots;        /* valid entries of slot */
   int8_t* sq;             /* [T, d] the shadow router's int8 tokens, their scales and sums */
   float* sqs;
@@ -143,6 +171,9 @@ typedef struct {
 typedef struct {
   int32_t t0, nt, g, h0, nh;
 } rt_att_item;
+
+/* where a step's time goes (thread 0's wall time between the barriers that end each phase) */
+enum { PROF_EMBED, PROF_QKV, PROF_ATTENTION, PROF_WO, PROF_FFN_NORM, PROF_ROUTER, PROF_FFN, PROF_LM_HEAD, PROF_N };
 
 typedef struct rt_ctx {
   rt_desc desc;
@@ -173,7 +204,13 @@ typedef struct rt_ctx {
   float* logits;          /* [n_out, ld_logits] */
   int64_t ld_logits;
   _Atomic int status;     /* 0, or a negative error code set by any thread */
+  int profiling;
+  double prof[PROF_N];    /* seconds per phase, summed over steps */
+  double prof_mark;       /* when the running phase started */
 } rt_ctx;
+
+/* thread 0, when profiling: the time since the last mark goes to `phase` */
+void prof_mark(rt_ctx* c, int tid, int phase);
 
 void* rt_alloc(size_t bytes);  /* 64-byte aligned, zeroed; NULL when out of memory */
 /* normalise token rows [t0, t1) of x into a->f (norm absent: a copy) and convert them for dtype */

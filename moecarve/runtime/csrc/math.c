@@ -6,23 +6,6 @@
 #include "internal.h"
 #include "vecmath.h"
 
-float f16_to_f32(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-  union { uint32_t u; float f; } v;
-  if (exp == 0) {  /* zero or subnormal: man * 2^-24 */
-    const float f = (float)man * 5.9604644775390625e-8f;
-    v.f = f;
-    v.u |= sign;
-    return v.f;
-  }
-  v.u = exp == 31 ? sign | 0x7f800000u | (man << 13) : sign | ((exp + 112u) << 23) | (man << 13);
-  return v.f;
-#endif
-}
-
 void act_inplace(float* v, int n, int act) { act_vec(v, n, act); }
 
 void rms_norm(const float* x, const float* w, int n, float eps, float* out) {

@@ -258,8 +258,8 @@ void row_axpy(const rt_mat* W, int64_t row, float s, int k0, int k1, float* y) {
 #endif
     for (; k < n; k++) y[k] += s * bf16_to_f32(w[k]);
   } else {
-    const uint8_t* w = (const uint8_t*)W->data + row * Kp;
-    const uint16_t* ws = W->scales + row * (Kp / RT_BLOCK);
+    const uint8_t* w = (const uint8_t*)W->data + row * rt_row_bytes(Kp);
+    const uint16_t* ws = (const uint16_t*)(w + Kp);
     for (int b = k0 / RT_BLOCK; b * RT_BLOCK < k1; b++) {
       const float sb = s * f16_to_f32(ws[b]);
       const int lo = b * RT_BLOCK, hi = RT_MIN(lo + RT_BLOCK, k1);

@@ -39,8 +39,8 @@ static void dot8_generic(const rt_mat* W, const int64_t* rows, int nr, const rt_
       const uint16_t* x = X->b + t * X->ld;
       for (int64_t k = 0; k < Kp; k++) acc += bf16_to_f32(w[k]) * bf16_to_f32(x[k]);
     } else {
-      const uint8_t* w = (const uint8_t*)W->data + rows[i] * Kp;
-      const uint16_t* ws = W->scales + rows[i] * nb;
+      const uint8_t* w = (const uint8_t*)W->data + rows[i] * rt_row_bytes(Kp);
+      const uint16_t* ws = (const uint16_t*)(w + Kp);
       const int8_t* x = X->q + t * X->ld;
       for (int64_t b = 0; b < nb; b++) {
         int32_t dot = 0;
@@ -86,14 +86,14 @@ static void dot8_bf16(const rt_mat* W, const int64_t* rows, const rt_act* X, int
 /* spread (token-wide): xs[c] = [s_2c x8, s_2c+1 x8] per 64-byte chunk c, corr[b] = 128 s_b sum_b */
 static void dot8_i8(const rt_mat* W, const int64_t* rows, const rt_act* X, int64_t t, const float* spread,
                     const float* corr, float* out) {
-  const int64_t Kp = rt_pad(W->cols, RT_BLOCK), nb = Kp / RT_BLOCK, nc = Kp / 64;
+  const int64_t Kp = rt_pad(W->cols, RT_BLOCK), nc = Kp / 64;
   const int8_t* x = X->q + t * X->ld;
   const uint8_t* w[NR];
   const uint16_t* ws[NR];
   __m512 acc[NR];
   for (int i = 0; i < NR; i++) {
-    w[i] = (const uint8_t*)W->data + rows[i] * Kp;
-    ws[i] = W->scales + rows[i] * nb;
+    w[i] = (const uint8_t*)W->data + rows[i] * rt_row_bytes(Kp);
+    ws[i] = (const uint16_t*)(w[i] + Kp);
     acc[i] = _mm512_setzero_ps();
   }
   float cacc[NR] = {0};
@@ -126,22 +126,6 @@ static void dot8_i8(const rt_mat* W, const int64_t* rows, const rt_act* X, int64
 /* The token's int8 block scales spread to the lanes of each 64-byte chunk (lanes 0-7: block 2c,
  * 8-15: block 2c+1), spread [Kp / 4], and its corrections corr [Kp / 32], c_b = 128 s_b sum_b
  * (what the +128 of the stored codes adds to block b's integer dot product). */
-/* ask the memory system for rows [row, row + n) of a RT_ROWS matrix (and their int8 scales) ahead
- * of their use: picked rows are scattered, so the hardware prefetchers cannot guess them */
-void rows_prefetch(const rt_mat* W, int64_t row, int n) {
-#if defined(__x86_64__)
-  const int64_t Kp = rt_pad(W->cols, RT_BLOCK), esz = W->dtype == RT_F32 ? 4 : W->dtype == RT_BF16 ? 2 : 1;
-  const char* p = (const char*)W->data + row * Kp * esz;
-  for (int64_t o = 0; o < n * Kp * esz; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
-  if (W->dtype == RT_I8) {
-    const char* sp = (const char*)(W->scales + row * (Kp / RT_BLOCK));
-    for (int64_t o = 0; o < n * (Kp / RT_BLOCK) * 2; o += 64) _mm_prefetch(sp + o, _MM_HINT_T0);
-  }
-#else
-  (void)W; (void)row; (void)n;
-#endif
-}
-
 void token_spread(const rt_act* X, int64_t t, int64_t Kp, float* spread, float* corr) {
   const int64_t nb = Kp / RT_BLOCK;
   const float* s = X->s + t * nb;
@@ -248,12 +232,11 @@ void rows_axpy(const rt_mat* W, const int64_t* rows, const float* h, int n, int 
         for (int j = 0; j < 4; j++) row_axpy(W, rows[i + j], h[i + j], k, k1, y + (k - k0));
     }
   } else if (W->dtype == RT_I8) {
-    const int64_t nb = Kp / RT_BLOCK;
     const __m128i off = _mm_set1_epi8((char)0x80);
     for (; i + 4 <= n; i += 4) {
       const uint8_t* w[4];
       const uint16_t* ws[4];
-      for (int j = 0; j < 4; j++) w[j] = (const uint8_t*)W->data + rows[i + j] * Kp, ws[j] = W->scales + rows[i + j] * nb;
+      for (int j = 0; j < 4; j++) w[j] = (const uint8_t*)W->data + rows[i + j] * rt_row_bytes(Kp), ws[j] = (const uint16_t*)(w[j] + Kp);
       for (int b = k0 / RT_BLOCK; b * RT_BLOCK < k1; b++) {
         __m512 s[4];
         for (int j = 0; j < 4; j++) s[j] = _mm512_set1_ps(h[i + j] * f16_to_f32(ws[j][b]));

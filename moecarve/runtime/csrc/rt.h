@@ -23,7 +23,8 @@
  *            a matrix-vector product is one broadcast and one fused multiply-add per 64 bytes.
  *            int8 scales: [N/16][K/32][16]. N is padded to 16 and K to 32 with zeros.
  *   RT_ROWS  row-major [N][K] (K padded to 32 with zeros), read a row at a time: the carved
- *            experts' rows, picked per token. int8 scales: [N][K/32].
+ *            experts' rows, picked per token. An int8 row is its K codes followed by its K/32
+ *            float16 scales, padded to a multiple of 64 bytes (rt_row_bytes): one contiguous run.
  */
 #ifndef MOECARVE_RT_H
 #define MOECARVE_RT_H
@@ -65,15 +66,16 @@ typedef struct {
 } rt_dense;
 
 /* A carved layer (moecarve.modules.moe.CarvedMoE): y = shared(x) + sum_a w_a expert_{e_a}(x) + b.
- * Routed experts: E experts of m neurons; in_proj rows [E * R, d] (RT_ROWS), R = 2m gated (gate
- * rows then up rows of each expert) or m; out_proj rows [E * m, d]: row e*m + j is neuron j of
- * expert e's output column (the module's out_proj[e][:, j]), so a picked neuron reads two or three
- * contiguous rows and nothing else. */
+ * Routed experts: E experts of m neurons. Every routed neuron (e, j), numbered n = e*m + j, owns P
+ * consecutive rows of `neurons` (RT_ROWS): gated P = 3, its gate row, its up row and its output
+ * column (the module's out_proj[e][:, j]); plain P = 2, its input row and its output column. A
+ * picked neuron is then one contiguous run of memory, which the prefetchers stream once it starts
+ * (the picks are scattered, so where each run starts cannot be predicted). */
 typedef struct {
   int32_t E, m, A;       /* routed experts, neurons per expert, experts picked per token */
-  rt_mat in_proj;        /* [E * R, d] rows */
-  const float* in_bias;  /* [E * R] or NULL */
-  rt_mat out_proj;       /* [E * m, d] rows */
+  rt_mat neurons;        /* [E * m * P, d] rows */
+  int32_t per;           /* P: 3 (gated) or 2 */
+  const float* bias;     /* [E * m][2]: each neuron's gate and up biases (plain: its input bias, then 0), or NULL */
   rt_dense shared;       /* shared neurons (n == 0: none); its out_b is the layer's out bias */
   const float* out_bias; /* [d] or NULL (when there are no shared neurons) */
   /* router */

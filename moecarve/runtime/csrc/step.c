@@ -1,3 +1,4 @@
+#define _POSIX_C_SOURCE 200112L
 /* The runtime's entry points: create a context for a model (thread pool, KV cache, buffers),
  * run one step (any mix of prompt tokens and decode tokens of several sequences), free it.
  * One step is one call from Python: every thread runs the whole forward (SPMD) and takes its
@@ -5,6 +6,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "internal.h"
 
@@ -13,6 +15,19 @@ void* rt_alloc(size_t bytes) {
   void* p = aligned_alloc(RT_ALIGN, n);
   if (p) memset(p, 0, n);
   return p;
+}
+
+static double now_s(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+void prof_mark(rt_ctx* c, int tid, int phase) {
+  if (!c->profiling || tid != 0) return;
+  const double t = now_s();
+  c->prof[phase] += t - c->prof_mark;
+  c->prof_mark = t;
 }
 
 void panel_share(const rt_mat* W, int tid, int nth, int* p0, int* p1) {
@@ -83,7 +98,7 @@ static void free_ctx(rt_ctx* c) {
   free(c->x); free(c->x_par); free(c->tmp); free(c->qkv); free(c->hbuf); free(c->att_scratch); free(c->items);
   free_act(&c->a_in); free_act(&c->a_att); free_act(&c->a_h);
   rt_moe_scratch* S = &c->moe;
-  free(S->scores); free(S->idx); free(S->w); free(S->start); free(S->slot); free(S->tok); free(S->h);
+  free(S->scores); free(S->idx); free(S->w); free(S->start); free(S->slot); free(S->tok); free(S->h); free(S->part);
   free(S->sq); free(S->sqs); free(S->sqsum); free(S->feats); free(S->thr);
   free(c);
 }
@@ -156,6 +171,8 @@ rt_ctx* rt_create(const rt_desc* desc, int n_threads) {
   S->slot = (int32_t*)rt_alloc((size_t)(T * c->A_max) * sizeof(int32_t));
   S->tok = (int32_t*)rt_alloc((size_t)(T * c->A_max) * sizeof(int32_t));
   S->h = (float*)rt_alloc((size_t)(T * c->A_max * c->m_max) * sizeof(float));
+  const int64_t units = (c->A_max * c->m_max + NEURON_CHUNK - 1) / NEURON_CHUNK;
+  S->part = (float*)rt_alloc((size_t)(RT_MIN(T, EXPERT_MAJOR_T - 1) * units * c->dp) * sizeof(float));
   S->sq = (int8_t*)rt_alloc((size_t)(T * c->dp) + 64);
   S->sqs = (float*)rt_alloc((size_t)T * sizeof(float));
   S->sqsum = (int32_t*)rt_alloc((size_t)T * sizeof(int32_t));
@@ -164,7 +181,7 @@ rt_ctx* rt_create(const rt_desc* desc, int n_threads) {
   S->thr = (float*)rt_alloc((size_t)(nth * S->thr_len) * sizeof(float));
   if (!c->pool || !c->k_cache || !c->v_cache || !c->ropes || !c->x || !c->x_par || !c->tmp || !c->qkv || !c->hbuf ||
       !c->att_scratch || !c->items || D->hd > RT_MAX_HD || alloc_act(&c->a_in, T, c->dp) || alloc_act(&c->a_att, T, c->att_n) ||
-      alloc_act(&c->a_h, T, c->n_max) || !S->scores || !S->idx || !S->w || !S->start || !S->slot || !S->tok || !S->h ||
+      alloc_act(&c->a_h, T, c->n_max) || !S->scores || !S->idx || !S->w || !S->start || !S->slot || !S->tok || !S->h || !S->part ||
       !S->sq || !S->sqs || !S->sqsum || !S->feats || !S->thr || rope_tables(c)) {
     free_ctx(c);
     return NULL;
@@ -189,6 +206,7 @@ static void step_job(void* arg, int tid, int nth) {
   }
   if (tid == 0) attention_items(c);
   pool_barrier(c->pool);
+  prof_mark(c, tid, PROF_EMBED);
   for (int l = 0; l < D->n_layers; l++) {
     const rt_layer* L = &D->layers[l];
     if (L->parallel) {  /* both blocks add to x_par, a copy of x, and read x itself */
@@ -209,6 +227,7 @@ static void step_job(void* arg, int tid, int nth) {
   pool_barrier(c->pool);
   int p0, p1;
   panel_share(&D->lm_head, tid, nth, &p0, &p1);
+  prof_mark(c, tid, PROF_FFN);  /* the final norm */
   panel_matmul(&D->lm_head, p0, p1, &c->a_in, c->n_out, c->logits, (int)c->ld_logits);
   const int n0 = p0 * RT_PANEL_ROWS, n1 = RT_MIN(p1 * RT_PANEL_ROWS, D->vocab);
   for (int i = 0; i < c->n_out; i++) {
@@ -236,6 +255,16 @@ int rt_step(rt_ctx* c, int T, const int32_t* tokens, const int32_t* pos, const i
   c->logits = logits;
   c->ld_logits = ld_logits;
   atomic_store(&c->status, 0);
+  if (c->profiling) c->prof_mark = now_s();
   pool_run(c->pool, step_job, c);
+  prof_mark(c, 0, PROF_LM_HEAD);
   return atomic_load(&c->status);
+}
+
+/* Profiling on (1) or off (0); out (if not NULL) receives the seconds per phase summed since the
+ * last call (embed, qkv, attention, wo, ffn norm, router, ffn, lm_head), which are then reset. */
+void rt_profile(rt_ctx* c, int on, double* out) {
+  if (out) memcpy(out, c->prof, sizeof(c->prof));
+  memset(c->prof, 0, sizeof(c->prof));
+  c->profiling = on;
 }
