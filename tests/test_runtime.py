@@ -129,12 +129,14 @@ def carved_tiny():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
-def test_decode_steps_after_a_prefill_equal_the_full_forward(carved_tiny, precision):
-    rt = Runtime(carved_tiny, precision, threads=2, max_ctx=64, max_tokens=5)  # prompt chunks of 5
-    full = logits_of(rt, PROMPT)
-    rt.prefill(PROMPT[:7])
-    for i in range(7, len(PROMPT)):
-        assert torch.equal(rt.step([PROMPT[i]], [i], [0], [0])[0], full[i])
+@pytest.mark.parametrize("chunk", [5, 64])  # prompt chunks of 5 (each token's neurons in turn) or 64 (each neuron's tokens)
+def test_decode_steps_after_a_prefill_equal_the_full_forward(carved_tiny, precision, chunk):
+    prompt = PROMPT * 2  # 32 tokens: a chunk of 64 takes the expert-major path
+    rt = Runtime(carved_tiny, precision, threads=2, max_ctx=64, max_tokens=chunk)
+    full = logits_of(rt, prompt)
+    rt.prefill(prompt[:7])
+    for i in range(7, len(prompt)):
+        assert torch.equal(rt.step([prompt[i]], [i], [0], [0])[0], full[i])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])

@@ -294,15 +294,16 @@ static void hidden_expert_major(rt_ctx* c, const rt_layer* L, int s0, int s1, fl
     int s_end = s + 1;
     while (s_end < s1 && S->idx[S->slot[s_end]] == e) s_end++;
     const int n = s_end - s;
-    for (int j = 0; j < m; j++) {
+    for (int j = 0; j < m; j++) {  /* the arithmetic of neuron_group, so prefill and decode agree bit for bit */
       const int64_t id = (int64_t)e * m + j;
-      rows2_dot_tokens(&M->neurons, id * P, L->gated ? id * P + 1 : id * P, &c->a_in, S->tok + s, n, gbuf, ubuf);
+      rows2_dot_tokens(&M->neurons, id * P, L->gated ? id * P + 1 : id * P, &c->a_in, S->tok + s, n, gbuf, ubuf,
+                       ubuf + c->desc.max_tokens);
       for (int i = 0; i < n; i++) {
         float g = gbuf[i] + (M->bias ? M->bias[2 * id] : 0.0f);
         act_inplace(&g, 1, L->act);
-        if (L->gated) g *= ubuf[i] + (M->bias ? M->bias[2 * id + 1] : 0.0f);
         const int sl = S->slot[s + i];
-        S->h[(int64_t)sl * m + j] = g * S->w[sl];
+        const float up = L->gated ? ubuf[i] + (M->bias ? M->bias[2 * id + 1] : 0.0f) : 1.0f;
+        S->h[(int64_t)sl * m + j] = g * (up * S->w[sl]);
       }
     }
     s = s_end;
@@ -369,14 +370,18 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
   } else {
     for (int t = 0; t < T; t++) memset(c->tmp + (int64_t)t * c->dp + k0, 0, (size_t)(k1 - k0) * sizeof(float));
   }
-  if (expert_major) {
-    for (int s = 0; s < S->n_slots; s++) {  /* y[t, k0:k1] += h * output column, slots in expert order */
+  if (expert_major) {  /* the token-major units' partials, filled expert by expert: the same sums */
+    for (int64_t u = 0; u < (int64_t)T * nch; u++) memset(S->part + u * c->dp + k0, 0, (size_t)(k1 - k0) * sizeof(float));
+    for (int s = 0; s < S->n_slots; s++) {  /* part[t, unit, k0:k1] += h * output column, slots in expert order */
       const int sl = S->slot[s], e = S->idx[sl], t = S->tok[s];
-      float* y = c->tmp + (int64_t)t * c->dp + k0;
-      for (int j = 0; j < m; j++)
+      for (int j = 0; j < m; j++) {
+        const int i = (sl % A) * m + j;  /* the neuron's place in its token's picks */
+        float* y = S->part + ((int64_t)t * nch + i / NEURON_CHUNK) * c->dp + k0;
         row_axpy(&M->neurons, ((int64_t)e * m + j) * M->per + M->per - 1, S->h[(int64_t)sl * m + j], k0, k1, y);
+      }
     }
-  } else {  /* y[t, k0:k1] += the token's unit partials, in unit order */
+  }
+  {  /* y[t, k0:k1] += the token's unit partials, in unit order */
     for (int t = 0; t < T; t++) {
       float* y = c->tmp + (int64_t)t * c->dp;
       for (int u = 0; u < nch; u++) {

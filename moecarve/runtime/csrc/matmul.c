@@ -13,6 +13,7 @@
  * y += s * row (the neuron's down column).
  * Each kernel has a portable C version with the same layouts (machines without AVX-512).
  */
+#include <math.h>
 #include <string.h>
 
 #include "internal.h"
@@ -242,10 +243,16 @@ void panel_tile(int dtype, const void* W, int64_t ps, int Kp, const void* X, int
 void row_axpy(const rt_mat* W, int64_t row, float s, int k0, int k1, float* y) {
   const int64_t Kp = kpad(W);
   const int n = k1 - k0;
+  /* every update is one fused multiply-add, vector or scalar, so that a neuron's contribution is
+   * rounded the same whichever kernel adds it (rows_axpy adds four rows per pass the same way) */
   if (W->dtype == RT_F32) {
     const float* w = (const float*)W->data + row * Kp + k0;
-#pragma omp simd
-    for (int k = 0; k < n; k++) y[k] += s * w[k];
+    int k = 0;
+#ifdef RT_AVX512
+    const __m512 sv = _mm512_set1_ps(s);
+    for (; k + 16 <= n; k += 16) _mm512_storeu_ps(y + k, _mm512_fmadd_ps(_mm512_loadu_ps(w + k), sv, _mm512_loadu_ps(y + k)));
+#endif
+    for (; k < n; k++) y[k] = fmaf(w[k], s, y[k]);
   } else if (W->dtype == RT_BF16) {
     const uint16_t* w = (const uint16_t*)W->data + row * Kp + k0;
     int k = 0;
@@ -256,7 +263,7 @@ void row_axpy(const rt_mat* W, int64_t row, float s, int k0, int k1, float* y) {
       _mm512_storeu_ps(y + k, _mm512_fmadd_ps(wf, sv, _mm512_loadu_ps(y + k)));
     }
 #endif
-    for (; k < n; k++) y[k] += s * bf16_to_f32(w[k]);
+    for (; k < n; k++) y[k] = fmaf(bf16_to_f32(w[k]), s, y[k]);
   } else {
     const uint8_t* w = (const uint8_t*)W->data + row * rt_row_bytes(Kp);
     const uint16_t* ws = (const uint16_t*)(w + Kp);
@@ -273,7 +280,7 @@ void row_axpy(const rt_mat* W, int64_t row, float s, int k0, int k1, float* y) {
         _mm512_storeu_ps(y + k - k0, _mm512_fmadd_ps(wf, sv, _mm512_loadu_ps(y + k - k0)));
       }
 #endif
-      for (; k < hi; k++) y[k - k0] += sb * (float)((int32_t)w[k] - 128);
+      for (; k < hi; k++) y[k - k0] = fmaf((float)((int32_t)w[k] - 128), sb, y[k - k0]);
     }
   }
 }

@@ -9,6 +9,7 @@
  * VPDPBUSD's result; the row's block scales are read 16 at a time and spread to those lanes by one
  * permute, times the token's block scales (the same for every row, spread once per token).
  */
+#include <math.h>
 #include <string.h>
 
 #include "internal.h"
@@ -83,11 +84,13 @@ static void dot8_bf16(const rt_mat* W, const int64_t* rows, const rt_act* X, int
 #endif
 
 #ifdef RT_VNNI
-/* spread (token-wide): xs[c] = [s_2c x8, s_2c+1 x8] per 64-byte chunk c, corr[b] = 128 s_b sum_b */
-static void dot8_i8(const rt_mat* W, const int64_t* rows, const rt_act* X, int64_t t, const float* spread,
-                    const float* corr, float* out) {
+/* Eight (row, token) pairs: out[i] = W[rows[i]] . X[token i], for int8 rows and int8 tokens, with
+ * the token's block scales spread per 64-byte chunk (spread[i]: [s_2c x8, s_2c+1 x8] per chunk c)
+ * and corrections (corr[i]: c_b = 128 s_b sum_b). Decode passes one token eight times, prefill two
+ * rows four tokens: either way each pair gets the same arithmetic, in the same order. */
+static void dot8_i8_pairs(const rt_mat* W, const int64_t* rows, const int8_t* const* x, const float* const* spread,
+                          const float* const* corr, float* out) {
   const int64_t Kp = rt_pad(W->cols, RT_BLOCK), nc = Kp / 64;
-  const int8_t* x = X->q + t * X->ld;
   const uint8_t* w[NR];
   const uint16_t* ws[NR];
   __m512 acc[NR];
@@ -104,22 +107,30 @@ static void dot8_i8(const rt_mat* W, const int64_t* rows, const rt_act* X, int64
     for (int i = 0; i < NR; i++) {
       wsv[i] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, ws[i] + 2 * c0));
       /* the correction of these blocks: sum_b w_scale_b * corr_b */
-      cacc[i] += _mm512_reduce_add_ps(_mm512_mul_ps(wsv[i], _mm512_maskz_loadu_ps(mk, corr + 2 * c0)));
+      cacc[i] += _mm512_reduce_add_ps(_mm512_mul_ps(wsv[i], _mm512_maskz_loadu_ps(mk, corr[i] + 2 * c0)));
     }
     for (int c = 0; c < cn; c++) {
       const int64_t k = (c0 + c) * 64;
-      const __m512i xv = _mm512_loadu_si512(x + k);
-      const __m512 xs = _mm512_loadu_ps(spread + (c0 + c) * 16);
       const __m512i lanes = _mm512_set_epi32(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1,
                                              2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c);
       for (int i = 0; i < NR; i++) {
-        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(w[i] + k), xv);
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(w[i] + k), _mm512_loadu_si512(x[i] + k));
+        const __m512 xs = _mm512_loadu_ps(spread[i] + (c0 + c) * 16);
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_permutexvar_ps(lanes, wsv[i]), xs), acc[i]);
       }
     }
   }
   __m256 r = hsum8(acc);
   _mm256_storeu_ps(out, _mm256_sub_ps(r, _mm256_loadu_ps(cacc)));
+}
+
+static void dot8_i8(const rt_mat* W, const int64_t* rows, const rt_act* X, int64_t t, const float* spread,
+                    const float* corr, float* out) {
+  const int8_t* x[NR];
+  const float* sp[NR];
+  const float* co[NR];
+  for (int i = 0; i < NR; i++) x[i] = X->q + t * X->ld, sp[i] = spread, co[i] = corr;
+  dot8_i8_pairs(W, rows, x, sp, co, out);
 }
 #endif
 
@@ -251,7 +262,7 @@ void rows_axpy(const rt_mat* W, const int64_t* rows, const float* h, int n, int 
           _mm512_storeu_ps(y + k - k0, acc);
         }
         for (; k < hi; k++)
-          for (int j = 0; j < 4; j++) y[k - k0] += h[i + j] * f16_to_f32(ws[j][b]) * (float)((int32_t)w[j][k] - 128);
+          for (int j = 0; j < 4; j++) y[k - k0] = fmaf((float)((int32_t)w[j][k] - 128), h[i + j] * f16_to_f32(ws[j][b]), y[k - k0]);
       }
     }
   }
@@ -263,8 +274,34 @@ void rows_axpy(const rt_mat* W, const int64_t* rows, const float* h, int n, int 
  * per pass (8 accumulators): each row vector loaded once serves four tokens (prefill, where the
  * picked rows stay put and the tokens stream). */
 void rows2_dot_tokens(const rt_mat* W, int64_t ra, int64_t rb, const rt_act* X, const int32_t* tokens, int n,
-                      float* oa, float* ob) {
+                      float* oa, float* ob, float* scratch) {
   int i = 0;
+#ifdef RT_VNNI
+  if (W->dtype == RT_I8 && dot8_vector(W)) {  /* int8: the tokens' block scales spread, 4 tokens per pass */
+    const int64_t Kp = rt_pad(W->cols, RT_BLOCK), span = Kp / 4 + Kp / RT_BLOCK;
+    for (; i < n; i += 4) {
+      const int nk = RT_MIN(4, n - i);
+      int64_t rows[NR];
+      const int8_t* x[NR];
+      const float* sp[NR];
+      const float* co[NR];
+      float r[NR];
+      for (int j = 0; j < 4; j++) {
+        const int64_t t = tokens[i + (j < nk ? j : 0)];
+        float* s = scratch + j * span;
+        token_spread(X, t, Kp, s, s + Kp / 4);
+        rows[j] = ra, rows[4 + j] = rb;
+        x[j] = x[4 + j] = X->q + t * X->ld;
+        sp[j] = sp[4 + j] = s;
+        co[j] = co[4 + j] = s + Kp / 4;
+      }
+      dot8_i8_pairs(W, rows, x, sp, co, r);
+      for (int j = 0; j < nk; j++) oa[i + j] = r[j], ob[i + j] = r[4 + j];
+    }
+    return;
+  }
+#endif
+  (void)scratch;
 #ifdef RT_AVX512
   const int64_t Kp = rt_pad(W->cols, RT_BLOCK);
 #ifdef RT_AVX512BF16

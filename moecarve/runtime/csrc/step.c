@@ -172,12 +172,13 @@ rt_ctx* rt_create(const rt_desc* desc, int n_threads) {
   S->tok = (int32_t*)rt_alloc((size_t)(T * c->A_max) * sizeof(int32_t));
   S->h = (float*)rt_alloc((size_t)(T * c->A_max * c->m_max) * sizeof(float));
   const int64_t units = (c->A_max * c->m_max + NEURON_CHUNK - 1) / NEURON_CHUNK;
-  S->part = (float*)rt_alloc((size_t)(RT_MIN(T, EXPERT_MAJOR_T - 1) * units * c->dp) * sizeof(float));
+  S->part = (float*)rt_alloc((size_t)(T * units * c->dp) * sizeof(float));
   S->sq = (int8_t*)rt_alloc((size_t)(T * c->dp) + 64);
   S->sqs = (float*)rt_alloc((size_t)T * sizeof(float));
   S->sqsum = (int32_t*)rt_alloc((size_t)T * sizeof(int32_t));
   S->feats = (float*)rt_alloc((size_t)(T * c->feats_max) * sizeof(float));
-  S->thr_len = rt_pad(RT_MAX(RT_MAX(2 * c->E_max, 2 * T), c->dp / 4 + c->dp / RT_BLOCK) + 16, 16);
+  /* per thread: selection [2E], or gate/up values [2T] + four tokens' int8 spreads, or one token's */
+  S->thr_len = rt_pad(RT_MAX(2 * c->E_max, 2 * T + 4 * (c->dp / 4 + c->dp / RT_BLOCK)) + 16, 16);
   S->thr = (float*)rt_alloc((size_t)(nth * S->thr_len) * sizeof(float));
   if (!c->pool || !c->k_cache || !c->v_cache || !c->ropes || !c->x || !c->x_par || !c->tmp || !c->qkv || !c->hbuf ||
       !c->att_scratch || !c->items || D->hd > RT_MAX_HD || alloc_act(&c->a_in, T, c->dp) || alloc_act(&c->a_att, T, c->att_n) ||
