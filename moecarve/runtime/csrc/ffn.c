@@ -238,15 +238,15 @@ static inline int64_t picked_neuron(const rt_moe_scratch* S, const rt_moe* M, in
   return (int64_t)e * M->m + i % M->m;
 }
 
-/* up to 8 neurons of token t: h = act(gate + b) * (up + b) * w, then part += h * output column.
- * The gate rows of all n neurons are dotted in one pass (n runs of memory in flight), then the up
- * rows and the columns, which by then the prefetchers have streamed in behind the gate rows. */
-static void neuron_group(rt_ctx* c, const rt_layer* L, int t, const int64_t* ids, const float* wv, int n, float* part,
+/* up to 8 neurons of token t: h = act(gate + b) * (up + b) * w. The gate rows of all n neurons are
+ * dotted in one pass (n runs of memory in flight), then the up rows, which by then the prefetchers
+ * have streamed in behind the gate rows (and the output columns behind them). */
+static void neuron_group(rt_ctx* c, const rt_layer* L, int t, const int64_t* ids, const float* wv, int n, float* h,
                          const float* spread, const float* corr) {
   const rt_moe* M = &L->moe;
   const int P = M->per, gated = L->gated;
   int64_t rows[16];
-  float out[16], h[8];
+  float out[16];
   for (int k = 0; k < n; k++) {
     rows[k] = ids[k] * P;
     rows[n + k] = ids[k] * P + 1;
@@ -257,28 +257,32 @@ static void neuron_group(rt_ctx* c, const rt_layer* L, int t, const int64_t* ids
   for (int k = 0; k < n; k++) {
     const float up = gated ? out[n + k] + (M->bias ? M->bias[2 * ids[k] + 1] : 0.0f) : 1.0f;
     h[k] *= up * wv[k];
-    rows[k] = ids[k] * P + P - 1;
   }
-  rows_axpy(&M->neurons, rows, h, n, 0, c->desc.d, part);
 }
 
-/* unit (t, ch): neurons [ch C, ch C + C) of token t's picks into part [d], 8 at a time */
-static void neuron_unit(rt_ctx* c, const rt_layer* L, int t, int ch, float* part, float* scratch) {
+/* the output of one unit of a token's picks: part [d] = sum of h * output column over the unit's
+ * neurons, in order; h from `hs` (computed already, prefill) or here (decode: hs NULL) */
+static void neuron_unit(rt_ctx* c, const rt_layer* L, int t, int ch, const float* hs, float* part, float* scratch) {
   const rt_moe* M = &L->moe;
-  const int N = M->A * M->m, i1 = RT_MIN(N, (ch + 1) * NEURON_CHUNK);
+  const int N = M->A * M->m, i1 = RT_MIN(N, (ch + 1) * NEURON_CHUNK), m = M->m;
   const int64_t Kp = rt_pad(c->desc.d, RT_BLOCK);
-  float* spread = scratch;       /* [Kp / 4] */
-  float* corr = spread + Kp / 4; /* [Kp / 32] */
-  if (M->neurons.dtype == RT_I8) token_spread(&c->a_in, t, Kp, spread, corr);
-  memset(part, 0, (size_t)c->desc.d * sizeof(float));
   int64_t ids[NEURON_CHUNK];
-  float wv[NEURON_CHUNK];
+  float wv[NEURON_CHUNK], h[NEURON_CHUNK];
   int n = 0;
   for (int i = ch * NEURON_CHUNK; i < i1; i++) {
     const int64_t id = picked_neuron(&c->moe, M, t, i, &wv[n]);
-    if (id >= 0) ids[n++] = id;
+    if (id < 0) continue;
+    if (hs) h[n] = hs[((int64_t)t * M->A + i / m) * m + i % m];
+    ids[n++] = id;
   }
-  for (int g = 0; g < n; g += 8) neuron_group(c, L, t, ids + g, wv + g, RT_MIN(8, n - g), part, spread, corr);
+  if (!hs) {
+    float* spread = scratch;       /* [Kp / 4] */
+    float* corr = spread + Kp / 4; /* [Kp / 32] */
+    if (M->neurons.dtype == RT_I8) token_spread(&c->a_in, t, Kp, spread, corr);
+    for (int g = 0; g < n; g += 8) neuron_group(c, L, t, ids + g, wv + g, RT_MIN(8, n - g), h + g, spread, corr);
+  }
+  for (int k = 0; k < n; k++) ids[k] = ids[k] * M->per + M->per - 1;  /* the output columns */
+  unit_down(&M->neurons, ids, h, n, c->desc.d, part);
 }
 
 /* Expert-major hidden activations of sorted slots [s0, s1): a run of slots of one expert shares its
@@ -349,14 +353,14 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
     dense_up(c, Sh, L->gated, L->act, p0, p1, T);
   }
   const int nch = (A * m + NEURON_CHUNK - 1) / NEURON_CHUNK;  /* token-major units per token */
-  if (expert_major) {
+  if (expert_major) {  /* each neuron's tokens at once, then the units' outputs from those h */
     rt_share(S->n_slots, tid, nth, &a, &b);
     hidden_expert_major(c, L, (int)a, (int)b, thr);
-  } else {
-    rt_share((int64_t)T * nch, tid, nth, &a, &b);
-    for (int64_t u = a; u < b; u++)
-      neuron_unit(c, L, (int)(u / nch), (int)(u % nch), S->part + u * c->dp, thr);
+    pool_barrier(c->pool);
   }
+  rt_share((int64_t)T * nch, tid, nth, &a, &b);
+  for (int64_t u = a; u < b; u++)
+    neuron_unit(c, L, (int)(u / nch), (int)(u % nch), expert_major ? S->h : NULL, S->part + u * c->dp, thr);
   pool_barrier(c->pool);
 
   int k0, k1;
@@ -370,25 +374,12 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
   } else {
     for (int t = 0; t < T; t++) memset(c->tmp + (int64_t)t * c->dp + k0, 0, (size_t)(k1 - k0) * sizeof(float));
   }
-  if (expert_major) {  /* the token-major units' partials, filled expert by expert: the same sums */
-    for (int64_t u = 0; u < (int64_t)T * nch; u++) memset(S->part + u * c->dp + k0, 0, (size_t)(k1 - k0) * sizeof(float));
-    for (int s = 0; s < S->n_slots; s++) {  /* part[t, unit, k0:k1] += h * output column, slots in expert order */
-      const int sl = S->slot[s], e = S->idx[sl], t = S->tok[s];
-      for (int j = 0; j < m; j++) {
-        const int i = (sl % A) * m + j;  /* the neuron's place in its token's picks */
-        float* y = S->part + ((int64_t)t * nch + i / NEURON_CHUNK) * c->dp + k0;
-        row_axpy(&M->neurons, ((int64_t)e * m + j) * M->per + M->per - 1, S->h[(int64_t)sl * m + j], k0, k1, y);
-      }
-    }
-  }
-  {  /* y[t, k0:k1] += the token's unit partials, in unit order */
-    for (int t = 0; t < T; t++) {
-      float* y = c->tmp + (int64_t)t * c->dp;
-      for (int u = 0; u < nch; u++) {
-        const float* pu = S->part + ((int64_t)t * nch + u) * c->dp;
+  for (int t = 0; t < T; t++) {  /* y[t, k0:k1] += the token's unit outputs, in unit order */
+    float* y = c->tmp + (int64_t)t * c->dp;
+    for (int u = 0; u < nch; u++) {
+      const float* pu = S->part + ((int64_t)t * nch + u) * c->dp;
 #pragma omp simd
-        for (int k = k0; k < k1; k++) y[k] += pu[k];
-      }
+      for (int k = k0; k < k1; k++) y[k] += pu[k];
     }
   }
   finish(c, L, M->out_bias, k0, k1, t0, t1, tid);

@@ -115,6 +115,7 @@ void token_spread(const rt_act* X, int64_t t, int64_t Kp, float* spread, float* 
 void rows_dot(const rt_mat* W, const int64_t* rows, int n, const rt_act* X, int64_t t, const float* spread,
               const float* corr, float* out);
 void rows_axpy(const rt_mat* W, const int64_t* rows, const float* h, int n, int k0, int k1, float* y);
+void unit_down(const rt_mat* W, const int64_t* rows, const float* h, int n, int d, float* part);
 /* scratch: 4 * (Kp / 4 + Kp / 32) floats (int8 rows) */
 void rows2_dot_tokens(const rt_mat* W, int64_t ra, int64_t rb, const rt_act* X, const int32_t* tokens, int n,
                       float* oa, float* ob, float* scratch);
