@@ -192,6 +192,35 @@ int shadow_scores_q(const int8_t* q, const float* qs, const int32_t* qsum, int T
     const float s = qs[t];
     const int32_t* dt = dots + (int64_t)t * R;
     float* out = scores + (int64_t)t * lds;
+#ifdef HAVE_VNNI
+    if (gated && m == 1) {  /* single-neuron experts: 16 at a time, the gate and up rows de-interleaved */
+      const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+      const __m512 sv = _mm512_set1_ps(s);
+      int e = 0;
+      for (; e + 16 <= E; e += 16) {
+        const int64_t r = 2 * (int64_t)e;
+        __m512 h0 = _mm512_mul_ps(_mm512_mul_ps(sv, _mm512_loadu_ps(row_scale + r)), _mm512_cvtepi32_ps(_mm512_loadu_si512(dt + r)));
+        __m512 h1 = _mm512_mul_ps(_mm512_mul_ps(sv, _mm512_loadu_ps(row_scale + r + 16)), _mm512_cvtepi32_ps(_mm512_loadu_si512(dt + r + 16)));
+        if (in_bias) {
+          h0 = _mm512_add_ps(h0, _mm512_loadu_ps(in_bias + r));
+          h1 = _mm512_add_ps(h1, _mm512_loadu_ps(in_bias + r + 16));
+        }
+        float g[16];
+        _mm512_storeu_ps(g, _mm512_permutex2var_ps(h0, even, h1));
+        act_vec(g, 16, act);
+        const __m512 prod = _mm512_mul_ps(_mm512_loadu_ps(g), _mm512_permutex2var_ps(h0, odd, h1));
+        _mm512_storeu_ps(out + e, _mm512_abs_ps(prod));
+      }
+      for (; e < E; e++) {
+        float g = s * row_scale[2 * e] * (float)dt[2 * e] + (in_bias ? in_bias[2 * e] : 0.0f);
+        const float u = s * row_scale[2 * e + 1] * (float)dt[2 * e + 1] + (in_bias ? in_bias[2 * e + 1] : 0.0f);
+        act_vec(&g, 1, act);
+        out[e] = fabsf(g * u);
+      }
+      continue;
+    }
+#endif
 #pragma omp simd
     for (int r = 0; r < R; r++) h[r] = s * row_scale[r] * (float)dt[r] + (in_bias ? in_bias[r] : 0.0f);
     memcpy(a, h, (size_t)R * sizeof(float));
@@ -238,20 +267,25 @@ static inline uint32_t order_key(float f) {
 
 /* The k-th largest key of v[ids[0..n)] by radix selection: three histogram passes over the keys'
  * 11 + 11 + 10 bits, each narrowing the prefix the k-th key has. O(n), no data-dependent swaps. */
-static uint32_t kth_key(const float* v, const int32_t* ids, int n, int k, uint32_t* keys) {
+static uint32_t kth_key(const float* v, const int32_t* ids, int n, int k, uint32_t* keys, uint32_t* cand) {
   static const int shift[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
-  uint32_t prefix = 0, mask = 0;
+  uint32_t prefix = 0;
   int32_t hist[2048];
   for (int i = 0; i < n; i++) keys[i] = order_key(v[ids[i]]);
+  const uint32_t* src = keys;
+  int ns = n;
   for (int p = 0; p < 3; p++) {
     const int nb = 1 << bits[p];
     memset(hist, 0, (size_t)nb * sizeof(int32_t));
-    for (int i = 0; i < n; i++)
-      if ((keys[i] & mask) == prefix) hist[(keys[i] >> shift[p]) & (nb - 1)]++;
+    for (int i = 0; i < ns; i++) hist[(src[i] >> shift[p]) & (nb - 1)]++;
     int b = nb - 1;
     for (; b > 0 && hist[b] < k; b--) k -= hist[b];  /* the bucket holding the k-th largest */
     prefix |= (uint32_t)b << shift[p];
-    mask |= (uint32_t)(nb - 1) << shift[p];
+    int nc = 0;  /* the next pass looks at this bucket's keys only */
+    for (int i = 0; i < ns; i++)
+      if (((src[i] >> shift[p]) & (nb - 1)) == (uint32_t)b) cand[nc++] = src[i];
+    src = cand;
+    ns = nc;
   }
   return prefix;
 }
@@ -283,10 +317,10 @@ static void select_top_small(const float* v, int32_t* ids, int n, int k) {
  * go to the lower index); small n: quickselect. */
 void select_top(const float* v, int32_t* ids, int n, int k) {
   if (n >= 256 && k < n) {
-    uint32_t* keys = (uint32_t*)malloc((size_t)n * (sizeof(uint32_t) + sizeof(int32_t)));
+    uint32_t* keys = (uint32_t*)malloc((size_t)n * (2 * sizeof(uint32_t) + sizeof(int32_t)));
     if (keys) {
       int32_t* out = (int32_t*)(keys + n);
-      const uint32_t kth = kth_key(v, ids, n, k, keys);
+      const uint32_t kth = kth_key(v, ids, n, k, keys, keys + 2 * n);
       int above = 0;
       for (int i = 0; i < n; i++) above += keys[i] > kth;
       int a = 0, t = above, r = k;  /* [0, above): above the k-th; [above, k): its ties, first come; [k, n): the rest */
