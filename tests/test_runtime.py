@@ -132,7 +132,7 @@ def carved_tiny():
 @pytest.mark.parametrize("chunk", [5, 64])  # prompt chunks of 5 (each token's neurons in turn) or 64 (each neuron's tokens)
 def test_decode_steps_after_a_prefill_equal_the_full_forward(carved_tiny, precision, chunk):
     prompt = PROMPT * 2  # 32 tokens: a chunk of 64 takes the expert-major path
-    rt = Runtime(carved_tiny, precision, threads=2, max_ctx=64, max_tokens=chunk)
+    rt = Runtime(carved_tiny, precision, threads=2, max_ctx=64, max_tokens=chunk, prefill="routed")
     full = logits_of(rt, prompt)
     rt.prefill(prompt[:7])
     for i in range(7, len(prompt)):
@@ -143,6 +143,47 @@ def test_decode_steps_after_a_prefill_equal_the_full_forward(carved_tiny, precis
 def test_results_do_not_depend_on_the_thread_count(carved_tiny, precision):
     outs = [logits_of(Runtime(carved_tiny, precision, threads=n, max_ctx=64), PROMPT) for n in (1, 2, 3)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def every_expert(model):
+    """A copy of a carved model whose routers pick every expert (what the runtime's dense path computes)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for mod in model.modules():
+        if type(mod).__name__ == "CarvedMoE":
+            mod.router.top_k = mod.spec.n_routed
+    return model
+
+
+@pytest.mark.parametrize("config", ["S0A32E128", "S2A2E8"])
+def test_dense_prefill_computes_every_expert(config):
+    """Prompt tokens run the carved layers with every expert as one dense MLP (shared neurons too)."""
+    model = tiny_model("llama")
+    carve(model, CarveConfig.from_string(config), random_windows(4, 32))
+    rt = Runtime(model, "fp32", threads=2, max_ctx=64)
+    got = logits_of(rt, PROMPT, routed=False)
+    assert rel_err(got, hf_logits(every_expert(model), PROMPT)) < TOL["fp32"]
+    assert rel_err(got, hf_logits(model, PROMPT)) > 1e-3  # and that is not the routed carve
+
+
+def test_large_decode_batches_run_every_expert(carved_tiny):
+    """From dense_batch sequences on, decode steps run every expert: each sequence then gets what it
+    gets alone under that policy; below it, what it gets routed alone."""
+    prompts = [PROMPT[: 4 + i] for i in range(4)]
+
+    def batched(rt):
+        engine = Engine(rt)
+        reqs = [engine.submit(p, 6) for p in prompts]
+        engine.run_until_idle()
+        return [r.output for r in reqs]
+
+    dense_alone = Runtime(carved_tiny, "fp32", threads=1, max_ctx=64, max_slots=4, dense_batch=1)
+    routed_alone = Runtime(carved_tiny, "fp32", threads=1, max_ctx=64, max_slots=4)
+    at_4 = Runtime(carved_tiny, "fp32", threads=1, max_ctx=64, max_slots=4, dense_batch=4)
+    assert batched(at_4) == [list(generate(dense_alone, p, 6)) for p in prompts]
+    assert batched(routed_alone) == [list(generate(routed_alone, p, 6)) for p in prompts]
+    assert [list(generate(dense_alone, p, 6)) for p in prompts] != [list(generate(routed_alone, p, 6)) for p in prompts]
 
 
 def test_batched_rows_equal_the_same_sequences_alone(carved_tiny):
@@ -212,7 +253,7 @@ def test_carved_reference_model_agrees_with_its_reference_forward(reference, ref
     model = copy.deepcopy(reference)
     carve(model, CarveConfig.from_granularity(1536, expert_size=1, active=0.25), random_windows(2, 64, vocab=8192))
     ref = hf_logits(model, reference_ids)
-    got = logits_of(Runtime(model, "fp32", threads=2, max_ctx=128), reference_ids)
+    got = logits_of(Runtime(model, "fp32", threads=2, max_ctx=128, prefill="routed"), reference_ids)
     err = ((got - ref).abs().amax(-1) / ref.abs().amax(-1))
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
     assert err.median() < 1e-3

@@ -135,6 +135,7 @@ class Engine:
                 tokens.append(req.output[-1])
                 pos.append(n)
                 slots.append(req.slot)
+        n_decode = len(tokens)
         budget = self.rt.max_tokens - len(tokens)
         for req in batch:  # then prompt chunks, oldest request first
             if req.fed < len(req.prompt) and budget > 0:
@@ -147,7 +148,12 @@ class Engine:
                 if req.fed == len(req.prompt):
                     out_rows.append(len(tokens) - 1)
                     emit.append(req)
-        logits = self.rt.step(tokens, pos, slots, out_rows)
+        # the decode tokens come first: routed unless the batch is large; prompt tokens by the runtime's
+        # prefill policy (a step with a dense decode group runs its prompt tokens dense too)
+        routed = self.rt.decode_routed(n_decode)
+        if routed == n_decode:
+            routed += self.rt.prompt_routed(len(tokens) - n_decode)
+        logits = self.rt.step(tokens, pos, slots, out_rows, routed)
         now = time.perf_counter()
         for row, req in enumerate(emit):
             tok = req.sampler(logits[row])
@@ -291,10 +297,12 @@ class TextStream:
         return out
 
 
-def logits_of(runtime: Runtime, prompt: list[int]) -> torch.Tensor:
-    """Logits [len(prompt), vocab] of every prompt position (slot 0): a perplexity / test helper."""
+def logits_of(runtime: Runtime, prompt: list[int], routed: bool = True) -> torch.Tensor:
+    """Logits [len(prompt), vocab] of every prompt position (slot 0), carved layers routed (or with
+    every expert): a perplexity / test helper."""
     out = []
     for i in range(0, len(prompt), runtime.max_tokens):
         chunk = prompt[i : i + runtime.max_tokens]
-        out.append(runtime.step(chunk, range(i, i + len(chunk)), [0] * len(chunk), range(len(chunk))).clone())
+        n = len(chunk)
+        out.append(runtime.step(chunk, range(i, i + n), [0] * n, range(n), n if routed else 0).clone())
     return torch.cat(out)

@@ -77,7 +77,9 @@ def runtime_for(model, slots: int, need_ctx: int):
     cached = model.__dict__.get("_moecarve_runtime")
     if cached is None or cached[0] != key or cached[1].max_slots < slots or cached[1].max_ctx < need_ctx:
         ctx = max(need_ctx, min(adapters.max_positions(model.config) or need_ctx, 4096))
-        cached = model.__dict__["_moecarve_runtime"] = (key, Runtime(model, precision, max_ctx=ctx, max_slots=slots))
+        # every token routed: generate() computes the carved model's own function, as transformers does
+        rt = Runtime(model, precision, max_ctx=ctx, max_slots=slots, prefill="routed", dense_batch=None)
+        cached = model.__dict__["_moecarve_runtime"] = (key, rt)
     return cached[1]
 
 

@@ -41,7 +41,7 @@ class Dense(Structure):
 class Moe(Structure):
     _fields_ = [
         ("E", c_int32), ("m", c_int32), ("A", c_int32),
-        ("neurons", Mat), ("per", c_int32), ("bias", c_void_p), ("shared", Dense), ("out_bias", c_void_p),
+        ("neurons", Mat), ("per", c_int32), ("bias", c_void_p), ("shared", Dense), ("out_bias", c_void_p), ("all", Dense),
         ("router", c_int32), ("rank_softmax", c_int32), ("weight_mode", c_int32),
         ("r_bias", c_void_p), ("r_scale", c_void_p), ("threshold", c_float),
         ("sh_codes", c_void_p), ("sh_bits", c_int32), ("sh_scale", c_void_p), ("sh_bias", c_void_p),
@@ -89,7 +89,7 @@ def library() -> ctypes.CDLL:
             lib.rt_threads.argtypes, lib.rt_threads.restype = [c_void_p], c_int32
             lib.rt_features.argtypes, lib.rt_features.restype = [], ctypes.c_char_p
             P = c_void_p
-            lib.rt_step.argtypes = [P, c_int32, P, P, P, c_int32, P, P, c_int64]
+            lib.rt_step.argtypes = [P, c_int32, P, P, P, c_int32, c_int32, P, P, c_int64]
             lib.rt_step.restype = c_int32
             lib.rt_profile.argtypes, lib.rt_profile.restype = [P, c_int32, P], None
             _lib = lib

@@ -47,16 +47,34 @@ class Runtime:
     threads: worker threads (default: the physical cores). max_ctx: positions per sequence
     (default: the model's, at most 4096). max_slots: sequences decoded together. max_tokens: tokens
     per step (prompt chunks).
+
+    Carved models: a carve reads less per token than the dense model only where few tokens share a
+    step; a prompt chunk or a large batch picks nearly every expert anyway, and then one dense
+    product over all of them is faster than routing. So by default prompt tokens (prefill="dense")
+    and decode steps of at least `dense_batch` sequences run each carved layer with every expert
+    (its shared and routed neurons as one dense MLP, combine weight 1: between the carve and the
+    source model in quality, the dense model's speed), and decode steps of fewer sequences are
+    routed. prefill="routed" and dense_batch=None route every token: the carved model's own
+    function, as transformers computes it. Carves whose combine weights are not all 1 (the linear
+    router, a trained combine scale) are routed always.
     """
 
     def __init__(self, model: nn.Module, precision: str = "bf16", threads: int | None = None,
-                 max_ctx: int | None = None, max_slots: int = 1, max_tokens: int = 256):  # fmt: skip
+                 max_ctx: int | None = None, max_slots: int = 1, max_tokens: int = 256, prefill: str = "dense",
+                 dense_batch: int | None = 8):  # fmt: skip
         threads = default_threads() if threads is None else threads
         if threads < 1:
             raise RuntimeError_(f"threads must be at least 1 (got {threads})")
         if max_slots < 1 or max_tokens < 1:
             raise RuntimeError_("max_slots and max_tokens must be at least 1")
-        self.weights: Weights = load_weights(model, precision, max_ctx, max_slots, max_tokens)
+        if prefill not in ("dense", "routed"):
+            raise RuntimeError_(f"prefill must be 'dense' or 'routed' (got {prefill!r})")
+        if dense_batch is not None and dense_batch < 1:
+            raise RuntimeError_(f"dense_batch must be at least 1 or None (got {dense_batch})")
+        self.dense_prefill = prefill == "dense"
+        self.dense_batch = dense_batch if dense_batch is not None and dense_batch <= max_slots else None
+        all_experts = self.dense_prefill or self.dense_batch is not None
+        self.weights: Weights = load_weights(model, precision, max_ctx, max_slots, max_tokens, all_experts)
         lib = N.library()
         self._lib = lib
         self._ctx = lib.rt_create(ctypes.byref(self.weights.desc), threads)
@@ -78,11 +96,13 @@ class Runtime:
     def __del__(self):
         self.close()
 
-    def step(self, tokens, positions, slots, out_rows) -> torch.Tensor:
+    def step(self, tokens, positions, slots, out_rows, routed: int | None = None) -> torch.Tensor:
         """Run one step: tokens[i] at positions[i] of sequence slots[i] (lists or int tensors of
         T <= max_tokens); returns logits [len(out_rows), vocab] float32 of the token rows
-        out_rows, a view into a buffer the next step overwrites."""
+        out_rows, a view into a buffer the next step overwrites. Carved layers route the first
+        `routed` tokens (default: all) and run the rest with every expert, where packed."""
         T, n_out = len(tokens), len(out_rows)
+        routed = T if routed is None else routed
         if not 0 < T <= self.max_tokens or not 0 <= n_out <= T:
             raise RuntimeError_(f"a step takes 1..{self.max_tokens} tokens and at most as many logit rows (got {T}, {n_out})")
         ints = self._ints
@@ -99,7 +119,7 @@ class Runtime:
             raise RuntimeError_(f"token id {int(tk.max())} is outside the vocabulary of {self.vocab}")
         if n_out and (int(ints[3, :n_out].min()) < 0 or int(ints[3, :n_out].max()) >= T):
             raise RuntimeError_("an output row names a token outside the step")
-        rc = self._lib.rt_step(self._ctx, T, tk.data_ptr(), pos.data_ptr(), sl.data_ptr(), n_out,
+        rc = self._lib.rt_step(self._ctx, T, tk.data_ptr(), pos.data_ptr(), sl.data_ptr(), routed, n_out,
                                ints[3].data_ptr(), self._logits.data_ptr(), self._ld)  # fmt: skip
         if rc:
             raise MemoryError(f"the decode runtime failed a step (code {rc})")
@@ -113,6 +133,14 @@ class Runtime:
         self._lib.rt_profile(self._ctx, int(on), out)
         return dict(zip(N.PHASES, out))
 
+    def prompt_routed(self, n: int) -> int:
+        """How many of n prompt tokens the carved layers route (0 with dense prefill)."""
+        return 0 if self.dense_prefill else n
+
+    def decode_routed(self, n: int) -> int:
+        """How many of n decode tokens of one step the carved layers route (0 from dense_batch on)."""
+        return 0 if self.dense_batch is not None and n >= self.dense_batch else n
+
     def prefill(self, token_ids: list[int], slot: int = 0, start: int = 0) -> torch.Tensor:
         """Feed a sequence's tokens from position `start` in chunks; logits [vocab] of the last one."""
         if not token_ids:
@@ -124,5 +152,5 @@ class Runtime:
             chunk = token_ids[i : i + self.max_tokens]
             last = i + len(chunk) == len(token_ids)
             logits = self.step(chunk, range(start + i, start + i + len(chunk)), [slot] * len(chunk),
-                               [len(chunk) - 1] if last else [])  # fmt: skip
+                               [len(chunk) - 1] if last else [], self.prompt_routed(len(chunk)))  # fmt: skip
         return logits[0]

@@ -107,8 +107,40 @@ def _dense(w: Weights, gate, up, down, gate_b, up_b, down_b, gated: bool) -> N.D
     return N.Dense(w.mat(in_w, N.PANEL), w.mat(down, N.PANEL), w.f32(in_b), w.f32(down_b), down.shape[1])
 
 
-def _moe(w: Weights, mod: nn.Module, L: N.Layer) -> float:
-    """Fills L.moe from a CarvedMoE; returns the routed neurons a token reads on average."""
+def every_expert(mod: nn.Module) -> tuple | None:
+    """A carved layer with every expert picked, as one dense MLP (gate, up, down, gate bias, up bias)
+    over its shared and routed neurons, or None where picking every expert is not that MLP (a
+    router whose combine weights are not all 1: the linear router, a trained combine scale)."""
+    spec, ex, r = mod.spec, mod.experts, mod.router
+    if spec.router == "linear" or bool((r.scale.detach() != 0).any()):
+        return None
+    E, m, d = spec.n_routed, spec.expert_size, spec.hidden_size
+    inp = ex.in_proj.detach().view(E, -1, m, d)  # [E, 2 or 1, m, d]
+    down = ex.out_proj.detach().permute(1, 0, 2).reshape(d, E * m)  # column e*m + j = out_proj[e][:, j]
+    bias = None if ex.in_bias is None else ex.in_bias.detach().view(E, -1, m)
+    parts = [[inp[:, k].reshape(E * m, d) for k in range(inp.shape[1])], [down],
+             [None if bias is None else bias[:, k].reshape(-1) for k in range(inp.shape[1])]]  # fmt: skip
+    if mod.shared is not None:  # the shared neurons first
+        sh, n = mod.shared, mod.shared.out_proj.shape[1]
+        si = sh.in_proj.detach().view(-1, n, d)
+        sb = None if sh.in_bias is None else sh.in_bias.detach().view(-1, n)
+        parts[0] = [torch.cat([si[k], parts[0][k]]) for k in range(si.shape[0])]
+        parts[1] = [torch.cat([sh.out_proj.detach(), down], dim=1)]
+        if (sb is None) != (bias is None):
+            return None
+        if sb is not None:
+            parts[2] = [torch.cat([sb[k], parts[2][k]]) for k in range(sb.shape[0])]
+    if spec.gated:
+        (gate, up), (down,), (gb, ub) = parts
+    else:
+        (up,), (down,), (ub,) = parts
+        gate = gb = None
+    return gate, up, down, gb, ub
+
+
+def _moe(w: Weights, mod: nn.Module, L: N.Layer, all_experts: bool) -> float:
+    """Fills L.moe from a CarvedMoE (with `all_experts`, also its every-expert dense MLP); returns the
+    routed neurons a token reads on average."""
     spec, ex, r = mod.spec, mod.experts, mod.router
     E, m, A, d = spec.n_routed, spec.expert_size, spec.top_k, spec.hidden_size
     M = L.moe
@@ -154,6 +186,10 @@ def _moe(w: Weights, mod: nn.Module, L: N.Layer) -> float:
         M.probe_w, M.probe_b, M.probes = w.f32(r.probe), w.f32(r.probe_bias), spec.router_probes
     else:
         raise UnsupportedModel(f"the decode runtime has no router {kind!r}")
+    dense = every_expert(mod) if all_experts else None
+    if dense is not None:
+        gate, up, down, gb, ub = dense
+        M.all = _dense(w, gate, up, down, gb, ub, None, spec.gated)
     active = spec.mean_active or A
     routed_bytes = _mat_bytes(M.neurons, active * m * M.per)
     shared_bytes = _mat_bytes(M.shared.in_w) + _mat_bytes(M.shared.out_w) if mod.shared is not None else 0
@@ -163,12 +199,12 @@ def _moe(w: Weights, mod: nn.Module, L: N.Layer) -> float:
     return active * m
 
 
-def _ffn(w: Weights, config, layer: nn.Module, L: N.Layer) -> None:
+def _ffn(w: Weights, config, layer: nn.Module, L: N.Layer, all_experts: bool) -> None:
     mod = adapters.ffn_input_module(config, layer)
     name = type(mod).__name__
     if name == "CarvedMoE":
         L.ffn_kind, L.gated, L.act = N.FFN_MOE, int(mod.spec.gated), _act(mod.spec.act)
-        _moe(w, mod, L)
+        _moe(w, mod, L, all_experts)
         return
     if name == "CondensedMLP":
         spec = mod.spec
@@ -230,8 +266,9 @@ def _context_limit(config, rope_kinds: set[str], max_ctx: int | None, notes: lis
 
 
 def load_weights(model: nn.Module, precision: str = "bf16", max_ctx: int | None = None, max_slots: int = 1,
-                 max_tokens: int = 256) -> Weights:  # fmt: skip
-    """Pack `model` (a transformers causal LM, dense or carved, on CPU) for the runtime."""
+                 max_tokens: int = 256, all_experts: bool = False) -> Weights:  # fmt: skip
+    """Pack `model` (a transformers causal LM, dense or carved, on CPU) for the runtime; with
+    `all_experts`, carved layers also as a dense MLP of every expert (every_expert)."""
     if precision not in PRECISIONS:
         raise UnsupportedModel(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     model_type = source_model_type(model.config.model_type)
@@ -307,7 +344,7 @@ def load_weights(model: nn.Module, precision: str = "bf16", max_ctx: int | None 
             rope_kinds.add(kind)
         else:
             L.rope_scale = 1.0
-        _ffn(w, config, layer, L)
+        _ffn(w, config, layer, L, all_experts)
 
     D.n_layers, D.d, D.H, D.Hkv, D.hd, D.vocab = len(layers), d, H, Hkv, hd, lm_w.shape[0]
     D.max_ctx = _context_limit(config, rope_kinds, max_ctx, w.notes)

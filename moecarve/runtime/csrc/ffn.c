@@ -21,12 +21,13 @@ static void feature_share(int d, int tid, int nth, int* k0, int* k1) {
   *k1 = (int)RT_MIN(b1 * RT_BLOCK, d);
 }
 
-/* out[t, own columns] -> x (+ bias) * residual_scale, or leave for residual_rows after a barrier */
-static void finish(rt_ctx* c, const rt_layer* L, const float* bias, int n0, int n1, int t0, int t1, int tid) {
+/* rows [r0, r1) of tmp, this thread's columns [n0, n1): + bias, then x += tmp * residual_scale, or
+ * (a post-FFN norm needs whole rows) after a barrier, x += norm(tmp) for the thread's share of rows */
+static void finish(rt_ctx* c, const rt_layer* L, const float* bias, int n0, int n1, int r0, int r1, int tid, int nth) {
   const rt_desc* D = &c->desc;
   const rt_norm* post = &L->post_ffn_norm;
   float* xr = residual_of(c, L);
-  for (int t = 0; t < c->T; t++) {
+  for (int t = r0; t < r1; t++) {
     float* y = c->tmp + (int64_t)t * c->dp;
     if (bias)
       for (int n = n0; n < n1; n++) y[n] += bias[n];
@@ -35,19 +36,34 @@ static void finish(rt_ctx* c, const rt_layer* L, const float* bias, int n0, int 
   }
   pool_barrier(c->pool);
   if (post->w) {
-    residual_rows(c, xr, post, c->tmp, (int)c->dp, t0, t1);
+    int64_t t0, t1;
+    rt_share(r1 - r0, tid, nth, &t0, &t1);
+    residual_rows(c, xr, post, c->tmp, (int)c->dp, (int)(r0 + t0), (int)(r0 + t1));
     pool_barrier(c->pool);
   }
   prof_mark(c, tid, PROF_FFN);
 }
 
+/* the rows [r0, r0 + n) of an activation buffer, as one starting at row 0 (a thread-local view) */
+static rt_act act_rows(const rt_act* a, int r0) {
+  rt_act v = *a;
+  const int64_t nb = a->ld / RT_BLOCK;
+  v.f += (int64_t)r0 * a->ld;
+  v.b += (int64_t)r0 * a->ld;
+  v.q += (int64_t)r0 * a->ld;
+  v.s += r0 * nb;
+  v.sum += r0 * nb;
+  return v;
+}
+
 /* ------------------------------------------------------------------ dense MLPs */
 
-/* h = act(gate) * up (gated) or act(h) of panels [p0, p1) of in_w into a->f, for T tokens */
-static void dense_up(rt_ctx* c, const rt_dense* F, int gated, int act, int p0, int p1, int T) {
+/* h = act(gate) * up (gated) or act(h) of panels [p0, p1) of in_w into a_h.f, token rows [r0, r1) */
+static void dense_up(rt_ctx* c, const rt_dense* F, int gated, int act, int p0, int p1, int r0, int r1) {
   const int64_t ldh = 2 * c->n_max;
-  panel_matmul(&F->in_w, p0, p1, &c->a_in, T, c->hbuf, (int)ldh);
-  for (int t = 0; t < T; t++) {
+  const rt_act x = act_rows(&c->a_in, r0);
+  panel_matmul(&F->in_w, p0, p1, &x, r1 - r0, c->hbuf + (int64_t)r0 * ldh, (int)ldh);
+  for (int t = r0; t < r1; t++) {
     const float* hb = c->hbuf + (int64_t)t * ldh;
     float* h = c->a_h.f + (int64_t)t * c->a_h.ld;
     if (gated) {  /* panels come in (gate, up) pairs of 16 neurons */
@@ -85,17 +101,21 @@ static void convert_hidden(rt_ctx* c, const rt_dense* F, int t0, int t1) {
   act_convert(&c->a_h, np, F->out_w.dtype, t0, t1);
 }
 
-static void dense_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, int t1) {
-  const rt_dense* F = &L->dense;
+/* a dense MLP F (a dense layer, or every expert of a carved one) on token rows [r0, r1) */
+static void dense_block(rt_ctx* c, const rt_layer* L, const rt_dense* F, const float* out_bias, int r0, int r1, int tid,
+                        int nth) {
   int p0, p1;
+  int64_t t0, t1;
+  rt_share(r1 - r0, tid, nth, &t0, &t1);
   up_share(F, L->gated, tid, nth, &p0, &p1);
-  dense_up(c, F, L->gated, L->act, p0, p1, c->T);
+  dense_up(c, F, L->gated, L->act, p0, p1, r0, r1);
   pool_barrier(c->pool);
-  convert_hidden(c, F, t0, t1);
+  convert_hidden(c, F, (int)(r0 + t0), (int)(r0 + t1));
   pool_barrier(c->pool);
   panel_share(&F->out_w, tid, nth, &p0, &p1);
-  panel_matmul(&F->out_w, p0, p1, &c->a_h, c->T, c->tmp, (int)c->dp);
-  finish(c, L, F->out_b, p0 * RT_PANEL_ROWS, RT_MIN(p1 * RT_PANEL_ROWS, c->desc.d), t0, t1, tid);
+  const rt_act h = act_rows(&c->a_h, r0);
+  panel_matmul(&F->out_w, p0, p1, &h, r1 - r0, c->tmp + (int64_t)r0 * c->dp, (int)c->dp);
+  finish(c, L, out_bias, p0 * RT_PANEL_ROWS, RT_MIN(p1 * RT_PANEL_ROWS, c->desc.d), r0, r1, tid, nth);
 }
 
 /* ------------------------------------------------------------------ routers */
@@ -108,9 +128,9 @@ static float dot_f32(const float* a, const float* b, int n) {
 }
 
 /* scores [T, E] of experts [e0, e1) (fitted: its probe features must be ready) */
-static void route_scores(rt_ctx* c, const rt_layer* L, int e0, int e1) {
+static void route_scores(rt_ctx* c, const rt_layer* L, int T, int e0, int e1) {
   const rt_moe* M = &L->moe;
-  const int d = c->desc.d, T = c->T, E = M->E, R = L->gated ? 2 * M->m : M->m;
+  const int d = c->desc.d, E = M->E, R = L->gated ? 2 * M->m : M->m;
   float* S = c->moe.scores;
   if (e1 <= e0) return;
   if (M->router == RT_ROUTER_SHADOW) {
@@ -141,10 +161,10 @@ static void route_scores(rt_ctx* c, const rt_layer* L, int e0, int e1) {
 }
 
 /* fitted router: feats[t] = [x ; |h_P(x)|] for probes [r0, r1) (and x itself by thread 0) */
-static void probe_features(rt_ctx* c, const rt_layer* L, int r0, int r1, int copy_x) {
+static void probe_features(rt_ctx* c, const rt_layer* L, int T, int r0, int r1, int copy_x) {
   const rt_moe* M = &L->moe;
   const int d = c->desc.d, P = M->probes, nf = d + P;
-  for (int t = 0; t < c->T; t++) {
+  for (int t = 0; t < T; t++) {
     const float* x = c->a_in.f + (int64_t)t * c->a_in.ld;
     float* f = c->moe.feats + (int64_t)t * nf;
     if (copy_x) memcpy(f, x, (size_t)d * sizeof(float));
@@ -211,9 +231,9 @@ static void select_token(const rt_moe* M, const float* s, float* v, int32_t* ids
 }
 
 /* slots (t * A + a) sorted by expert: counting sort, stable (token order within an expert) */
-static void sort_slots(rt_ctx* c, const rt_moe* M) {
+static void sort_slots(rt_ctx* c, const rt_moe* M, int T) {
   rt_moe_scratch* S = &c->moe;
-  const int E = M->E, A = M->A, n = c->T * A;
+  const int E = M->E, A = M->A, n = T * A;
   memset(S->start, 0, (size_t)(E + 1) * sizeof(int32_t));
   for (int i = 0; i < n; i++)
     if (S->idx[i] >= 0) S->start[S->idx[i] + 1]++;
@@ -314,25 +334,27 @@ static void hidden_expert_major(rt_ctx* c, const rt_layer* L, int s0, int s1, fl
   }
 }
 
-static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, int t1) {
+/* a carved layer routed, on token rows [0, T) */
+static void moe_block(rt_ctx* c, const rt_layer* L, int T, int tid, int nth) {
   const rt_moe* M = &L->moe;
   rt_moe_scratch* S = &c->moe;
-  const int T = c->T, d = c->desc.d, A = M->A, m = M->m;
+  const int d = c->desc.d, A = M->A, m = M->m;
   const int expert_major = T >= EXPERT_MAJOR_T;
   float* thr = S->thr + (int64_t)tid * S->thr_len;
-  int64_t a, b;
+  int64_t a, b, t0, t1;
+  rt_share(T, tid, nth, &t0, &t1);
 
   if (M->router == RT_ROUTER_SHADOW)  /* the shadow router's own int8 tokens (one scale per token) */
     for (int t = t0; t < t1; t++)
       S->sqs[t] = quantize_token(c->a_in.f + (int64_t)t * c->a_in.ld, d, S->sq + (int64_t)t * d, S->sqsum + t);
   if (M->router == RT_ROUTER_FITTED) {
     rt_share(M->probes, tid, nth, &a, &b);
-    probe_features(c, L, (int)a, (int)b, tid == 0);
+    probe_features(c, L, T, (int)a, (int)b, tid == 0);
   }
   pool_barrier(c->pool);
 
   rt_share(M->E, tid, nth, &a, &b);
-  route_scores(c, L, (int)a, (int)b);
+  route_scores(c, L, T, (int)a, (int)b);
   pool_barrier(c->pool);
 
   for (int t = t0; t < t1; t++)
@@ -340,7 +362,7 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
                  S->w + (int64_t)t * A);
   pool_barrier(c->pool);
   if (expert_major) {
-    if (tid == 0) sort_slots(c, M);
+    if (tid == 0) sort_slots(c, M, T);
     pool_barrier(c->pool);
   }
   prof_mark(c, tid, PROF_ROUTER);
@@ -350,7 +372,7 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
   int p0 = 0, p1 = 0;
   if (Sh->n > 0) {
     up_share(Sh, L->gated, tid, nth, &p0, &p1);
-    dense_up(c, Sh, L->gated, L->act, p0, p1, T);
+    dense_up(c, Sh, L->gated, L->act, p0, p1, 0, T);
   }
   const int nch = (A * m + NEURON_CHUNK - 1) / NEURON_CHUNK;  /* token-major units per token */
   if (expert_major) {  /* each neuron's tokens at once, then the units' outputs from those h */
@@ -366,7 +388,7 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
   int k0, k1;
   feature_share(d, tid, nth, &k0, &k1);
   if (Sh->n > 0) {
-    convert_hidden(c, Sh, t0, t1);
+    convert_hidden(c, Sh, (int)t0, (int)t1);
     pool_barrier(c->pool);
     panel_share(&Sh->out_w, tid, nth, &p0, &p1);
     panel_matmul(&Sh->out_w, p0, p1, &c->a_h, T, c->tmp, (int)c->dp);
@@ -382,7 +404,7 @@ static void moe_block(rt_ctx* c, const rt_layer* L, int tid, int nth, int t0, in
       for (int k = k0; k < k1; k++) y[k] += pu[k];
     }
   }
-  finish(c, L, M->out_bias, k0, k1, t0, t1, tid);
+  finish(c, L, M->out_bias, k0, k1, 0, T, tid, nth);
 }
 
 void ffn_block(rt_ctx* c, const rt_layer* L, int tid, int nth) {
@@ -394,8 +416,13 @@ void ffn_block(rt_ctx* c, const rt_layer* L, int tid, int nth) {
   norm_rows(c, &L->ffn_norm, c->x, D->d, &c->a_in, D->d, dtype, (int)t0, (int)t1);
   pool_barrier(c->pool);
   prof_mark(c, tid, PROF_FFN_NORM);
-  if (L->ffn_kind == RT_FFN_DENSE)
-    dense_block(c, L, tid, nth, (int)t0, (int)t1);
-  else
-    moe_block(c, L, tid, nth, (int)t0, (int)t1);
+  if (L->ffn_kind == RT_FFN_DENSE) {
+    dense_block(c, L, &L->dense, L->dense.out_b, 0, c->T, tid, nth);
+    return;
+  }
+  /* a carved layer: the step's first n_sparse tokens routed, the rest through all its experts at
+   * once where it has them packed (prompts, large batches: faster as one dense product) */
+  const int routed = L->moe.all.n > 0 ? c->n_sparse : c->T;
+  if (routed > 0) moe_block(c, L, routed, tid, nth);
+  if (routed < c->T) dense_block(c, L, &L->moe.all, L->moe.out_bias, routed, c->T, tid, nth);
 }

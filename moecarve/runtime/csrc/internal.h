@@ -202,6 +202,7 @@ typedef struct rt_ctx {
   int n_items;
   /* the step being run */
   int T, n_out;
+  int n_sparse;           /* its first n_sparse tokens are routed in carved layers, the rest take `all` */
   const int32_t *tokens, *pos, *slot, *out_rows;
   float* logits;          /* [n_out, ld_logits] */
   int64_t ld_logits;

@@ -76,8 +76,11 @@ typedef struct {
   rt_mat neurons;        /* [E * m * P, d] rows */
   int32_t per;           /* P: 3 (gated) or 2 */
   const float* bias;     /* [E * m][2]: each neuron's gate and up biases (plain: its input bias, then 0), or NULL */
-  rt_dense shared;       /* shared neurons (n == 0: none); its out_b is the layer's out bias */
-  const float* out_bias; /* [d] or NULL (when there are no shared neurons) */
+  rt_dense shared;       /* shared neurons (n == 0: none) */
+  const float* out_bias; /* [d] or NULL */
+  rt_dense all;          /* every neuron, shared and routed, as one dense MLP with combine weight 1 (what
+                            the layer computes with every expert picked), or n == 0: not packed. Tokens
+                            a step does not route (rt_step's n_sparse) take it. */
   /* router */
   int32_t router, rank_softmax, weight_mode;  /* weight_mode 0: 1 + p*scale; 1: p*(1 + scale); 2: normalised p*(1+scale) */
   const float* r_bias;   /* [E] load-balancing bias */

@@ -142,6 +142,7 @@ rt_ctx* rt_create(const rt_desc* desc, int n_threads) {
     const rt_layer* Ly = &D->layers[l];
     c->n_max = RT_MAX(c->n_max, rt_pad(Ly->dense.n, RT_BLOCK));
     c->n_max = RT_MAX(c->n_max, rt_pad(Ly->moe.shared.n, RT_BLOCK));
+    c->n_max = RT_MAX(c->n_max, rt_pad(Ly->moe.all.n, RT_BLOCK));
     if (Ly->ffn_kind == RT_FFN_MOE) {
       c->E_max = RT_MAX(c->E_max, Ly->moe.E);
       c->A_max = RT_MAX(c->A_max, Ly->moe.A);
@@ -242,12 +243,14 @@ static void step_job(void* arg, int tid, int nth) {
 }
 
 /* One step over T tokens: tokens[i] at position pos[i] of sequence slot[i]; logits [n_out, ld]
- * (ld >= vocab rounded up to 16) for the token rows out_rows[0..n_out). Positions must be below
- * max_ctx, slots below max_slots, T <= max_tokens (the Python side checks). Returns 0, or a
- * negative code (-1: out of memory). */
-int rt_step(rt_ctx* c, int T, const int32_t* tokens, const int32_t* pos, const int32_t* slot, int n_out,
+ * (ld >= vocab rounded up to 16) for the token rows out_rows[0..n_out). Carved layers route the
+ * first n_sparse tokens and run the others through every expert at once (where the layer has them
+ * packed; else they are routed too). Positions must be below max_ctx, slots below max_slots,
+ * T <= max_tokens (the Python side checks). Returns 0, or a negative code (-1: out of memory). */
+int rt_step(rt_ctx* c, int T, const int32_t* tokens, const int32_t* pos, const int32_t* slot, int n_sparse, int n_out,
             const int32_t* out_rows, float* logits, int64_t ld_logits) {
   c->T = T;
+  c->n_sparse = RT_MAX(0, RT_MIN(n_sparse, T));
   c->tokens = tokens;
   c->pos = pos;
   c->slot = slot;
