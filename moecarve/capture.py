@@ -147,27 +147,71 @@ def first_layer_inputs(
     return inputs
 
 
+class _Captured(Exception):
+    """Raised by run_layer's hook once the FFN input of a window is recorded (stop=True)."""
+
+
 @torch.no_grad()
 def run_layer(
-    layer: nn.Module, inputs: LayerInputs, device: torch.device, capture: nn.Module | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    layer: nn.Module,
+    inputs: LayerInputs,
+    device: torch.device,
+    capture: nn.Module | None = None,
+    *,
+    stop: bool = False,
+    replay: tuple[nn.Module, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Propagate every window through one decoder layer on `device`.
 
     Returns (outputs [N, L, d] on the inputs' device, FFN inputs [N * L, d] on `device` or None).
     `capture` is the module whose input is recorded (the FFN, see adapters.ffn_input_module).
+    stop: with `capture`, end each window's forward as soon as its FFN input is recorded (what
+        runs after it, the FFN included, is not computed; the outputs are then None).
+    replay: (module, y [N * L, ...]): the module (the carved FFN) returns its rows of y, window
+        after window, instead of computing them: y must be what it computes on these very inputs
+        (the carve computes it while carving), so only the rest of the layer runs again.
     """
     seen: list[torch.Tensor] = []
-    handle = None
+    handles = []
     if capture is not None:
-        handle = capture.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+
+        def record(m, a):
+            seen.append(a[0].reshape(-1, a[0].shape[-1]))
+            if stop:
+                raise _Captured
+
+        handles.append(capture.register_forward_pre_hook(record))
+    if replay is not None:
+        module, ys = replay
+        rows = [0]
+
+        def recorded(*a, **kw):  # the module's instance forward for this pass: its rows of ys, in call order
+            x = a[0] if a else next(iter(kw.values()))
+            n = x.numel() // x.shape[-1]
+            y = ys[rows[0] : rows[0] + n]
+            rows[0] += n
+            return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+        own = module.__dict__.get("forward")
+        module.forward = recorded
     args, kwargs = _to(inputs.args, device), _to(inputs.kwargs_for(layer), device)
-    out = torch.empty_like(inputs.hidden)
+    out = None if stop else torch.empty_like(inputs.hidden)
     try:
         with on_device(layer, device):
             for i in range(inputs.hidden.shape[0]):
-                y = layer(inputs.hidden[i : i + 1].to(device), *args, **kwargs)
+                try:
+                    y = layer(inputs.hidden[i : i + 1].to(device), *args, **kwargs)
+                except _Captured:
+                    continue
                 out[i] = (y[0] if isinstance(y, tuple) else y).to(out.device)
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
+        if replay is not None:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+    if replay is not None and rows[0] != replay[1].shape[0]:
+        raise RuntimeError(f"replay: the layer read {rows[0]} of the {replay[1].shape[0]} rows given")
     return out, (torch.cat(seen) if seen else None)

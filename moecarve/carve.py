@@ -14,11 +14,13 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import adapters
 from .capture import LayerInputs, first_layer_inputs, on_device, run_layer
+from .carving.ffn import DenseFFN
 from .carving.methods import CarveError, LayerReport, carve_ffn
 from .config import CarveConfig
 from .modules.moe import CarvedMoE
@@ -39,16 +41,47 @@ class CarveReport:
     params_total: int = 0
     params_active: int = 0
 
+    allocation_seconds: float = 0.0  # measuring the layers' sensitivity (allocation "sensitivity")
+
     @property
     def load_imbalance(self) -> float:
         """Worst max/mean routed-expert load over layers, on the calibration tokens."""
         vals = [r.load_imbalance for r in self.layers]
         return max(vals) if vals else float("nan")
 
+    @property
+    def active_fraction(self) -> float:
+        """FFN neurons active per token over all layers / all FFN neurons: the mean over layers
+        weighted by each layer's FFN size (equal to the requested fraction, up to rounding)."""
+        sizes = [r.dense_bytes for r in self.layers]
+        if not sum(sizes):
+            return float("nan")
+        return sum(r.active_fraction * b for r, b in zip(self.layers, sizes)) / sum(sizes)
+
+    @property
+    def active_range(self) -> tuple[float, float]:
+        """(lowest, highest) active fraction of a layer: the worst layer keeps the lowest."""
+        vals = [r.active_fraction for r in self.layers]
+        return (min(vals), max(vals)) if vals else (float("nan"), float("nan"))
+
+    @property
+    def ffn_bytes_per_token(self) -> int:
+        """FFN bytes read per decoded token over all layers (the carved modules' own dtype)."""
+        return sum(r.bytes_per_token for r in self.layers)
+
+    @property
+    def ffn_dense_bytes(self) -> int:
+        """The dense FFNs' bytes over all layers, in the same dtype."""
+        return sum(r.dense_bytes for r in self.layers)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["config"] = self.config.to_dict()
         d["load_imbalance"] = self.load_imbalance
+        d["active_fraction"] = self.active_fraction
+        d["active_range"] = list(self.active_range)
+        d["ffn_bytes_per_token"] = self.ffn_bytes_per_token
+        d["ffn_dense_bytes"] = self.ffn_dense_bytes
         return d
 
     @classmethod
@@ -62,7 +95,8 @@ class CarveReport:
             "router": ("shadow" if config.shadow_bits else "fitted") if fitted else config.router,
         }
         layers = [LayerReport(**{**legacy, **r}) for r in d.get("layers", [])]
-        keep = {k: d[k] for k in ("seconds", "n_windows", "seqlen", "params_dense", "params_total", "params_active") if k in d}
+        keep = {k: d[k] for k in ("seconds", "n_windows", "seqlen", "params_dense", "params_total", "params_active",
+                                  "allocation_seconds") if k in d}  # fmt: skip
         return cls(config=config, layers=layers, **keep)
 
     def to_json(self) -> str:
@@ -84,6 +118,35 @@ def count_params(model: nn.Module) -> tuple[int, int]:
             active = mod.spec.mean_active or mod.spec.top_k  # "threshold" selection: its calibrated mean
             inactive += round((mod.spec.n_routed - active) * per_expert)
     return total, total - inactive
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def ffn_bytes(mod: nn.Module, dense: DenseFFN) -> tuple[int, float, int]:
+    """(bytes read per decoded token, active neuron fraction, dense bytes) of one carved FFN.
+
+    A CarvedMoE reads its shared experts, its router's tensors (a shadow router's codes and
+    scales), its output bias and A of its E routed experts (the calibrated mean A for
+    "threshold" selection); a condensed or dense MLP reads all of its tensors. `dense` is the
+    source FFN, whose gate, up, down and biases give the dense bytes (in the carved module's dtype).
+    """
+    elt = next(mod.parameters()).element_size() if any(True for _ in mod.parameters()) else 4
+    dense_bytes = sum(t.numel() for t in dense.tensors()) * elt
+    if isinstance(mod, CarvedMoE):
+        spec, e = mod.spec, mod.experts
+        active = mod.spec.mean_active or spec.top_k
+        routed = _nbytes((e.in_proj, e.out_proj, e.in_bias)) * active / spec.n_routed
+        fixed = _nbytes(mod.router.parameters()) + _nbytes(b for n, b in mod.router.named_buffers() if n != "bias")
+        fixed += _nbytes(mod.shared.parameters()) if mod.shared is not None else 0
+        fixed += _nbytes([mod.out_bias])
+        neurons = (spec.n_shared + active) * spec.expert_size
+        return round(routed + fixed), neurons / dense.intermediate_size, dense_bytes
+    if isinstance(mod, nn.Identity):
+        return 0, 0.0, dense_bytes
+    width = getattr(getattr(mod, "spec", None), "intermediate_size", dense.intermediate_size)
+    return _nbytes(mod.parameters()), width / dense.intermediate_size, dense_bytes
 
 
 def module_entry(mod: nn.Module) -> dict:
@@ -118,6 +181,8 @@ def validate(model: nn.Module, cfg: CarveConfig, calibration: torch.Tensor) -> N
             )
         if cfg.k_act > ffn.intermediate_size:
             raise CarveError(f"k_act={cfg.k_act} exceeds layer {i}'s intermediate size {ffn.intermediate_size}")
+    if cfg.layer_active is not None and len(cfg.layer_active) != len(layers):
+        raise CarveError(f"layer_active lists {len(cfg.layer_active)} layers; the model has {len(layers)}")
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
         raise CarveError("calibration must be a LongTensor of token windows [n_samples, seqlen]")
     if calibration.numel() == 0:
@@ -143,16 +208,109 @@ def carve_layer(
     (attention, norms) while the FFN is carved and must restore it (the streamed carve's).
     """
     layer = adapters.decoder_layers(model)[i]
-    _, x = run_layer(layer, inputs, device, capture=adapters.ffn_input_module(model.config, layer))
+    # the windows' FFN inputs: each window's forward stops there (nothing after the FFN input is needed)
+    _, x = run_layer(layer, inputs, device, capture=adapters.ffn_input_module(model.config, layer), stop=True)
     ffn = adapters.read_ffn(model.config, layer)
     with park(ffn.tensors()) if park is not None else nullcontext():
-        moe, report = carve_ffn(ffn, x.to(ffn.up.dtype), config, layer=i)
-        del x, ffn
+        moe, report, y = carve_ffn(ffn, x.to(ffn.up.dtype), config.for_layer(i), layer=i, outputs=True)
+        del x
+        report.n_active = 0 if config.static else config.active_in(i)
+        report.bytes_per_token, report.active_fraction, report.dense_bytes = ffn_bytes(moe, ffn)
+        del ffn
     installed = adapters.install(model, i, moe)
-    inputs.hidden, _ = run_layer(adapters.decoder_layers(model)[i], inputs, device)
+    # the carved layer's outputs: where the carve computed the carved FFN's outputs on x (the
+    # "fitted" routed carve), the layer runs again with the FFN returning them; else in full
+    replay = (moe, y) if y is not None else None
+    inputs.hidden, _ = run_layer(adapters.decoder_layers(model)[i], inputs, device, replay=replay)
+    del y
     if not torch.isfinite(inputs.hidden).all():
         raise CarveError(f"layer {i}: the carved layer produced NaN or Inf")
     return installed, report
+
+
+# The sensitivity measurement (allocation "sensitivity"): calibration tokens it runs forward and
+# backward (the first windows), the grid of routed fractions its curves are given on, and the
+# bounds of a layer's share (relative to the uniform one).
+SENSITIVITY_TOKENS = 2048
+ALLOCATION_GRID = 33
+ALLOCATION_BOUNDS = (0.5, 2.0)
+
+
+class _Probe(nn.Module):
+    """Stands in for one FFN while the sensitivity is measured: each token keeps its top `keep`
+    neurons by |h|; the dropped part comes back times `alpha` (0, a leaf whose gradient is the loss
+    the dropped part costs, to first order). Records the dropped-energy curve at `counts` neurons."""
+
+    def __init__(self, ffn: DenseFFN, keep: int, counts: torch.Tensor):
+        super().__init__()
+        self.ffn, self.keep, self.counts = ffn, keep, counts
+        self.alpha = torch.zeros((), requires_grad=True)
+        self.energy = torch.zeros(counts.shape[0], dtype=torch.float64)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from .carving.allocation import dropped_energy
+
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        h = self.ffn.hidden(x)  # [T, I]
+        with torch.no_grad():
+            kept = torch.zeros_like(h, dtype=torch.bool).scatter_(1, h.abs().topk(self.keep, dim=-1).indices, True)
+            self.energy += dropped_energy(h, self.ffn.down, self.counts)
+        y = F.linear(h * kept, self.ffn.down, self.ffn.down_bias) + self.alpha * F.linear(h * ~kept, self.ffn.down)
+        return y.view(shape)
+
+
+def allocate_layers(model: nn.Module, config: CarveConfig, calibration: torch.Tensor) -> tuple[int, ...]:
+    """Routed experts per layer (A_l) from the layers' sensitivity on the calibration windows.
+
+    The dense model runs forward and backward on up to SENSITIVITY_TOKENS calibration tokens with
+    every FFN keeping, per token, its top neurons at the uniform active fraction: the gradient of
+    the loss with respect to a factor on each layer's dropped part is what that part costs, and
+    each layer's dropped-energy curve says how the cost moves with its budget
+    (carving.allocation.sensitivity_costs). carving.allocation.allocate then spreads the same total
+    of routed experts over the layers, each between ALLOCATION_BOUNDS times the uniform share.
+    """
+    from .carving.allocation import allocate, sensitivity_costs
+
+    layers = adapters.decoder_layers(model)
+    grid = torch.linspace(0, 1, ALLOCATION_GRID, dtype=torch.float64)
+    probes, homes = [], []
+    for i, layer in enumerate(layers):
+        ffn = adapters.read_ffn(model.config, layer)
+        m = config.expert_size(ffn.intermediate_size)
+        shared = config.n_shared * m
+        counts = (shared + grid * config.n_routed * m).round().long()  # neurons kept at each routed fraction
+        probes.append(_Probe(ffn, shared + config.n_active * m, counts))
+        homes.append({path: model.get_submodule(path) for path in adapters.replacements(model.config, i, probes[-1])})
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for i, probe in enumerate(probes):
+            adapters.install(model, i, probe)
+        model.eval()
+        n = max(1, min(calibration.shape[0], SENSITIVITY_TOKENS // calibration.shape[1]))
+        home = next(model.parameters()).device  # the whole model runs where it is (in-memory carves)
+        with torch.enable_grad():
+            for w in calibration[:n]:
+                ids = w.unsqueeze(0).to(home)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss * (ids.shape[1] - 1)
+                loss.backward()
+    finally:
+        for home in homes:
+            for path, module in home.items():
+                model.set_submodule(path, module)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    slopes = torch.stack([-p.alpha.grad if p.alpha.grad is not None else torch.zeros(()) for p in probes])
+    energy = torch.stack([p.energy for p in probes])
+    costs = sensitivity_costs(slopes, energy, at=round(config.n_active / config.n_routed * (ALLOCATION_GRID - 1)))
+    units = torch.full((len(layers),), config.n_routed)
+    g0 = config.n_active / config.n_routed
+    lo, hi = max(ALLOCATION_BOUNDS[0] * g0, 1 / config.n_routed), min(1.0, ALLOCATION_BOUNDS[1] * g0)
+    return tuple(int(a) for a in allocate(costs, grid, units, g0, lo=lo, hi=hi))
 
 
 def default_device() -> torch.device:
@@ -191,6 +349,10 @@ def carve(
     model.eval()
     layers = adapters.decoder_layers(model)
     report = CarveReport(config=config, n_windows=calibration.shape[0], seqlen=calibration.shape[1], params_dense=params_dense)
+    if config.allocation != "uniform" and config.layer_active is None and not config.static:
+        t_alloc = time.perf_counter()
+        config = config.replace(layer_active=allocate_layers(model, config, calibration))
+        report.config, report.allocation_seconds = config, time.perf_counter() - t_alloc
     inputs = first_layer_inputs(model, calibration, device)
     installed: dict[str, nn.Module] = {}
     bar = tqdm(range(len(layers)), desc=f"carving {config.name}", unit="layer", disable=not progress)

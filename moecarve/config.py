@@ -19,6 +19,7 @@ _CONFIG_RE = re.compile(r"^S(\d+)A(\d+)E(\d+)$", re.IGNORECASE)
 METHODS = ("cmoe", "fitted")
 ROUTERS = ("analytic", "linear")
 SELECTIONS = ("topk", "threshold")
+ALLOCATIONS = ("uniform", "sensitivity")
 
 
 class ConfigError(MoecarveError, ValueError):
@@ -67,10 +68,22 @@ class CarveConfig(DictConfig):
             0 routes with the cheaper probe router instead (closed-form scores on x and a few
             probe neurons: faster, lower quality).
         refit: "fitted": refit down_proj by ridge regression on the routed activations.
+        refit_bias: "fitted" with refit: also fit an output bias (the mean of what the dropped neurons
+            would have added), kept where it lowers the held-out error; the carved FFN then has an
+            output bias (out_bias) even where the dense one had none.
         holdout: "fitted": fraction of calibration tokens held out to choose the ridge strengths.
         selection: "fitted" with the shadow router: "topk" (exactly A experts per token) or
             "threshold" (every expert whose score exceeds a per-layer threshold calibrated so that
             A experts are picked per token on average, at most 2A).
+        allocation: how the routed experts active per token are spread over the layers: "uniform"
+            (A in every layer) or "sensitivity" (moecarve.carve measures how much each layer's
+            FFN loses at each active fraction on the calibration windows and gives sensitive
+            layers more, robust ones fewer: moecarve.carving.allocation; the total over layers,
+            and with it the bytes read per token, stays that of A per layer). Static pruning
+            (A = 0) is always uniform.
+        layer_active: routed experts active per token in each layer (A_l, one per decoder layer),
+            filled in by moecarve.carve from the allocation; None: A in every layer. Given by
+            hand, it is used as it is.
     """
 
     n_experts: int = 8
@@ -86,8 +99,11 @@ class CarveConfig(DictConfig):
     probes_per_expert: int = 2
     shadow_bits: int = 4
     refit: bool = True
+    refit_bias: bool = False
     holdout: float = 0.25
     selection: str = "topk"
+    allocation: str = "uniform"
+    layer_active: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
@@ -123,6 +139,14 @@ class CarveConfig(DictConfig):
             raise ConfigError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
         if self.selection == "threshold" and not (self.method == "fitted" and self.shadow_bits):
             raise ConfigError("selection='threshold' is calibrated on the shadow router: use method 'fitted' with shadow_bits > 0")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.layer_active is not None:
+            object.__setattr__(self, "layer_active", tuple(int(a) for a in self.layer_active))  # a JSON list reads back
+            if self.static:
+                raise ConfigError(f"{self.name}: static pruning (A = 0) has no routed experts to allocate per layer")
+            if not self.layer_active or not all(1 <= a <= self.n_routed for a in self.layer_active):
+                raise ConfigError(f"{self.name}: layer_active needs, per layer, 1 to {self.n_routed} routed experts")
         if self.method == "fitted" and self.router != "analytic":
             raise ConfigError(
                 f"router={self.router!r} is a choice of method 'cmoe' (method 'fitted' builds its own router); "
@@ -140,6 +164,20 @@ class CarveConfig(DictConfig):
     @property
     def active_fraction(self) -> float:
         return (self.n_shared + self.n_active) / self.n_experts
+
+    def active_in(self, layer: int) -> int:
+        """A_l, the routed experts active per token in decoder layer `layer`."""
+        if self.layer_active is None:
+            return self.n_active
+        if not 0 <= layer < len(self.layer_active):
+            raise ConfigError(f"layer_active holds {len(self.layer_active)} layers, not layer {layer}")
+        return self.layer_active[layer]
+
+    def for_layer(self, layer: int) -> "CarveConfig":
+        """The configuration decoder layer `layer` is carved with: A = A_l (no per-layer list)."""
+        if self.layer_active is None:
+            return self
+        return replace(self, n_active=self.active_in(layer), layer_active=None)
 
     @property
     def static(self) -> bool:

@@ -109,3 +109,63 @@ def test_half_precision_carve_runs(dtype):
     carve(model, CarveConfig.from_string("S1A1E4"), random_windows(), progress=False)
     out = model(random_windows(1, 16)).logits
     assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_per_layer_budgets_carve_save_load_and_run_through_the_kernels(tmp_path):
+    """layer_active gives each layer its own A (its module's top_k); the folder reloads through
+    moecarve.load and trust_remote_code with the same logits, the C kernels agree, and the report's
+    active fractions and bytes follow the budgets."""
+    import moecarve
+    from moecarve.modules.fast import use_kernels
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    n_layers = len(decoder_layers(model))
+    budgets = [8 + 24 * (i % 2) for i in range(n_layers)]  # 8, 32, 8, ... of 128 single neurons
+    cfg = CarveConfig.from_string("S0A20E128", layer_active=budgets)
+    report = carve(model, cfg, random_windows(4, 64), progress=False)
+    tops = [m.spec.top_k for m in model.modules() if isinstance(m, CarvedMoE)]
+    assert tops == budgets and [r.n_active for r in report.layers] == budgets
+    assert [r.active_fraction for r in report.layers] == [b / 128 for b in budgets]
+    assert report.active_fraction == pytest.approx(sum(budgets) / (128 * n_layers))
+    assert report.active_range == (8 / 128, 32 / 128)
+    small, large = report.layers[0].bytes_per_token, report.layers[1].bytes_per_token
+    dense = read_ffn(model.config, decoder_layers(tiny_model("llama"))[0])
+    per_neuron = 3 * dense.hidden_size * 4  # gate, up and down rows of one neuron, float32 (no biases)
+    assert large - small == 24 * per_neuron  # only the active experts' bytes differ between the layers
+    assert report.layers[0].dense_bytes == sum(t.numel() for t in dense.tensors()) * 4 == 128 * per_neuron
+    ids = random_windows(1, 12, seed=5)
+    with torch.no_grad():
+        expected = model(ids).logits
+        use_kernels(model, "cpu")  # the C kernels: each layer picks its own A
+        torch.testing.assert_close(model(ids[:, :1]).logits, expected[:, :1], atol=1e-4, rtol=1e-4)
+        use_kernels(model, "torch")
+    out = moecarve.save(model, tmp_path / "c", report=report)
+    from moecarve.io.save import load_report
+
+    assert load_report(out).config.layer_active == tuple(budgets)  # recorded, and read back as a tuple
+    with torch.no_grad():
+        assert torch.equal(moecarve.load(out, kernels="none")(ids).logits, expected)
+        torch.testing.assert_close(moecarve.load(out)(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        torch.testing.assert_close(remote(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(CarveError, match="layer_active lists 1 layers"):
+        carve(tiny_model("llama"), CarveConfig.from_string("S0A20E128", layer_active=[8]), random_windows(), progress=False)
+
+
+def test_cli_active_alone_is_single_neurons(tmp_path, reference_tokenizer, capsys):
+    """moecarve carve --active F alone: single-neuron experts (the default expert size) at F."""
+    from moecarve.cli import main
+
+    model = tiny_model("llama", vocab_size=len(reference_tokenizer))
+    model.save_pretrained(tmp_path / "dense")
+    reference_tokenizer.save_pretrained(tmp_path / "dense")
+    text = tmp_path / "calib.txt"
+    text.write_text("moecarve carves dense models into mixtures of experts. " * 400)
+    argv = ["carve", str(tmp_path / "dense"), "--out", str(tmp_path / "c"), "--samples", "2", "--seqlen", "64",
+            "--calib", str(text), "--active", "0.5"]  # fmt: skip
+    assert main(argv) == 0
+    assert "--expert-size 1 on intermediate size 128: S0A64E128" in capsys.readouterr().out
+    both = ["carve", str(tmp_path / "dense"), "--out", str(tmp_path / "c2"), "--active", "0.5", "--config", "S1A1E4"]
+    assert main(both) == 2 and not (tmp_path / "c2").exists()
+    assert "pass either --config or --active" in capsys.readouterr().err

@@ -53,10 +53,11 @@ def test_carve_save_load_equal_logits_and_config_kept(name, tmp_path):
     ids = random_windows(2, 20, seed=7)
     ref = logits(model, ids)
     out = moecarve.save(model, tmp_path / name, report=report)
-    assert torch.equal(logits(moecarve.load(out), ids), ref)
+    assert torch.equal(logits(moecarve.load(out, kernels="none"), ids), ref)  # the reference forward: bit for bit
+    torch.testing.assert_close(logits(moecarve.load(out), ids), ref, rtol=1e-5, atol=1e-6)  # the C kernels: to rounding
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert type(remote).__name__ == f"MoeCarve{type(model).__name__}"
-    assert torch.equal(logits(remote, ids), ref)
+    torch.testing.assert_close(logits(remote, ids), ref, rtol=1e-5, atol=1e-6)  # its fast paths, where bound: to rounding
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == f"moecarve_{source['model_type']}"
     kept = {k: v for k, v in source.items() if k not in REWRITTEN}
@@ -110,7 +111,7 @@ def test_streamed_carve_equals_in_memory(name, tmp_path):
     moecarve.carve(model, cfg, windows, device="cpu", progress=False)
     moecarve.carve_streamed(dense, cfg, windows, tmp_path / "streamed", device="cpu", progress=False)
     ids = random_windows(2, 20, seed=7)
-    assert torch.equal(logits(moecarve.load(tmp_path / "streamed"), ids), logits(model, ids))
+    assert torch.equal(logits(moecarve.load(tmp_path / "streamed", kernels="none"), ids), logits(model, ids))
 
 
 def test_gemma3_fast_kernels_and_condense(tmp_path):
@@ -123,7 +124,7 @@ def test_gemma3_fast_kernels_and_condense(tmp_path):
     report = moecarve.condense(model, moecarve.CondenseConfig(n_layers=1, n_experts=1), random_windows(2, 16), progress=False)
     assert len(report.layers) == 1
     ref = logits(model, ids)
-    again = moecarve.load(moecarve.save(model, tmp_path / "condensed"))
+    again = moecarve.load(moecarve.save(model, tmp_path / "condensed"), kernels="none")
     assert torch.equal(logits(again, ids), ref)
 
 

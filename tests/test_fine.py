@@ -9,7 +9,7 @@ import moecarve
 from moecarve import CarveConfig, carve
 from moecarve.carving import profile_grouping
 from moecarve.carving.ffn import DenseFFN
-from moecarve.carving.methods import carve_ffn
+from moecarve.carving.methods import carve_ffn, router_picks
 from moecarve.carving.profile_grouping import balanced_bisection, group_by_profiles
 from moecarve.modules.condensed import CondensedMLP
 from moecarve.modules.fast import use_kernels
@@ -85,6 +85,24 @@ def test_threshold_picks_A_experts_on_average():
     assert abs(picked.mean().item() - 64) < 2  # calibrated on these tokens
     assert picked.std() > 0  # a per-token count, not a fixed one
     assert sum(report.load) == int(picked.sum())
+
+
+def test_the_carve_picks_and_outputs_are_the_modules_own():
+    """router_picks (the carve's routing of its calibration tokens) is the router's forward without
+    the combine weights, and the outputs carve_ffn hands back for replay are the module's output."""
+    ffn = random_ffn(d=32, inter=256, seed=3)
+    x = torch.randn(700, 32, generator=torch.Generator().manual_seed(2))
+    for selection in ("topk", "threshold"):
+        for spec in ("S0A64E256", "S4A12E64"):
+            moe, _, y = carve_ffn(ffn, x, CarveConfig.from_string(spec, selection=selection), outputs=True)
+            with torch.no_grad():
+                w, idx = moe.router(x)
+                got, kept = router_picks(moe.router, x, chunk=256, threshold=selection == "threshold")
+                assert torch.equal(got, idx)
+                assert kept is None if selection == "topk" else torch.equal(kept, w != 0)
+                torch.testing.assert_close(y, moe(x), atol=1e-5, rtol=1e-5)
+    _, _, none = carve_ffn(ffn, x, CarveConfig.from_string("S2A0E8"), outputs=True)  # static: nothing to replay
+    assert none is None
 
 
 def test_threshold_carve_round_trips(tmp_path):

@@ -289,3 +289,51 @@ def test_save_adapter_needs_unmerged_adapters(tmp_path):
     with pytest.raises(AdapterError, match="merge=False"):
         save_adapter(model, tmp_path / "a", FinetuneConfig())
     assert not (tmp_path / "a").exists()
+
+
+def test_single_neuron_experts_get_one_lora_per_weight_and_round_trip(tmp_path):
+    """Experts smaller than the rank (single neurons) share one low-rank delta per weight (FlatLoRA):
+    its per-expert factors reproduce it, it merges exactly and saves as a PEFT adapter that
+    load_adapter applies to the carved folder."""
+    from moecarve.finetune import load_adapter, save_adapter
+    from moecarve.finetune.lora import FlatLoRA, expert_lora
+
+    g = torch.Generator().manual_seed(0)
+    for out_proj, shape in ((False, (6, 2, 5)), (True, (6, 5, 1))):
+        lora = expert_lora(torch.Size(shape), 3, 2.0, out_proj=out_proj, generator=g)
+        assert isinstance(lora, FlatLoRA)
+        with torch.no_grad():
+            lora.B.normal_(generator=g)
+        A, B = lora.expert_factors()
+        assert A.shape == (6, 3, shape[2]) and B.shape == (6, shape[1], 3)
+        torch.testing.assert_close(lora.delta(), 2.0 * torch.bmm(B, A))
+        dense = lora.delta().permute(1, 0, 2).reshape(shape[1], -1) if out_proj else lora.delta().reshape(-1, shape[2])
+        assert torch.linalg.matrix_rank(dense) <= 3  # one rank-3 delta over all experts, not one per expert
+
+    model = tiny_model("llama")
+    moecarve.carve(model, moecarve.CarveConfig.from_string("S0A32E128"), random_windows(4, 32), progress=False)
+    ids = random_windows(2, 16, seed=3)
+    moecarve.save(model, tmp_path / "carved")
+    cfg = FinetuneConfig(epochs=2, batch_size=2, lr=5e-3, lora_r=4, lora_alpha=8.0, lora_dropout=0.0)
+    finetune(model, cfg, random_windows(4, 24, seed=2), merge=False, progress=False)
+    flat = [p for m in model.modules() if hasattr(m, "parametrizations") for ps in m.parametrizations.values() for p in ps]
+    assert flat and all(isinstance(p, FlatLoRA) for p in flat)
+    requantize_shadows(model)
+    unmerged = logits(model, ids)
+    save_adapter(model, tmp_path / "adapter", cfg, base_model=str(tmp_path / "carved"))
+    merge_lora(model)
+    torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-5, rtol=1e-5)
+    applied = load_adapter(tmp_path / "carved", tmp_path / "adapter")
+    torch.testing.assert_close(logits(applied, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_shadow_routed_models_keep_their_bias_unless_asked():
+    """Shadow routers' scores are the experts' |h| mass: by default the fine-tune leaves their bias at
+    0; an explicit bias_gamma still balances them."""
+    for gamma, moved in ((None, False), (1e-2, True)):
+        model = carved_tiny("llama")  # the default method: shadow routers
+        assert all(m.spec.router == "shadow" for m in carved_layers(model).values())
+        cfg = FinetuneConfig(epochs=1, batch_size=2, lr=1e-3, lora_dropout=0.0, bias_gamma=gamma)
+        finetune(model, cfg, random_windows(4, 24, seed=2), progress=False)
+        biases = torch.cat([m.router.bias for m in carved_layers(model).values()])
+        assert bool(biases.abs().gt(0).any()) == moved

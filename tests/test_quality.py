@@ -146,6 +146,32 @@ def test_refit_is_the_closed_form_ridge_solution():
     assert refit.ridge == 1.0
 
 
+def test_refit_with_intercept_is_the_centred_ridge_solution():
+    """intercept=True: W = W_0 + C_c (G_c + lam' I)^{-1} on centred activations, b = mean(R) - D mean(H_k);
+    and a planted constant in the dropped output is what b picks up on held-out tokens."""
+    ffn = random_ffn()
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1300, 32, generator=g)
+    h = ffn.hidden(x).abs()  # one-signed activations: the dropped output has a mean a bias can take
+    experts = torch.randperm(64, generator=g).view(8, 8)
+    idx = torch.randint(8, (1300, 2), generator=g)
+    keep = keep_mask(64, torch.zeros(0, dtype=torch.long), experts, idx)
+    hk, w0 = (h * keep).double(), ffn.down.double()
+    res = (h.double() - hk) @ w0.t()  # R: the dense output hard zeroing loses
+    mu_h, mu_r = hk.mean(0), res.mean(0)
+    gram = (hk - mu_h).t() @ (hk - mu_h)
+    cross = (res - mu_r).t() @ (hk - mu_h)
+    lam = float(gram.diagonal().mean())
+    d_want = torch.linalg.solve(gram + lam * torch.eye(64, dtype=torch.float64), cross.t()).t()
+    refit = refit_down(h, Selection(torch.zeros(0, dtype=torch.long), experts, idx), ffn.down, holdout=0.0, intercept=True)
+    torch.testing.assert_close(refit.down.double(), w0 + d_want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(refit.bias.double(), mu_r - d_want @ mu_h, atol=1e-5, rtol=1e-4)
+    plain = refit_down(h, Selection(torch.zeros(0, dtype=torch.long), experts, idx), ffn.down, holdout=0.25)
+    with_b = refit_down(h, Selection(torch.zeros(0, dtype=torch.long), experts, idx), ffn.down, holdout=0.25, intercept=True)
+    assert plain.bias is None and with_b.bias is not None
+    assert with_b.heldout_after < plain.heldout_after  # the mean of what is dropped, recovered on unseen tokens
+
+
 @pytest.mark.parametrize("n,block", [(7, 3), (64, 64), (200, 48)])
 def test_in_place_cholesky_solves_and_restores_the_matrix(n, block):
     g = torch.Generator().manual_seed(n)

@@ -173,11 +173,11 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
     real = core_carve.carve_ffn
     calls = []
 
-    def crash_at_layer_2(ffn, x, cfg, layer=0):
+    def crash_at_layer_2(ffn, x, cfg, layer=0, **kw):
         calls.append(layer)
         if layer == 2:
             raise _Crash("injected")
-        return real(ffn, x, cfg, layer=layer)
+        return real(ffn, x, cfg, layer=layer, **kw)
 
     out = tmp_path / "out"
     monkeypatch.setattr(core_carve, "carve_ffn", crash_at_layer_2)

@@ -31,7 +31,7 @@ from .fitted_router import fit_router
 from .grouping import Grouping, group_neurons
 from .oracle import expert_mass, oracle_indices, router_recall
 from .profile_grouping import group_by_profiles, mean_mass
-from .reconstruct import CHUNK, Selection, refit_down
+from .reconstruct import CHUNK, Selection, chunk_tokens, refit_down
 from .router import analytic_router, router_load
 from .stats import activation_markers, activation_rates, rate_histogram
 
@@ -59,6 +59,11 @@ class LayerReport:
     # neuron is among a token's top-K_a) or "mean |h|" (fitted: mean activation magnitude)
     statistic: str = "activation rate"
     router: str = ""  # the router kind the carved module uses (analytic, linear, shadow, fitted)
+    # what this layer keeps per token (set by moecarve.carve.carve_layer; 0 in reports written before):
+    n_active: int = 0  # routed experts active per token (A_l; the calibrated mean for "threshold")
+    active_fraction: float = 0.0  # FFN neurons active per token / intermediate size (shared included)
+    bytes_per_token: int = 0  # FFN bytes read per decoded token: active experts, shared, router, biases
+    dense_bytes: int = 0  # the dense FFN's bytes (gate, up, down and biases), in the same dtype
 
     @property
     def load_imbalance(self) -> float:
@@ -85,16 +90,37 @@ def moe_spec(ffn: DenseFFN, cfg: CarveConfig) -> MoESpec:
 
 
 def _copy_in_rows(dest: torch.Tensor, ffn: DenseFFN, idx: torch.Tensor) -> None:
-    """dest [2m, d] (gate rows first) or [m, d] <- the input-projection rows of neurons idx [m].
+    """dest [..., 2m, d] (gate rows first) or [..., m, d] <- the input-projection rows of neurons
+    idx [..., m] (one expert [m], or a block of experts [c, m]).
 
     Written into dest's halves directly: no [2m, d] temporary for a torch.cat.
     """
     if ffn.gated:
-        m = idx.shape[0]
-        dest[:m].copy_(ffn.gate[idx])
-        dest[m:].copy_(ffn.up[idx])
+        m = idx.shape[-1]
+        dest[..., :m, :].copy_(ffn.gate[idx])
+        dest[..., m:, :].copy_(ffn.up[idx])
     else:
         dest.copy_(ffn.up[idx])
+
+
+# Neurons copied per block when the experts' rows are assembled (build_moe, shadow_router): whole
+# blocks of small experts at once instead of one Python step per expert (1536 steps per layer for
+# single neurons), while a block's temporaries stay at BLOCK_NEURONS rows of d.
+BLOCK_NEURONS = 256
+
+
+def _expert_blocks(groups: torch.Tensor) -> list[slice]:
+    """Slices of the experts groups [E, m] holding about BLOCK_NEURONS neurons each (at least one expert)."""
+    per = max(1, BLOCK_NEURONS // groups.shape[1])
+    return [slice(e, min(e + per, groups.shape[0])) for e in range(0, groups.shape[0], per)]
+
+
+def _with_bias(ffn: DenseFFN, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The FFN's output bias plus a refit's fitted bias [d] (None: the FFN's own, possibly None)."""
+    if bias is None:
+        return ffn.down_bias
+    own = ffn.down_bias.float() if ffn.down_bias is not None else 0.0
+    return (own + bias).to(ffn.down.dtype)
 
 
 def _in_bias(ffn: DenseFFN, idx: torch.Tensor) -> torch.Tensor:
@@ -127,9 +153,9 @@ def build_moe(
 ) -> CarvedMoE:
     """Assemble a CarvedMoE from slices of the dense weights: no weight is changed, only moved.
 
-    router: its tensors (see build_router) or the router module itself. Copied one expert at a
-    time, so besides the carved module (as large as the dense FFN) only one expert's rows [m, d]
-    exist as temporaries at once.
+    router: its tensors (see build_router) or the router module itself. Copied a block of experts
+    at a time, so besides the carved module (as large as the dense FFN) only about BLOCK_NEURONS
+    rows of d exist as temporaries at once.
     """
     dev, dt = ffn.up.device, ffn.up.dtype
     with torch.device("meta"):
@@ -141,9 +167,9 @@ def build_moe(
     if moe.out_bias is not None:
         moe.out_bias = nn.Parameter(torch.empty(spec.hidden_size, dtype=dt, device=dev))
     groups = grouping.experts.to(dev)  # [E, m]
-    for e, group in enumerate(groups):
-        _copy_in_rows(moe.experts.in_proj[e], ffn, group)  # [2m, d]
-        moe.experts.out_proj[e].copy_(ffn.down[:, group])  # [d, m]
+    for b in _expert_blocks(groups):
+        _copy_in_rows(moe.experts.in_proj[b], ffn, groups[b])  # [c, 2m, d]
+        moe.experts.out_proj[b].copy_(ffn.down[:, groups[b]].permute(1, 0, 2))  # [d, c, m] -> [c, d, m]
     if moe.experts.in_bias is not None:
         moe.experts.in_bias.copy_(_in_bias(ffn, groups))
     if moe.shared is not None:
@@ -157,34 +183,43 @@ def build_moe(
     return moe
 
 
-def shadow_router(ffn: DenseFFN, grouping: Grouping, bits: int) -> dict[str, torch.Tensor | None]:
+def shadow_router(ffn: DenseFFN, grouping: Grouping, bits: int, pack: bool = True) -> dict[str, torch.Tensor | None]:
     """The shadow router's tensors: the routed experts' input rows [E, 2m, d] quantised per row to
-    `bits`, packed as modules.moe.ShadowRouter stores them (two codes per byte at <= 4 bits)."""
+    `bits`, packed as modules.moe.ShadowRouter stores them (two codes per byte at <= 4 bits; with
+    pack=False the codes stay int8 [E, 2m, d], the "int8" layout, which scores identically)."""
     groups = grouping.experts.to(ffn.up.device)  # [E, m]
     E, m = groups.shape
-    packed = packs_nibbles(bits, ffn.hidden_size)
-    rows = torch.empty(2 * m if ffn.gated else m, ffn.hidden_size, dtype=ffn.up.dtype, device=ffn.up.device)
+    packed = pack and packs_nibbles(bits, ffn.hidden_size)
+    n_rows = 2 * m if ffn.gated else m
     width = ffn.hidden_size // 2 if packed else ffn.hidden_size
-    codes = torch.empty(E, rows.shape[0], width, dtype=torch.uint8 if packed else torch.int8, device=rows.device)
-    row_scale = torch.empty(E, rows.shape[0], device=rows.device)  # [E, 2m]
-    for e, group in enumerate(groups):  # one expert's rows at a time: no [E, 2m, d] float temporary
-        _copy_in_rows(rows, ffn, group)
-        q, row_scale[e] = quantize_rows(rows, bits)
-        codes[e] = pack_nibbles(q) if packed else q
+    codes = torch.empty(E, n_rows, width, dtype=torch.uint8 if packed else torch.int8, device=ffn.up.device)
+    row_scale = torch.empty(E, n_rows, device=ffn.up.device)  # [E, 2m]
+    for b in _expert_blocks(groups):  # a block of experts at a time: no [E, 2m, d] float temporary
+        rows = torch.empty(b.stop - b.start, n_rows, ffn.hidden_size, dtype=ffn.up.dtype, device=ffn.up.device)
+        _copy_in_rows(rows, ffn, groups[b])
+        q, row_scale[b] = quantize_rows(rows, bits)
+        codes[b] = pack_nibbles(q) if packed else q
     in_bias = _in_bias(ffn, groups) if ffn.has_in_bias else None
     return {"codes": codes, "row_scale": row_scale, "in_bias": in_bias}
 
 
 @torch.no_grad()
-def carve_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0) -> tuple[CarvedMoE, LayerReport]:
-    """Carve one FFN on its calibration inputs x [T, d] (CMoE steps 3-8, or the "fitted" method)."""
+def carve_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0, *, outputs: bool = False) -> tuple:
+    """Carve one FFN on its calibration inputs x [T, d] (CMoE steps 3-8, or the "fitted" method).
+
+    Returns (carved module, LayerReport); with outputs=True, (module, report, y), y [T, d] the
+    carved module's output on x where the method has it at hand (the "fitted" routed carve: the
+    kept activations times the final down_proj, what the module computes up to float rounding),
+    else None. moecarve.carve replays y instead of running the carved module on x again.
+    """
     t0 = time.perf_counter()
     if not torch.isfinite(x).all():
         raise CarveError(f"layer {layer}: the FFN inputs contain NaN or Inf; cannot measure activations")
     if cfg.static:
-        return carve_ffn_static(ffn, x, cfg, layer, t0)
+        out = carve_ffn_static(ffn, x, cfg, layer, t0)
+        return (*out, None) if outputs else out
     if cfg.method == "fitted":
-        return carve_ffn_fitted(ffn, x, cfg, layer, t0)
+        return carve_ffn_fitted(ffn, x, cfg, layer, t0, outputs=outputs)
     spec = moe_spec(ffn, cfg)
     markers = activation_markers(ffn, x, cfg.k_act)  # [T, I]
     rates = activation_rates(markers)  # [I]
@@ -209,7 +244,7 @@ def carve_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0) 
         load=router_load(idx, spec.n_routed).cpu().tolist(),
         router=spec.router,
     )
-    return moe, report
+    return (moe, report, None) if outputs else (moe, report)
 
 
 @torch.no_grad()
@@ -223,14 +258,59 @@ def calibrate_threshold(router: nn.Module, x: torch.Tensor, n_active: int, max_v
     return float(v.kthvalue(max(k, 1)).values)
 
 
+# Calibration tokens scored per router call: [chunk, 2I] float32 temporaries of about 16 MiB
+# (bigger chunks than reconstruct.CHUNK: the scoring runs once per layer over every token).
+SCORE_ELEMENTS = 1 << 22
+# Calibration tokens (evenly spaced) on which the report's router recall is measured: the oracle
+# needs each token's [E] expert masses and a top-A, a diagnostic that need not cover every token.
+RECALL_TOKENS = 4096
+
+
+def score_chunk(intermediate_size: int) -> int:
+    """Tokens per router call on the calibration inputs (at least reconstruct.CHUNK)."""
+    return max(CHUNK, SCORE_ELEMENTS // (2 * intermediate_size))
+
+
+@torch.no_grad()
+def router_picks(router: nn.Module, x: torch.Tensor, chunk: int, threshold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a shadow or probe router picks on x [T, d], `chunk` tokens at a time: (idx [T, A], and
+    with threshold selection kept [T, A], the slots above the threshold; else None).
+
+    The routers' own rule (modules.moe.select_by_scores): the top-A of scores + bias, a slot kept
+    when its score + bias exceeds the threshold; without the combine weights the carve does not
+    use (every picked expert weighs 1 while the router's scale is 0).
+    """
+    idx, kept = [], []
+    for s in range(0, x.shape[0], chunk):
+        scores = router.logits(x[s : s + chunk]) + router.bias  # [t, E] float32
+        top = torch.topk(scores, router.top_k, dim=-1)
+        idx.append(top.indices)
+        if threshold:
+            kept.append(top.values > router.threshold)
+    return torch.cat(idx), (torch.cat(kept) if threshold else None)
+
+
+@torch.no_grad()
+def oracle_recall(h: torch.Tensor, experts: torch.Tensor, idx: torch.Tensor, n_active: int) -> float:
+    """How often the router's picks idx [T, A] include the oracle's top-`n_active` experts (by |h|
+    mass, h [T, I], experts [E, m]), on at most RECALL_TOKENS evenly spaced tokens."""
+    rows = torch.arange(0, h.shape[0], max(1, h.shape[0] // RECALL_TOKENS), device=h.device)[:RECALL_TOKENS]
+    mass = torch.cat([expert_mass(h[r].abs(), experts) for r in rows.split(CHUNK)])  # [t, E]
+    oracle = oracle_indices(mass, n_active)
+    return router_recall(idx[rows.to(idx.device)], oracle.to(idx.device), experts.shape[0])
+
+
 @torch.no_grad()
 def carve_ffn_fitted(
-    ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0, t0: float | None = None
-) -> tuple[CarvedMoE, LayerReport]:
+    ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0, t0: float | None = None, outputs: bool = False
+) -> tuple:
     """The "fitted" method on calibration inputs x [T, d]: profile grouping -> fitted router -> refit.
 
     Every step reads the dense activations h [T, I] of these inputs (the earlier layers already
     carved), so the refit targets the dense FFN output on what the carved model actually feeds it.
+    Returns (module, report), or with outputs=True (module, report, y [T, d]): the module's output
+    on x, (h * keep) down^T + b with the final down_proj (each picked expert weighs exactly 1: the
+    router's scale starts at 0).
     """
     t0 = time.perf_counter() if t0 is None else t0
     spec = moe_spec(ffn, cfg)
@@ -245,31 +325,38 @@ def carve_ffn_fitted(
         spec = replace(spec, router="shadow", shadow_bits=cfg.shadow_bits, shadow_layout=layout, selection=cfg.selection)
         if threshold:  # up to 2A experts above the threshold, A on average
             spec = replace(spec, top_k=min(spec.n_routed, 2 * cfg.n_active), mean_active=float(cfg.n_active))
-        tensors = shadow_router(ffn, grouping, cfg.shadow_bits)
+        # scored with unpacked int8 codes (the "int8" layout: the same integers, without unpacking
+        # the nibbles again for every chunk of calibration tokens), packed once the picks are known
+        tensors = shadow_router(ffn, grouping, cfg.shadow_bits, pack=False)
+        router = build_router(replace(spec, shadow_layout="int8"), tensors, ffn.up.device, ffn.up.dtype)
     else:
         spec = replace(spec, router="fitted", router_probes=cfg.probes_per_expert * spec.n_routed)
         tensors = fit_router(ffn, grouping, xf, h, cfg.n_active, cfg.probes_per_expert, cfg.holdout).tensors
-    router = build_router(spec, tensors, ffn.up.device, ffn.up.dtype)
-    del tensors
+        router = build_router(spec, tensors, ffn.up.device, ffn.up.dtype)
     # Token chunks bound every [T, ...] temporary below (a streamed carve's peak memory).
     xin = x.to(ffn.up.dtype)
     if threshold:
         router.threshold.fill_(calibrate_threshold(router, xin, cfg.n_active))
-    picks = [router(xin[s : s + CHUNK]) for s in range(0, x.shape[0], CHUNK)]
-    idx = torch.cat([i for _, i in picks])  # [T, A] the router's own picks
-    if threshold:  # a slot below the threshold repeats the token's best pick: the kept neurons are unchanged
-        kept = torch.cat([w != 0 for w, _ in picks])
-        idx = torch.where(kept, idx, idx[:, :1])
-    del picks
-    mass = torch.cat([expert_mass(hc.abs(), grouping.experts) for hc in h.split(CHUNK)])  # [T, E]
-    oracle = oracle_indices(mass, cfg.n_active)
+    idx, kept = router_picks(router, xin, score_chunk(ffn.intermediate_size), threshold)  # [T, A] the router's own picks
+    # threshold selection: only the slots above the threshold count (a token may keep none of its A)
+    selection = Selection(grouping.shared, grouping.experts, idx, kept)
+    if spec.router == "shadow" and spec.shadow_layout == "nibbles":  # the stored router: codes two per byte
+        packed = build_router(spec, {**tensors, "codes": pack_nibbles(tensors["codes"])}, ffn.up.device, ffn.up.dtype)
+        if threshold:
+            packed.threshold.copy_(router.threshold)
+        router = packed
+    del tensors
+    # the recall of the kept picks: a slot below the threshold stands for the token's best pick
+    recall = oracle_recall(h, grouping.experts, idx if kept is None else torch.where(kept, idx, idx[:, :1]), cfg.n_active)
     mean = mean_mass(h).cpu()  # [I] mean |h|, as group_by_profiles ranks the neurons
     refit_error = None
     if cfg.refit:
-        refit = refit_down(h, Selection(grouping.shared, grouping.experts, idx), ffn.down, cfg.holdout)
-        ffn = replace(ffn, down=refit.down.to(ffn.down.dtype))
+        refit = refit_down(h, selection, ffn.down, cfg.holdout, intercept=cfg.refit_bias)
+        ffn = replace(ffn, down=refit.down.to(ffn.down.dtype), down_bias=_with_bias(ffn, refit.bias))
+        spec = replace(spec, out_bias=ffn.down_bias is not None)
         refit_error = [refit.heldout_before, refit.heldout_after]
         del refit
+    y = carved_outputs(h, selection, ffn) if outputs else None
     del h  # before build_moe allocates the carved weights
     moe = build_moe(ffn, grouping, spec, router)
     report = LayerReport(
@@ -281,12 +368,26 @@ def carve_ffn_fitted(
         shared_rate=float(mean[grouping.shared].mean()) if grouping.shared.numel() else 0.0,
         routed_rate=float(mean[grouping.experts.reshape(-1)].mean()),
         load=router_load(idx[kept] if threshold else idx, spec.n_routed).cpu().tolist(),
-        router_recall=router_recall(idx, oracle.to(idx.device), spec.n_routed),
+        router_recall=recall,
         refit_error=refit_error,
         statistic="mean |h|",
         router=spec.router,
     )
-    return moe, report
+    return (moe, report, y) if outputs else (moe, report)
+
+
+@torch.no_grad()
+def carved_outputs(h: torch.Tensor, selection: Selection, ffn: DenseFFN) -> torch.Tensor:
+    """(h * keep) down^T + b_d [T, d] in ffn's dtype: a routed carve's output on the tokens of h [T, I]
+    whose picks `selection` holds, with ffn's (refitted) down_proj, a token chunk at a time."""
+    down = ffn.down.float()
+    size = chunk_tokens(h.shape[1])
+    y = torch.empty(h.shape[0], down.shape[0], dtype=ffn.down.dtype, device=h.device)
+    for s in range(0, h.shape[0], size):
+        rows = slice(s, min(s + size, h.shape[0]))
+        yc = selection.kept(h, rows) @ down.t()
+        y[rows] = yc if ffn.down_bias is None else yc + ffn.down_bias.float()
+    return y
 
 
 @torch.no_grad()
@@ -307,8 +408,8 @@ def carve_ffn_static(
     refit_error = None
     if h is not None and cfg.refit:
         none = Selection(kept, torch.empty(0, m, dtype=torch.long), torch.empty(x.shape[0], 0, dtype=torch.long))
-        refit = refit_down(h, none, ffn.down, cfg.holdout)
-        ffn = replace(ffn, down=refit.down.to(ffn.down.dtype))
+        refit = refit_down(h, none, ffn.down, cfg.holdout, intercept=cfg.refit_bias)
+        ffn = replace(ffn, down=refit.down.to(ffn.down.dtype), down_bias=_with_bias(ffn, refit.bias))
         refit_error = [refit.heldout_before, refit.heldout_after]
     del h
     spec = CondensedSpec(

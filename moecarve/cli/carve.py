@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import METHODS, ROUTERS, SELECTIONS
+from ..config import ALLOCATIONS, METHODS, ROUTERS, SELECTIONS
 from .common import (
     add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, at_least, bold, card_info,
     check_load_args, console, fmt_params, in_range, load_kwargs, routed, table,
@@ -11,6 +11,7 @@ from .common import (
 # without --config or --expert-size: single-neuron experts, a quarter of the FFN per token (the
 # quality/speed frontier's default carve on the reference model: bench/frontier.py, bench/RESULTS.md)
 DEFAULT_EXPERT_SIZE, DEFAULT_ACTIVE = 1, 0.25
+DEFAULT_ALLOCATION = "uniform"
 
 
 def register(sub) -> None:
@@ -28,12 +29,13 @@ def register(sub) -> None:
                    help="S<shared>A<active>E<experts>, e.g. S2A2E8 (default: --expert-size "
                    f"{DEFAULT_EXPERT_SIZE} --active {DEFAULT_ACTIVE}: single-neuron experts, a quarter of the FFN per token)")  # fmt: skip
     p.add_argument("--expert-size", type=at_least(1), default=None, metavar="M",
-                   help="instead of --config: experts of M neurons (M divides the intermediate size), with --active "
-                   "and --shared giving the fraction of the FFN active per token and always on")  # fmt: skip
+                   help="instead of --config: experts of M neurons (M divides the intermediate size; needs --active), "
+                   f"with --active and --shared giving the fraction of the FFN active per token and always on (default: {DEFAULT_EXPERT_SIZE})")  # fmt: skip
     p.add_argument("--active", type=in_range(0.0, 1.0), default=None, metavar="F",
-                   help="with --expert-size: fraction of the FFN active per token, shared experts included")  # fmt: skip
+                   help="instead of --config: fraction of the FFN active per token, shared experts included, in experts "
+                   f"of --expert-size neurons (default: {DEFAULT_ACTIVE}; --active alone: single-neuron experts)")  # fmt: skip
     p.add_argument("--shared", type=in_range(0.0, 1.0), default=None, metavar="F",
-                   help="with --expert-size: fraction of the FFN in always-on shared experts, at most --active (default: 0)")  # fmt: skip
+                   help="instead of --config: fraction of the FFN in always-on shared experts, at most --active (default: 0)")  # fmt: skip
     add_output_args(p)
     add_calib_args(p, samples=8, seqlen=2048)
     p.add_argument("--k-act", type=at_least(1), default=10, help="neurons marked active per token for activation rates")
@@ -47,6 +49,10 @@ def register(sub) -> None:
     p.add_argument("--selection", choices=list(SELECTIONS), default="topk",
                    help="fitted with the shadow router: topk, exactly A routed experts per token; threshold, every "
                    "expert scoring above a per-layer threshold calibrated to pick A per token on average (at most 2A)")  # fmt: skip
+    p.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION,
+                   help="how the active experts are spread over the layers: uniform, the same A in every layer; "
+                   "sensitivity, more where the calibration text shows a layer loses more, fewer where it loses less, "
+                   "at the same total (the same bytes read per token); in-memory carves only")  # fmt: skip
     p.add_argument("--router", choices=list(ROUTERS), default="analytic",
                    help="cmoe only: analytic, CMoE's training-free router; linear, a softmax-over-linear-gate router "
                    "fitted on the calibration tokens (needed by --export)")  # fmt: skip
@@ -79,10 +85,11 @@ def run(args) -> int:
     from ..stream.shards import parse_size
 
     settings = dict(k_act=args.k_act, seed=args.seed, router=args.router, method=args.method, shadow_bits=args.shadow_bits,
-                    selection=args.selection)  # fmt: skip
+                    selection=args.selection, allocation=args.allocation)  # fmt: skip
     check_config_args(args)
-    if args.config is None and args.expert_size is None:
-        args.expert_size, args.active = DEFAULT_EXPERT_SIZE, DEFAULT_ACTIVE
+    if args.config is None:  # the granular flags, each with its default
+        args.expert_size = DEFAULT_EXPERT_SIZE if args.expert_size is None else args.expert_size
+        args.active = DEFAULT_ACTIVE if args.active is None else args.active
     # a bad spec or setting fails before the model is looked at; --expert-size needs the model's FFN width
     cfg = None if args.expert_size is not None else CarveConfig.from_string(args.config, **settings)
     calib_cfg = CalibConfig(source=args.calib, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed)
@@ -97,6 +104,10 @@ def run(args) -> int:
     check_export_args(args, skeleton)
     check_files(ref)  # then complete weights and a tokenizer
     streamed = wants_streaming(args, ref, device, dtype)
+    if streamed and cfg.allocation != "uniform" and not cfg.static:  # the sensitivity pass runs the whole model
+        console.print("streamed carve: the active experts are spread uniformly over the layers (--allocation "
+                      f"{cfg.allocation} measures the whole model in memory)")  # fmt: skip
+        cfg = cfg.replace(allocation="uniform")
     check_output(args.out, args.overwrite, inputs=[ref.path, args.calib, args.ppl])
     if args.export_fmt is not None:
         check_output(args.export_out, args.overwrite, inputs=[ref.path, args.out])
@@ -111,15 +122,16 @@ def run(args) -> int:
 
 
 def check_config_args(args) -> None:
-    """--config or --expert-size (with --active, optionally --shared), not both."""
+    """--config, or the granular flags --expert-size / --active / --shared, not both. Without
+    --config, --expert-size defaults to 1 and --active to 0.25 (--active 0.5 alone: single-neuron
+    experts at half the FFN); --expert-size M needs --active F (which fraction of M-neuron experts)."""
     from ..errors import UsageError
 
-    if args.expert_size is None:
-        if args.active is not None or args.shared is not None:
-            raise UsageError("--active and --shared size the experts of --expert-size M; pass --expert-size too, or use --config")
-    elif args.config is not None:
-        raise UsageError("pass either --config or --expert-size (with --active), not both")
-    elif args.active is None:
+    granular = [f for f, v in (("--expert-size", args.expert_size), ("--active", args.active), ("--shared", args.shared))
+                if v is not None]  # fmt: skip
+    if args.config is not None and granular:
+        raise UsageError(f"pass either --config or {'/'.join(granular)} (--expert-size, --active, --shared), not both")
+    if args.expert_size is not None and args.active is None:
         raise UsageError("--expert-size needs --active F: the fraction of the FFN active per token, e.g. --active 0.25")
 
 
@@ -358,17 +370,25 @@ def export_carved(args) -> int:
 def print_summary(report, ppl_dense=None, ppl_carved=None) -> None:
     stat = report.layers[0].statistic if report.layers else "activation rate"
     rows = [
-        [r.layer, f"{r.seconds:.2f}", r.expert_size, r.router or "-", f"{r.shared_rate:.4f}",
+        [r.layer, f"{r.seconds:.2f}", r.expert_size, r.router or "-", f"{r.active_fraction:.1%}", f"{r.shared_rate:.4f}",
          routed(r, f"{r.routed_rate:.4f}"), routed(r, f"{r.load_imbalance:.2f}")]
         for r in report.layers
     ]  # fmt: skip
-    console.print(table("per layer", ["layer", "seconds", "m", "router", f"shared {stat}", f"routed {stat}", "load max/mean"], rows))
+    columns = ["layer", "seconds", "m", "router", "active", f"shared {stat}", f"routed {stat}", "load max/mean"]
+    console.print(table("per layer", columns, rows))
+    lowest, highest = report.active_range
+    active = f"{report.active_fraction:.1%} on average (lowest layer {lowest:.1%}, highest {highest:.1%})"
+    if report.config.selection == "threshold":
+        active += ", calibrated: per token it varies"
     summary = [
         ["config", f"{report.config.name} ({report.config.method})"],
+        ["FFN active per token", active],
+        ["FFN bytes read per token", f"{report.ffn_bytes_per_token / 2**20:.1f} MiB of {report.ffn_dense_bytes / 2**20:.1f} "
+         f"MiB dense ({report.ffn_bytes_per_token / max(report.ffn_dense_bytes, 1):.1%}: active experts, shared, router)"],
         ["parameters (dense)", fmt_params(report.params_dense)],
         ["parameters (carved, total)", fmt_params(report.params_total)],
         ["parameters active per token", f"{fmt_params(report.params_active)} ({report.params_active / report.params_dense:.1%})"],
-        ["carve time", f"{report.seconds:.1f} s"],
+        ["carve time", f"{report.seconds:.1f} s" + (f" (allocation {report.allocation_seconds:.1f} s)" if report.allocation_seconds else "")],
         ["router load max/mean (worst layer)",
          "- (static pruning: no router)" if report.config.static else f"{report.load_imbalance:.2f}"],
     ]

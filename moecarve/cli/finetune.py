@@ -38,7 +38,8 @@ def register(sub) -> None:
     p.add_argument("--lora-alpha", type=positive(), default=32.0, help="LoRA scaling numerator (scale = alpha / r)")
     p.add_argument("--lora-dropout", type=in_range(0.0, 1.0, hi_open=True), default=0.1, help="dropout on the LoRA input")
     p.add_argument("--bias-gamma", type=at_least(0.0, float), default=None,
-                   help="load-balancing bias step (default: the carve's bias_gamma)")  # fmt: skip
+                   help="load-balancing bias step (default: 0 where every carved layer routes by the shadow "
+                   "router, whose scores are what the experts add; else the carve's bias_gamma)")  # fmt: skip
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     p.add_argument("--checkpoint-every", type=at_least(0), default=100,
                    help="save a resumable checkpoint every N steps (0: only at the end)")  # fmt: skip

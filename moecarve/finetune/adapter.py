@@ -29,7 +29,7 @@ from ..io.atomic import atomic_dir
 from ..io.save import ordinary_permissions
 from ..modules.moe import requantize_shadows
 from .config import FinetuneConfig
-from .lora import StackedLoRA, carved_layers, peft_lora_config
+from .lora import FlatLoRA, StackedLoRA, carved_layers, peft_lora_config
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ROUTER_FILE = "moecarve_router.safetensors"
@@ -48,23 +48,24 @@ def _linear_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Ten
             if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper) and "default" in m.lora_A}  # fmt: skip
 
 
-def _stacked_factors(model: nn.Module) -> dict[str, StackedLoRA]:
-    """Parameter name -> its StackedLoRA, for every parametrized expert weight."""
+def _stacked_factors(model: nn.Module) -> dict[str, StackedLoRA | FlatLoRA]:
+    """Parameter name -> its StackedLoRA or FlatLoRA, for every parametrized expert weight."""
     out = {}
     for path, m in model.named_modules():
         if parametrize.is_parametrized(m):
             for attr, plist in m.parametrizations.items():
-                out.update({f"{path}.{attr}": p for p in plist if isinstance(p, StackedLoRA)})
+                out.update({f"{path}.{attr}": p for p in plist if isinstance(p, (StackedLoRA, FlatLoRA))})
     return out
 
 
-def _peft_factors(lora: StackedLoRA) -> tuple[torch.Tensor, torch.Tensor]:
+def _peft_factors(lora: StackedLoRA | FlatLoRA) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A.weight, lora_B.weight) of PEFT's ParamWrapper computing lora's delta.
 
     A 3-D weight [E, out, in]: PEFT keeps A as [E*r, in] (expert-major rows) and B as [out, r*E]
     (expert-minor columns) and adds scaling * B_e @ A_e to expert e; a 2-D weight is plain LoRA.
+    A FlatLoRA (one delta over all experts) is written as its equal per-expert factors.
     """
-    A, B = lora.A.detach(), lora.B.detach()  # [E, r, in], [E, out, r]
+    A, B = lora.expert_factors()  # [E, r, in], [E, out, r]
     if not lora.stacked:
         return A[0], B[0]
     E, r, n_in = A.shape

@@ -48,8 +48,64 @@ class StackedLoRA(nn.Module):
         d = torch.bmm(self.B, self.A) * self.scaling
         return d if self.stacked else d[0]
 
+    def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [E, r, in], B [E, out, r]) with delta[e] = scaling * B[e] @ A[e] (detached)."""
+        return self.A.detach(), self.B.detach()
+
     def forward(self, W: torch.Tensor) -> torch.Tensor:
         return W + self.delta().to(W.dtype)
+
+
+class FlatLoRA(nn.Module):
+    """One low-rank delta over all the experts of a stacked weight, for experts too small to hold a
+    rank-r delta each (single neurons: a per-expert rank-8 delta of a [2, d] in_proj row pair has
+    more parameters than the rows themselves).
+
+    in_proj [E, rows, d] is the matrix [E * rows, d] (the dense gate/up rows, regrouped); out_proj
+    [E, d, m] is the matrix [d, E * m] (the dense down_proj's columns): delta = scaling * B @ A on
+    that matrix, B [out, r] at zero, A [r, in] Kaiming-uniform as PEFT's, so the adapted weight
+    equals W until B moves. `columns` says which layout: out_proj's (True) or in_proj's.
+    """
+
+    def __init__(self, shape: torch.Size, r: int, scaling: float, columns: bool, generator: torch.Generator | None = None):
+        super().__init__()
+        E, out_f, in_f = shape
+        self.shape, self.columns = tuple(shape), columns
+        rows, cols = (out_f, E * in_f) if columns else (E * out_f, in_f)
+        bound = 1.0 / math.sqrt(cols)
+        self.A = nn.Parameter(torch.empty(r, cols).uniform_(-bound, bound, generator=generator))
+        self.B = nn.Parameter(torch.zeros(rows, r))
+        self.scaling = scaling
+
+    def delta(self) -> torch.Tensor:  # [E, out, in]
+        d = (self.B @ self.A) * self.scaling
+        E, out_f, in_f = self.shape
+        return d.view(out_f, E, in_f).permute(1, 0, 2) if self.columns else d.view(E, out_f, in_f)
+
+    @property
+    def stacked(self) -> bool:
+        return True
+
+    def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same delta as per-expert factors (A [E, r, in], B [E, out, r], delta[e] = scaling * B[e] @ A[e]):
+        in_proj's experts share A and own B's rows, out_proj's share B and own A's columns (detached)."""
+        E, out_f, in_f = self.shape
+        A, B = self.A.detach(), self.B.detach()
+        r = A.shape[0]
+        if self.columns:  # delta[e] = B @ A[:, e*in:(e+1)*in]
+            return A.view(r, E, in_f).permute(1, 0, 2).contiguous(), B.expand(E, out_f, r).contiguous()
+        return A.expand(E, r, in_f).contiguous(), B.view(E, out_f, r).contiguous()  # delta[e] = B[e*out:(e+1)*out] @ A
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        return W + self.delta().to(W.dtype)
+
+
+def expert_lora(shape: torch.Size, r: int, scaling: float, out_proj: bool, generator: torch.Generator | None = None) -> nn.Module:
+    """The adapter of one expert weight: per expert (StackedLoRA) where each expert's matrix has
+    more than r rows and columns, else one over all experts (FlatLoRA)."""
+    if len(shape) == 3 and min(shape[1], shape[2]) <= r:
+        return FlatLoRA(shape, r, scaling, columns=out_proj, generator=generator)
+    return StackedLoRA(shape, r, scaling, generator=generator)
 
 
 def carved_layers(model: nn.Module) -> dict[str, CarvedMoE]:
@@ -79,14 +135,16 @@ def expert_parameters(model: nn.Module) -> list[str]:
 
 
 def add_expert_lora(model: nn.Module, r: int, scaling: float, seed: int = 0) -> list[str]:
-    """Parametrize every stacked expert weight of every carved layer; returns their names."""
+    """Parametrize every stacked expert weight of every carved layer (expert_lora: per expert, or
+    one delta over all of a layer's experts where they are smaller than the rank); returns their names."""
     g = torch.Generator().manual_seed(seed)
     names = expert_parameters(model)
     for name in names:
         owner_path, attr = name.rsplit(".", 1)
         owner = model.get_submodule(owner_path)
         W = getattr(owner, attr)
-        parametrize.register_parametrization(owner, attr, StackedLoRA(W.shape, r, scaling, generator=g).to(W.device))
+        lora = expert_lora(W.shape, r, scaling, out_proj=attr == "out_proj", generator=g).to(W.device)
+        parametrize.register_parametrization(owner, attr, lora)
     return names
 
 

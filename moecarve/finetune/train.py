@@ -58,8 +58,20 @@ class FinetuneReport:
 
 
 def _gamma(model: nn.Module, cfg: FinetuneConfig) -> float:
+    """The load-balancing bias step: cfg.bias_gamma, else 0 for a model whose carved layers all
+    route by the shadow router, else the carve's bias_gamma.
+
+    A shadow router scores each expert by its estimated |h| mass, the very quantity that decides
+    what the expert adds to the output (and, with threshold selection, how many experts a token
+    gets): a bias that evens out the load moves the picks away from the experts that matter, and
+    with threshold selection changes how many experts are picked (the bytes read per token), while
+    batch-1 decoding gains nothing from balance.
+    """
     if cfg.bias_gamma is not None:
         return cfg.bias_gamma
+    moes = carved_layers(model).values()
+    if moes and all(m.spec.router == "shadow" for m in moes):
+        return 0.0
     meta = getattr(model.config, "moecarve", None) or {}
     return float(meta.get("carve", {}).get("bias_gamma", 1e-3))
 
