@@ -257,55 +257,53 @@ int attention_items(rt_ctx* c) {
   return n;
 }
 
-void attention_block(rt_ctx* c, const rt_layer* L, int l, int tid, int nth) {
+void attention_block(rt_th* th, const rt_layer* L, int l) {
+  rt_ctx* c = th->c;
   const rt_desc* D = &c->desc;
   const int T = c->T;
-  int64_t t0, t1;
-  int p0, p1;
-  rt_share(T, tid, nth, &t0, &t1);
 
-  norm_rows(c, &L->in_norm, c->x, D->d, &c->a_in, D->d, L->wqkv.dtype, (int)t0, (int)t1);
-  pool_barrier(c->pool);
+  FOR_ITEMS(th, t, T) norm_token(c, &L->in_norm, c->x, D->d, &c->a_in, D->d, L->wqkv.dtype, (int)t);
+  phase_end(th, T);
 
-  panel_share(&L->wqkv, tid, nth, &p0, &p1);
-  panel_matmul(&L->wqkv, p0, p1, &c->a_in, T, c->qkv, (int)c->qkv_n);
-  if (L->bqkv) {
-    const int n0 = p0 * RT_PANEL_ROWS, n1 = RT_MIN(p1 * RT_PANEL_ROWS, L->wqkv.rows);
-    for (int t = 0; t < T; t++)
-      for (int n = n0; n < n1; n++) c->qkv[(int64_t)t * c->qkv_n + n] += L->bqkv[n];
+  int64_t groups = panel_groups(panels_of(&L->wqkv));
+  FOR_ITEMS(th, g, groups) {
+    int n0, n1;
+    panel_group(&L->wqkv, g, &c->a_in, T, c->qkv, (int)c->qkv_n, &n0, &n1);
+    if (L->bqkv)
+      for (int t = 0; t < T; t++)
+        for (int n = n0; n < n1; n++) c->qkv[(int64_t)t * c->qkv_n + n] += L->bqkv[n];
   }
-  pool_barrier(c->pool);
-  prof_mark(c, tid, PROF_QKV);
+  phase_end(th, groups);
+  prof_mark(c, th->tid, PROF_QKV);
 
-  for (int64_t t = t0; t < t1; t++) place_token(c, L, l, (int)t);
-  pool_barrier(c->pool);
+  FOR_ITEMS(th, t, T) place_token(c, L, l, (int)t);
+  phase_end(th, T);
 
-  int64_t i0, i1;
-  rt_share(c->n_items, tid, nth, &i0, &i1);
-  float* scratch = c->att_scratch + (int64_t)tid * c->att_scratch_len;
-  for (int64_t i = i0; i < i1; i++) attend(c, L, l, &c->items[i], scratch);
-  pool_barrier(c->pool);
+  float* scratch = c->att_scratch + (int64_t)th->tid * c->att_scratch_len;
+  FOR_ITEMS(th, i, c->n_items) attend(c, L, l, &c->items[i], scratch);
+  phase_end(th, c->n_items);
 
-  act_convert(&c->a_att, (int)c->att_n, L->wo.dtype, (int)t0, (int)t1);
-  pool_barrier(c->pool);
-  prof_mark(c, tid, PROF_ATTENTION);
+  FOR_ITEMS(th, t, T) act_convert(&c->a_att, (int)c->att_n, L->wo.dtype, (int)t, (int)t + 1);
+  phase_end(th, T);
+  prof_mark(c, th->tid, PROF_ATTENTION);
 
-  panel_share(&L->wo, tid, nth, &p0, &p1);
-  panel_matmul(&L->wo, p0, p1, &c->a_att, T, c->tmp, (int)c->dp);
-  const int n0 = p0 * RT_PANEL_ROWS, n1 = RT_MIN(p1 * RT_PANEL_ROWS, D->d);
-  if (L->bo)
-    for (int t = 0; t < T; t++)
-      for (int n = n0; n < n1; n++) c->tmp[(int64_t)t * c->dp + n] += L->bo[n];
   float* xr = residual_of(c, L);
-  if (!L->post_attn_norm.w) {  /* the residual add of this thread's own columns: no barrier needed */
-    for (int t = 0; t < T; t++)
-      for (int n = n0; n < n1; n++) xr[(int64_t)t * D->d + n] += c->tmp[(int64_t)t * c->dp + n] * D->residual_scale;
-    pool_barrier(c->pool);
-    prof_mark(c, tid, PROF_WO);
-    return;
+  groups = panel_groups(panels_of(&L->wo));
+  FOR_ITEMS(th, g, groups) {
+    int n0, n1;
+    panel_group(&L->wo, g, &c->a_att, T, c->tmp, (int)c->dp, &n0, &n1);
+    for (int t = 0; t < T; t++) {
+      float* y = c->tmp + (int64_t)t * c->dp;
+      if (L->bo)
+        for (int n = n0; n < n1; n++) y[n] += L->bo[n];
+      if (!L->post_attn_norm.w)  /* the residual add of this item's own columns */
+        for (int n = n0; n < n1; n++) xr[(int64_t)t * D->d + n] += y[n] * D->residual_scale;
+    }
   }
-  pool_barrier(c->pool);
-  residual_rows(c, xr, &L->post_attn_norm, c->tmp, (int)c->dp, (int)t0, (int)t1);
-  pool_barrier(c->pool);
-  prof_mark(c, tid, PROF_WO);
+  phase_end(th, groups);
+  if (L->post_attn_norm.w) {
+    FOR_ITEMS(th, t, T) residual_token(c, xr, &L->post_attn_norm, c->tmp, (int)c->dp, (int)t);
+    phase_end(th, T);
+  }
+  prof_mark(c, th->tid, PROF_WO);
 }

@@ -13,35 +13,28 @@
 #include "internal.h"
 #include "vecmath.h"
 
-/* the shares of the d output features, in whole blocks of 32 (int8 rows scale per block) */
-static void feature_share(int d, int tid, int nth, int* k0, int* k1) {
-  int64_t b0, b1;
-  rt_share((d + RT_BLOCK - 1) / RT_BLOCK, tid, nth, &b0, &b1);
-  *k0 = (int)RT_MIN(b0 * RT_BLOCK, d);
-  *k1 = (int)RT_MIN(b1 * RT_BLOCK, d);
-}
+/* the output features of item k of a feature phase: blocks of 64 (whole int8 blocks) */
+#define FEATURE_BLOCK 64
+static inline int64_t feature_blocks(int d) { return (d + FEATURE_BLOCK - 1) / FEATURE_BLOCK; }
 
-/* rows [r0, r1) of tmp, this thread's columns [n0, n1): + bias, then x += tmp * residual_scale, or
- * (a post-FFN norm needs whole rows) after a barrier, x += norm(tmp) for the thread's share of rows */
-static void finish(rt_ctx* c, const rt_layer* L, const float* bias, int n0, int n1, int r0, int r1, int tid, int nth) {
+/* rows [r0, r1) of tmp, columns [n0, n1): + bias and, without a post-FFN norm, x += tmp * residual_scale */
+static void add_columns(rt_ctx* c, const rt_layer* L, const float* bias, int n0, int n1, int r0, int r1) {
   const rt_desc* D = &c->desc;
-  const rt_norm* post = &L->post_ffn_norm;
   float* xr = residual_of(c, L);
   for (int t = r0; t < r1; t++) {
     float* y = c->tmp + (int64_t)t * c->dp;
     if (bias)
       for (int n = n0; n < n1; n++) y[n] += bias[n];
-    if (!post->w)
+    if (!L->post_ffn_norm.w)
       for (int n = n0; n < n1; n++) xr[(int64_t)t * D->d + n] += y[n] * D->residual_scale;
   }
-  pool_barrier(c->pool);
-  if (post->w) {
-    int64_t t0, t1;
-    rt_share(r1 - r0, tid, nth, &t0, &t1);
-    residual_rows(c, xr, post, c->tmp, (int)c->dp, (int)(r0 + t0), (int)(r0 + t1));
-    pool_barrier(c->pool);
-  }
-  prof_mark(c, tid, PROF_FFN);
+}
+
+/* with a post-FFN norm (whole rows): x += norm(tmp) * residual_scale, rows [r0, r1) */
+static void post_norm_phase(rt_th* th, const rt_layer* L, int r0, int r1) {
+  if (!L->post_ffn_norm.w) return;
+  FOR_ITEMS(th, i, r1 - r0) residual_token(th->c, residual_of(th->c, L), &L->post_ffn_norm, th->c->tmp, (int)th->c->dp, (int)(r0 + i));
+  phase_end(th, r1 - r0);
 }
 
 /* the rows [r0, r0 + n) of an activation buffer, as one starting at row 0 (a thread-local view) */
@@ -58,10 +51,15 @@ static rt_act act_rows(const rt_act* a, int r0) {
 
 /* ------------------------------------------------------------------ dense MLPs */
 
-/* h = act(gate) * up (gated) or act(h) of panels [p0, p1) of in_w into a_h.f, token rows [r0, r1) */
-static void dense_up(rt_ctx* c, const rt_dense* F, int gated, int act, int p0, int p1, int r0, int r1) {
+/* items of in_w's product: groups of panels, whole (gate, up) pairs when gated */
+static inline int64_t up_groups(const rt_dense* F) { return panel_groups(panels_of(&F->in_w)); }
+
+/* h = act(gate) * up (gated) or act(h) of panel group g of in_w into a_h.f, token rows [r0, r1)
+ * (PANEL_GROUP is even: a group holds whole pairs) */
+static void dense_up(rt_ctx* c, const rt_dense* F, int gated, int act, int64_t g, int r0, int r1) {
   const int64_t ldh = 2 * c->n_max;
   const rt_act x = act_rows(&c->a_in, r0);
+  const int p0 = (int)(g * PANEL_GROUP), p1 = (int)RT_MIN(p0 + PANEL_GROUP, panels_of(&F->in_w));
   panel_matmul(&F->in_w, p0, p1, &x, r1 - r0, c->hbuf + (int64_t)r0 * ldh, (int)ldh);
   for (int t = r0; t < r1; t++) {
     const float* hb = c->hbuf + (int64_t)t * ldh;
@@ -69,13 +67,13 @@ static void dense_up(rt_ctx* c, const rt_dense* F, int gated, int act, int p0, i
     if (gated) {  /* panels come in (gate, up) pairs of 16 neurons */
       for (int p = p0; p < p1; p += 2) {
         const int j0 = p / 2 * RT_PANEL_ROWS, nj = RT_MIN(RT_PANEL_ROWS, F->n - j0);
-        float g[RT_PANEL_ROWS], u[RT_PANEL_ROWS];
+        float gv[RT_PANEL_ROWS], u[RT_PANEL_ROWS];
         for (int j = 0; j < nj; j++) {
-          g[j] = hb[(int64_t)p * RT_PANEL_ROWS + j] + (F->in_b ? F->in_b[(int64_t)p * RT_PANEL_ROWS + j] : 0.0f);
+          gv[j] = hb[(int64_t)p * RT_PANEL_ROWS + j] + (F->in_b ? F->in_b[(int64_t)p * RT_PANEL_ROWS + j] : 0.0f);
           u[j] = hb[(int64_t)(p + 1) * RT_PANEL_ROWS + j] + (F->in_b ? F->in_b[(int64_t)(p + 1) * RT_PANEL_ROWS + j] : 0.0f);
         }
-        act_inplace(g, nj, act);
-        for (int j = 0; j < nj; j++) h[j0 + j] = g[j] * u[j];
+        act_inplace(gv, nj, act);
+        for (int j = 0; j < nj; j++) h[j0 + j] = gv[j] * u[j];
       }
     } else {
       const int n0 = p0 * RT_PANEL_ROWS, n1 = RT_MIN(p1 * RT_PANEL_ROWS, F->n);
@@ -85,37 +83,31 @@ static void dense_up(rt_ctx* c, const rt_dense* F, int gated, int act, int p0, i
   }
 }
 
-/* the shares of in_w's panels: whole (gate, up) pairs when gated */
-static void up_share(const rt_dense* F, int gated, int tid, int nth, int* p0, int* p1) {
-  const int64_t n = panels_of(&F->in_w) / (gated ? 2 : 1);
-  int64_t a, b;
-  rt_share(n, tid, nth, &a, &b);
-  *p0 = (int)(a * (gated ? 2 : 1));
-  *p1 = (int)(b * (gated ? 2 : 1));
-}
-
-/* h (a_h.f, already computed) -> a_h converted for out_w, rows [t0, t1), the padding zeroed */
-static void convert_hidden(rt_ctx* c, const rt_dense* F, int t0, int t1) {
+/* h (a_h.f, already computed) of token t -> a_h converted for out_w, the padding zeroed */
+static void convert_hidden(rt_ctx* c, const rt_dense* F, int t) {
   const int n = F->n, np = (int)rt_pad(n, RT_BLOCK);
-  for (int t = t0; t < t1; t++) memset(c->a_h.f + (int64_t)t * c->a_h.ld + n, 0, (size_t)(np - n) * sizeof(float));
-  act_convert(&c->a_h, np, F->out_w.dtype, t0, t1);
+  memset(c->a_h.f + (int64_t)t * c->a_h.ld + n, 0, (size_t)(np - n) * sizeof(float));
+  act_convert(&c->a_h, np, F->out_w.dtype, t, t + 1);
 }
 
 /* a dense MLP F (a dense layer, or every expert of a carved one) on token rows [r0, r1) */
-static void dense_block(rt_ctx* c, const rt_layer* L, const rt_dense* F, const float* out_bias, int r0, int r1, int tid,
-                        int nth) {
-  int p0, p1;
-  int64_t t0, t1;
-  rt_share(r1 - r0, tid, nth, &t0, &t1);
-  up_share(F, L->gated, tid, nth, &p0, &p1);
-  dense_up(c, F, L->gated, L->act, p0, p1, r0, r1);
-  pool_barrier(c->pool);
-  convert_hidden(c, F, (int)(r0 + t0), (int)(r0 + t1));
-  pool_barrier(c->pool);
-  panel_share(&F->out_w, tid, nth, &p0, &p1);
+static void dense_block(rt_th* th, const rt_layer* L, const rt_dense* F, const float* out_bias, int r0, int r1) {
+  rt_ctx* c = th->c;
+  int64_t groups = up_groups(F);
+  FOR_ITEMS(th, g, groups) dense_up(c, F, L->gated, L->act, g, r0, r1);
+  phase_end(th, groups);
+  FOR_ITEMS(th, t, r1 - r0) convert_hidden(c, F, (int)(r0 + t));
+  phase_end(th, r1 - r0);
   const rt_act h = act_rows(&c->a_h, r0);
-  panel_matmul(&F->out_w, p0, p1, &h, r1 - r0, c->tmp + (int64_t)r0 * c->dp, (int)c->dp);
-  finish(c, L, out_bias, p0 * RT_PANEL_ROWS, RT_MIN(p1 * RT_PANEL_ROWS, c->desc.d), r0, r1, tid, nth);
+  groups = panel_groups(panels_of(&F->out_w));
+  FOR_ITEMS(th, g, groups) {
+    int n0, n1;
+    panel_group(&F->out_w, g, &h, r1 - r0, c->tmp + (int64_t)r0 * c->dp, (int)c->dp, &n0, &n1);
+    add_columns(c, L, out_bias, n0, n1, r0, r1);
+  }
+  phase_end(th, groups);
+  post_norm_phase(th, L, r0, r1);
+  prof_mark(c, th->tid, PROF_FFN);
 }
 
 /* ------------------------------------------------------------------ routers */
@@ -334,95 +326,102 @@ static void hidden_expert_major(rt_ctx* c, const rt_layer* L, int s0, int s1, fl
   }
 }
 
+/* items of the router's scores: experts per item; of a prompt chunk's hidden activations: slots per item */
+#define ROUTER_BLOCK 256
+#define SLOT_BLOCK 256
+
 /* a carved layer routed, on token rows [0, T) */
-static void moe_block(rt_ctx* c, const rt_layer* L, int T, int tid, int nth) {
+static void moe_block(rt_th* th, const rt_layer* L, int T) {
+  rt_ctx* c = th->c;
   const rt_moe* M = &L->moe;
   rt_moe_scratch* S = &c->moe;
   const int d = c->desc.d, A = M->A, m = M->m;
   const int expert_major = T >= EXPERT_MAJOR_T;
-  float* thr = S->thr + (int64_t)tid * S->thr_len;
-  int64_t a, b, t0, t1;
-  rt_share(T, tid, nth, &t0, &t1);
+  float* thr = S->thr + (int64_t)th->tid * S->thr_len;
 
-  if (M->router == RT_ROUTER_SHADOW)  /* the shadow router's own int8 tokens (one scale per token) */
-    for (int t = t0; t < t1; t++)
-      S->sqs[t] = quantize_token(c->a_in.f + (int64_t)t * c->a_in.ld, d, S->sq + (int64_t)t * d, S->sqsum + t);
-  if (M->router == RT_ROUTER_FITTED) {
-    rt_share(M->probes, tid, nth, &a, &b);
-    probe_features(c, L, T, (int)a, (int)b, tid == 0);
+  if (M->router == RT_ROUTER_SHADOW) {  /* the shadow router's own int8 tokens (one scale per token) */
+    FOR_ITEMS(th, t, T) S->sqs[t] = quantize_token(c->a_in.f + t * c->a_in.ld, d, S->sq + t * d, S->sqsum + t);
+    phase_end(th, T);
+  } else if (M->router == RT_ROUTER_FITTED) {  /* probe features: item 0 also copies x */
+    FOR_ITEMS(th, r, M->probes + 1) probe_features(c, L, T, r == 0 ? 0 : (int)r - 1, r == 0 ? 0 : (int)r, r == 0);
+    phase_end(th, M->probes + 1);
   }
-  pool_barrier(c->pool);
 
-  rt_share(M->E, tid, nth, &a, &b);
-  route_scores(c, L, T, (int)a, (int)b);
-  pool_barrier(c->pool);
+  const int64_t eb = (M->E + ROUTER_BLOCK - 1) / ROUTER_BLOCK;  /* experts scored per item */
+  FOR_ITEMS(th, i, eb) route_scores(c, L, T, (int)(i * ROUTER_BLOCK), (int)RT_MIN((i + 1) * ROUTER_BLOCK, M->E));
+  phase_end(th, eb);
 
-  for (int t = t0; t < t1; t++)
-    select_token(M, S->scores + (int64_t)t * M->E, thr, (int32_t*)(thr + M->E), S->idx + (int64_t)t * A,
-                 S->w + (int64_t)t * A);
-  pool_barrier(c->pool);
+  FOR_ITEMS(th, t, T)
+    select_token(M, S->scores + t * M->E, thr, (int32_t*)(thr + M->E), S->idx + t * A, S->w + t * A);
+  phase_end(th, T);
   if (expert_major) {
-    if (tid == 0) sort_slots(c, M, T);
-    pool_barrier(c->pool);
+    FOR_ITEMS(th, i, 1) sort_slots(c, M, T);
+    phase_end(th, 1);
   }
-  prof_mark(c, tid, PROF_ROUTER);
+  prof_mark(c, th->tid, PROF_ROUTER);
 
-  /* shared neurons' up product and the routed neurons' hidden activations, in one phase */
+  /* the shared neurons' up product, and each neuron's tokens at once for a prompt chunk */
   const rt_dense* Sh = &M->shared;
-  int p0 = 0, p1 = 0;
-  if (Sh->n > 0) {
-    up_share(Sh, L->gated, tid, nth, &p0, &p1);
-    dense_up(c, Sh, L->gated, L->act, p0, p1, 0, T);
+  const int64_t ups = Sh->n > 0 ? up_groups(Sh) : 0;
+  const int64_t sb = expert_major ? (S->n_slots + SLOT_BLOCK - 1) / SLOT_BLOCK : 0;
+  FOR_ITEMS(th, i, ups + sb) {
+    if (i < ups)
+      dense_up(c, Sh, L->gated, L->act, i, 0, T);
+    else
+      hidden_expert_major(c, L, (int)((i - ups) * SLOT_BLOCK), (int)RT_MIN((i - ups + 1) * SLOT_BLOCK, S->n_slots), thr);
   }
-  const int nch = (A * m + NEURON_CHUNK - 1) / NEURON_CHUNK;  /* token-major units per token */
-  if (expert_major) {  /* each neuron's tokens at once, then the units' outputs from those h */
-    rt_share(S->n_slots, tid, nth, &a, &b);
-    hidden_expert_major(c, L, (int)a, (int)b, thr);
-    pool_barrier(c->pool);
-  }
-  rt_share((int64_t)T * nch, tid, nth, &a, &b);
-  for (int64_t u = a; u < b; u++)
-    neuron_unit(c, L, (int)(u / nch), (int)(u % nch), expert_major ? S->h : NULL, S->part + u * c->dp, thr);
-  pool_barrier(c->pool);
+  phase_end(th, ups + sb);
 
-  int k0, k1;
-  feature_share(d, tid, nth, &k0, &k1);
+  /* every unit's output (decode: with its neurons' h, computed here) */
+  const int nch = (A * m + NEURON_CHUNK - 1) / NEURON_CHUNK;
+  FOR_ITEMS(th, u, (int64_t)T * nch)
+    neuron_unit(c, L, (int)(u / nch), (int)(u % nch), expert_major ? S->h : NULL, S->part + u * c->dp, thr);
+  phase_end(th, (int64_t)T * nch);
+
   if (Sh->n > 0) {
-    convert_hidden(c, Sh, (int)t0, (int)t1);
-    pool_barrier(c->pool);
-    panel_share(&Sh->out_w, tid, nth, &p0, &p1);
-    panel_matmul(&Sh->out_w, p0, p1, &c->a_h, T, c->tmp, (int)c->dp);
-    pool_barrier(c->pool);
-  } else {
-    for (int t = 0; t < T; t++) memset(c->tmp + (int64_t)t * c->dp + k0, 0, (size_t)(k1 - k0) * sizeof(float));
-  }
-  for (int t = 0; t < T; t++) {  /* y[t, k0:k1] += the token's unit outputs, in unit order */
-    float* y = c->tmp + (int64_t)t * c->dp;
-    for (int u = 0; u < nch; u++) {
-      const float* pu = S->part + ((int64_t)t * nch + u) * c->dp;
-#pragma omp simd
-      for (int k = k0; k < k1; k++) y[k] += pu[k];
+    FOR_ITEMS(th, t, T) convert_hidden(c, Sh, (int)t);
+    phase_end(th, T);
+    const int64_t groups = panel_groups(panels_of(&Sh->out_w));
+    FOR_ITEMS(th, g, groups) {
+      int n0, n1;
+      panel_group(&Sh->out_w, g, &c->a_h, T, c->tmp, (int)c->dp, &n0, &n1);
     }
+    phase_end(th, groups);
   }
-  finish(c, L, M->out_bias, k0, k1, 0, T, tid, nth);
+  const int64_t fb = feature_blocks(d);
+  FOR_ITEMS(th, f, fb) {  /* y[t, k0:k1] (+)= the token's unit outputs, in unit order; bias; residual */
+    const int k0 = (int)(f * FEATURE_BLOCK), k1 = (int)RT_MIN(k0 + FEATURE_BLOCK, d);
+    for (int t = 0; t < T; t++) {
+      float* y = c->tmp + (int64_t)t * c->dp;
+      if (Sh->n == 0) memset(y + k0, 0, (size_t)(k1 - k0) * sizeof(float));
+      for (int u = 0; u < nch; u++) {
+        const float* pu = S->part + ((int64_t)t * nch + u) * c->dp;
+#pragma omp simd
+        for (int k = k0; k < k1; k++) y[k] += pu[k];
+      }
+    }
+    add_columns(c, L, M->out_bias, k0, k1, 0, T);
+  }
+  phase_end(th, fb);
+  post_norm_phase(th, L, 0, T);
+  prof_mark(c, th->tid, PROF_FFN);
 }
 
-void ffn_block(rt_ctx* c, const rt_layer* L, int tid, int nth) {
+void ffn_block(rt_th* th, const rt_layer* L) {
   if (L->ffn_kind == RT_FFN_NONE) return;
+  rt_ctx* c = th->c;
   const rt_desc* D = &c->desc;
-  int64_t t0, t1;
-  rt_share(c->T, tid, nth, &t0, &t1);
   const int dtype = L->ffn_kind == RT_FFN_DENSE ? L->dense.in_w.dtype : L->moe.neurons.dtype;
-  norm_rows(c, &L->ffn_norm, c->x, D->d, &c->a_in, D->d, dtype, (int)t0, (int)t1);
-  pool_barrier(c->pool);
-  prof_mark(c, tid, PROF_FFN_NORM);
+  FOR_ITEMS(th, t, c->T) norm_token(c, &L->ffn_norm, c->x, D->d, &c->a_in, D->d, dtype, (int)t);
+  phase_end(th, c->T);
+  prof_mark(c, th->tid, PROF_FFN_NORM);
   if (L->ffn_kind == RT_FFN_DENSE) {
-    dense_block(c, L, &L->dense, L->dense.out_b, 0, c->T, tid, nth);
+    dense_block(th, L, &L->dense, L->dense.out_b, 0, c->T);
     return;
   }
   /* a carved layer: the step's first n_sparse tokens routed, the rest through all its experts at
    * once where it has them packed (prompts, large batches: faster as one dense product) */
   const int routed = L->moe.all.n > 0 ? c->n_sparse : c->T;
-  if (routed > 0) moe_block(c, L, routed, tid, nth);
-  if (routed < c->T) dense_block(c, L, &L->moe.all, L->moe.out_bias, routed, c->T, tid, nth);
+  if (routed > 0) moe_block(th, L, routed);
+  if (routed < c->T) dense_block(th, L, &L->moe.all, L->moe.out_bias, routed, c->T);
 }

@@ -36,19 +36,46 @@ static inline int64_t rt_row_bytes(int64_t Kp) { return rt_pad(Kp + 2 * (Kp / 32
 typedef struct rt_pool rt_pool;
 typedef void (*rt_job)(void* arg, int tid, int nth);
 
-rt_pool* pool_create(int n_threads);
+rt_pool* pool_create(int n_threads, int max_phases);
 void pool_free(rt_pool* p);
 int pool_size(const rt_pool* p);
 /* Runs job(arg, tid, n) on every thread of the pool (the caller is thread 0); returns when all are done. */
 void pool_run(rt_pool* p, rt_job job, void* arg);
 /* Every thread of the running job waits here until all have arrived. */
 void pool_barrier(rt_pool* p);
+/* phases of the running job (pool.c): claim an item (-1: none left), mark one done, wait for all n */
+int64_t pool_claim(rt_pool* p, int phase, int64_t n);
+void pool_done(rt_pool* p, int phase, int64_t n);
+void pool_wait(rt_pool* p, int phase, int64_t n);
 
 /* [lo, hi) of n items for thread tid of nth, in contiguous, near-equal shares */
 static inline void rt_share(int64_t n, int tid, int nth, int64_t* lo, int64_t* hi) {
   *lo = n * tid / nth;
   *hi = n * (tid + 1) / nth;
 }
+
+/* A thread's place in a step: every thread runs the same phases in the same order; a phase is n
+ * independent items that any thread may take (FOR_ITEMS), and phase_end waits until all are done.
+ * Which thread computes an item never changes what it computes. */
+typedef struct rt_ctx rt_ctx;
+typedef struct {
+  rt_ctx* c;
+  rt_pool* pool;
+  int tid, nth, phase;
+} rt_th;
+
+#define FOR_ITEMS(th, i, n) \
+  for (int64_t i = pool_claim((th)->pool, (th)->phase, (n)); i >= 0; \
+       pool_done((th)->pool, (th)->phase, (n)), i = pool_claim((th)->pool, (th)->phase, (n)))
+
+static inline void phase_end(rt_th* th, int64_t n) {
+  pool_wait(th->pool, th->phase, n);
+  th->phase++;
+}
+
+/* items of a panel product: groups of up to 4 panels (one tile's width) */
+#define PANEL_GROUP 4
+static inline int64_t panel_groups(int64_t panels) { return (panels + PANEL_GROUP - 1) / PANEL_GROUP; }
 
 /* ------------------------------------------------------------------ numbers (math.c) */
 
@@ -177,7 +204,7 @@ typedef struct {
 /* where a step's time goes (thread 0's wall time between the barriers that end each phase) */
 enum { PROF_EMBED, PROF_QKV, PROF_ATTENTION, PROF_WO, PROF_FFN_NORM, PROF_ROUTER, PROF_FFN, PROF_LM_HEAD, PROF_N };
 
-typedef struct rt_ctx {
+struct rt_ctx {
   rt_desc desc;
   rt_pool* pool;
   int64_t dp, qkv_n, att_n, n_max, E_max, A_max, m_max, feats_max;  /* scratch widths (padded) */
@@ -210,26 +237,28 @@ typedef struct rt_ctx {
   int profiling;
   double prof[PROF_N];    /* seconds per phase, summed over steps */
   double prof_mark;       /* when the running phase started */
-} rt_ctx;
+};
 
 /* thread 0, when profiling: the time since the last mark goes to `phase` */
 void prof_mark(rt_ctx* c, int tid, int phase);
+/* phases of a layer at most (for the pool's phase counters) */
+#define PHASES_PER_LAYER 48
 
 void* rt_alloc(size_t bytes);  /* 64-byte aligned, zeroed; NULL when out of memory */
-/* normalise token rows [t0, t1) of x into a->f (norm absent: a copy) and convert them for dtype */
-void norm_rows(const rt_ctx* c, const rt_norm* n, const float* x, int ldx, rt_act* a, int K, int dtype, int t0, int t1);
-/* xr[t] += post(y[t]) * residual_scale for token rows [t0, t1) (post absent: y itself) */
-void residual_rows(rt_ctx* c, float* xr, const rt_norm* post, const float* y, int ldy, int t0, int t1);
+/* normalise token row t of x into a->f (norm absent: a copy) and convert it for dtype */
+void norm_token(const rt_ctx* c, const rt_norm* n, const float* x, int ldx, rt_act* a, int K, int dtype, int t);
+/* xr[t] += post(y[t]) * residual_scale for token row t (post absent: y itself) */
+void residual_token(rt_ctx* c, float* xr, const rt_norm* post, float* y, int ldy, int t);
+/* the panel product of group g (panels [4g, 4g + 4)): Y = W X for T token rows; its first and last outputs */
+void panel_group(const rt_mat* W, int64_t g, const rt_act* X, int T, float* Y, int ldy, int* n0, int* n1);
 /* where a block adds its output: x, or x_par in a parallel layer */
 static inline float* residual_of(rt_ctx* c, const rt_layer* L) { return L->parallel ? c->x_par : c->x; }
-/* the products' shares: panels [p0, p1) of thread tid, in whole panels */
-void panel_share(const rt_mat* W, int tid, int nth, int* p0, int* p1);
 
 /* attention.c */
 int rope_tables(rt_ctx* c);
 int attention_items(rt_ctx* c);
-void attention_block(rt_ctx* c, const rt_layer* L, int l, int tid, int nth);
+void attention_block(rt_th* th, const rt_layer* L, int l);
 /* ffn.c */
-void ffn_block(rt_ctx* c, const rt_layer* L, int tid, int nth);
+void ffn_block(rt_th* th, const rt_layer* L);
 
 #endif

@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -46,6 +47,9 @@ static void futex_wake(_Atomic int* addr) { (void)addr; }
 
 struct rt_pool {
   int n;
+  int max_phases;
+  _Atomic int* next;     /* [max_phases] the next unclaimed item of each phase of the running job */
+  _Atomic int* done;     /* [max_phases] its items done */
   pthread_t* threads;
   rt_job job;
   void* arg;
@@ -105,10 +109,19 @@ static void* worker(void* v) {
   }
 }
 
-rt_pool* pool_create(int n_threads) {
+rt_pool* pool_create(int n_threads, int max_phases) {
   rt_pool* p = (rt_pool*)calloc(1, sizeof(rt_pool));
   if (!p) return NULL;
   p->n = n_threads < 1 ? 1 : n_threads;
+  p->max_phases = max_phases;
+  p->next = (_Atomic int*)calloc((size_t)max_phases, sizeof(int));
+  p->done = (_Atomic int*)calloc((size_t)max_phases, sizeof(int));
+  if (!p->next || !p->done) {
+    free((void*)p->next);
+    free((void*)p->done);
+    free(p);
+    return NULL;
+  }
   p->threads = (pthread_t*)calloc((size_t)p->n, sizeof(pthread_t));
   if (!p->threads) {
     free(p);
@@ -134,6 +147,8 @@ int pool_size(const rt_pool* p) { return p->n; }
 void pool_run(rt_pool* p, rt_job job, void* arg) {
   p->job = job;
   p->arg = arg;
+  memset((void*)p->next, 0, (size_t)p->max_phases * sizeof(int));  /* every worker is idle: no race */
+  memset((void*)p->done, 0, (size_t)p->max_phases * sizeof(int));
   publish(p, &p->job_gen);
   job(arg, 0, p->n);
   pool_barrier(p);
@@ -145,5 +160,39 @@ void pool_free(rt_pool* p) {
   publish(p, &p->job_gen);
   for (int i = 1; i < p->n; i++) pthread_join(p->threads[i], NULL);
   free(p->threads);
+  free((void*)p->next);
+  free((void*)p->done);
   free(p);
+}
+
+/* ------------------------------------------------------------------ phases
+ * A job's phases are sets of independent items that any thread may take: a thread claims items
+ * until none is left, then waits until every item is done. A thread the OS has descheduled
+ * holds up a phase only while it holds an item: the others take the rest and move on, and it
+ * catches up through phases already done without waiting. (A barrier would wait for every
+ * thread at every phase: on a busy machine, once per scheduler slice.) */
+
+int64_t pool_claim(rt_pool* p, int phase, int64_t n) {
+  if (phase >= p->max_phases) abort();  /* more phases than the step was sized for: a bug, not bad input */
+  if (n <= 0) return -1;
+  const int64_t i = atomic_load(&p->next[phase]) < n ? atomic_fetch_add(&p->next[phase], 1) : n;
+  return i < n ? i : -1;
+}
+
+void pool_done(rt_pool* p, int phase, int64_t n) {
+  if (atomic_fetch_add(&p->done[phase], 1) == n - 1 && atomic_load(&p->sleepers) > 0) futex_wake(&p->done[phase]);
+}
+
+void pool_wait(rt_pool* p, int phase, int64_t n) {
+  for (int i = 0;; i++) {
+    const int d = atomic_load(&p->done[phase]);
+    if (d >= n) return;
+    if (i < BARRIER_SPINS) {
+      cpu_relax();
+      continue;
+    }
+    atomic_fetch_add(&p->sleepers, 1);
+    if (atomic_load(&p->done[phase]) == d) futex_wait(&p->done[phase], d);
+    atomic_fetch_sub(&p->sleepers, 1);
+  }
 }

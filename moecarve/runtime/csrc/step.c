@@ -30,11 +30,11 @@ void prof_mark(rt_ctx* c, int tid, int phase) {
   c->prof_mark = t;
 }
 
-void panel_share(const rt_mat* W, int tid, int nth, int* p0, int* p1) {
-  int64_t a, b;
-  rt_share(panels_of(W), tid, nth, &a, &b);
-  *p0 = (int)a;
-  *p1 = (int)b;
+void panel_group(const rt_mat* W, int64_t g, const rt_act* X, int T, float* Y, int ldy, int* n0, int* n1) {
+  const int p0 = (int)(g * PANEL_GROUP), p1 = (int)RT_MIN(p0 + PANEL_GROUP, panels_of(W));
+  panel_matmul(W, p0, p1, X, T, Y, ldy);
+  *n0 = p0 * RT_PANEL_ROWS;
+  *n1 = RT_MIN(p1 * RT_PANEL_ROWS, W->rows);
 }
 
 /* normalise one row x [K] into row t of a->f (no norm: a copy), the padding zeroed */
@@ -49,24 +49,22 @@ static void norm_row(const rt_desc* D, const rt_norm* n, const float* x, rt_act*
   memset(f + K, 0, (size_t)(a->ld - K) * sizeof(float));
 }
 
-void norm_rows(const rt_ctx* c, const rt_norm* n, const float* x, int ldx, rt_act* a, int K, int dtype, int t0, int t1) {
-  for (int t = t0; t < t1; t++) norm_row(&c->desc, n, x + (int64_t)t * ldx, a, K, t);
-  act_convert(a, K, dtype, t0, t1);
+void norm_token(const rt_ctx* c, const rt_norm* n, const float* x, int ldx, rt_act* a, int K, int dtype, int t) {
+  norm_row(&c->desc, n, x + (int64_t)t * ldx, a, K, t);
+  act_convert(a, K, dtype, t, t + 1);
 }
 
-void residual_rows(rt_ctx* c, float* xr, const rt_norm* post, const float* y, int ldy, int t0, int t1) {
+void residual_token(rt_ctx* c, float* xr, const rt_norm* post, float* y, int ldy, int t) {
   const rt_desc* D = &c->desc;
-  for (int t = t0; t < t1; t++) {
-    float* yt = (float*)y + (int64_t)t * ldy;  /* this thread's rows: normalised in place */
-    float* xt = xr + (int64_t)t * D->d;
-    if (post->w) {
-      if (D->norm_kind == RT_NORM_RMS)
-        rms_norm(yt, post->w, D->d, post->eps, yt);
-      else
-        layer_norm(yt, post->w, post->b, D->d, post->eps, yt);
-    }
-    for (int k = 0; k < D->d; k++) xt[k] += yt[k] * D->residual_scale;
+  float* yt = y + (int64_t)t * ldy;  /* normalised in place */
+  float* xt = xr + (int64_t)t * D->d;
+  if (post->w) {
+    if (D->norm_kind == RT_NORM_RMS)
+      rms_norm(yt, post->w, D->d, post->eps, yt);
+    else
+      layer_norm(yt, post->w, post->b, D->d, post->eps, yt);
   }
+  for (int k = 0; k < D->d; k++) xt[k] += yt[k] * D->residual_scale;
 }
 
 static int alloc_act(rt_act* a, int64_t T, int64_t ld) {
@@ -130,7 +128,7 @@ rt_ctx* rt_create(const rt_desc* desc, int n_threads) {
   c->desc = *desc;
   const rt_desc* D = &c->desc;
   const int64_t T = D->max_tokens, L = D->n_layers;
-  c->pool = pool_create(n_threads);
+  c->pool = pool_create(n_threads, 16 + PHASES_PER_LAYER * (int)L);
   const int nth = c->pool ? pool_size(c->pool) : 1;
   c->dp = rt_pad(D->d, RT_BLOCK);
   c->qkv_n = rt_pad((int64_t)(D->H + 2 * D->Hkv) * D->hd, RT_BLOCK);
@@ -194,9 +192,12 @@ rt_ctx* rt_create(const rt_desc* desc, int n_threads) {
 static void step_job(void* arg, int tid, int nth) {
   rt_ctx* c = (rt_ctx*)arg;
   const rt_desc* D = &c->desc;
-  int64_t t0, t1;
-  rt_share(c->T, tid, nth, &t0, &t1);
-  for (int64_t t = t0; t < t1; t++) {  /* embeddings (and learned positions) */
+  rt_th th_ = {c, c->pool, tid, nth, 0}, *th = &th_;
+  FOR_ITEMS(th, t, c->T + 1) {  /* embeddings (and learned positions); the last item: the attention items */
+    if (t == c->T) {
+      attention_items(c);
+      continue;
+    }
     float* x = c->x + t * D->d;
     mat_row(&D->embed, c->tokens[t], x);
     for (int k = 0; k < D->d; k++) x[k] *= D->embed_scale;
@@ -206,40 +207,42 @@ static void step_job(void* arg, int tid, int nth) {
       for (int k = 0; k < D->d; k++) x[k] += pe[k];
     }
   }
-  if (tid == 0) attention_items(c);
-  pool_barrier(c->pool);
+  phase_end(th, c->T + 1);
   prof_mark(c, tid, PROF_EMBED);
   for (int l = 0; l < D->n_layers; l++) {
     const rt_layer* L = &D->layers[l];
     if (L->parallel) {  /* both blocks add to x_par, a copy of x, and read x itself */
-      rt_share(c->T, tid, nth, &t0, &t1);
-      memcpy(c->x_par + t0 * D->d, c->x + t0 * D->d, (size_t)((t1 - t0) * D->d) * sizeof(float));
+      FOR_ITEMS(th, t, c->T) memcpy(c->x_par + t * D->d, c->x + t * D->d, (size_t)D->d * sizeof(float));
+      phase_end(th, c->T);
     }
-    attention_block(c, L, l, tid, nth);
-    ffn_block(c, L, tid, nth);
+    attention_block(th, L, l);
+    ffn_block(th, L);
     if (L->parallel) {
-      memcpy(c->x + t0 * D->d, c->x_par + t0 * D->d, (size_t)((t1 - t0) * D->d) * sizeof(float));
-      pool_barrier(c->pool);
+      FOR_ITEMS(th, t, c->T) memcpy(c->x + t * D->d, c->x_par + t * D->d, (size_t)D->d * sizeof(float));
+      phase_end(th, c->T);
     }
   }
   /* the final norm of the rows that want logits, then the lm_head */
-  rt_share(c->n_out, tid, nth, &t0, &t1);
-  for (int64_t i = t0; i < t1; i++) norm_row(D, &D->final_norm, c->x + (int64_t)c->out_rows[i] * D->d, &c->a_in, D->d, (int)i);
-  act_convert(&c->a_in, D->d, D->lm_head.dtype, (int)t0, (int)t1);
-  pool_barrier(c->pool);
-  int p0, p1;
-  panel_share(&D->lm_head, tid, nth, &p0, &p1);
+  FOR_ITEMS(th, i, c->n_out) {
+    norm_row(D, &D->final_norm, c->x + (int64_t)c->out_rows[i] * D->d, &c->a_in, D->d, (int)i);
+    act_convert(&c->a_in, D->d, D->lm_head.dtype, (int)i, (int)i + 1);
+  }
+  phase_end(th, c->n_out);
   prof_mark(c, tid, PROF_FFN);  /* the final norm */
-  panel_matmul(&D->lm_head, p0, p1, &c->a_in, c->n_out, c->logits, (int)c->ld_logits);
-  const int n0 = p0 * RT_PANEL_ROWS, n1 = RT_MIN(p1 * RT_PANEL_ROWS, D->vocab);
-  for (int i = 0; i < c->n_out; i++) {
-    float* z = c->logits + (int64_t)i * c->ld_logits;
-    for (int n = n0; n < n1; n++) {
-      float v = (z[n] + (D->lm_bias ? D->lm_bias[n] : 0.0f)) * D->logit_scale;
-      if (D->final_softcap > 0.0f) v = tanhf(v / D->final_softcap) * D->final_softcap;
-      z[n] = v;
+  const int64_t groups = panel_groups(panels_of(&D->lm_head));
+  FOR_ITEMS(th, g, groups) {
+    int n0, n1;
+    panel_group(&D->lm_head, g, &c->a_in, c->n_out, c->logits, (int)c->ld_logits, &n0, &n1);
+    for (int i = 0; i < c->n_out; i++) {
+      float* z = c->logits + (int64_t)i * c->ld_logits;
+      for (int n = n0; n < n1; n++) {
+        float v = (z[n] + (D->lm_bias ? D->lm_bias[n] : 0.0f)) * D->logit_scale;
+        if (D->final_softcap > 0.0f) v = tanhf(v / D->final_softcap) * D->final_softcap;
+        z[n] = v;
+      }
     }
   }
+  phase_end(th, groups);
 }
 
 /* One step over T tokens: tokens[i] at position pos[i] of sequence slot[i]; logits [n_out, ld]
