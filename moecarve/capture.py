@@ -147,8 +147,27 @@ def first_layer_inputs(
     return inputs
 
 
+def _broadcasts(obj) -> bool:
+    """Whether every tensor in the captured arguments has batch size 1 (or no batch dimension at
+    all), so that they apply unchanged to several windows at once."""
+    if isinstance(obj, torch.Tensor):
+        return obj.dim() < 2 or obj.shape[0] == 1
+    if isinstance(obj, (tuple, list)):
+        return all(_broadcasts(o) for o in obj)
+    if isinstance(obj, dict):
+        return all(_broadcasts(o) for o in obj.values())
+    return True
+
+
 class _Captured(Exception):
     """Raised by run_layer's hook once the FFN input of a window is recorded (stop=True)."""
+
+
+# Tokens per call of a decoder layer in run_layer: windows go through a layer several at a time
+# (8 windows of 512 tokens per call instead of 8 calls), where the captured arguments (masks,
+# positions, rotary tables: shape [1, ...]) broadcast over the windows; one window at a time
+# otherwise. Larger GEMMs and fewer Python calls for the calibration passes.
+TOKENS_PER_CALL = 4096
 
 
 @torch.no_grad()
@@ -159,7 +178,8 @@ def run_layer(
     capture: nn.Module | None = None,
     *,
     stop: bool = False,
-    replay: tuple[nn.Module, torch.Tensor] | None = None,
+    record: tuple[nn.Module, list] | None = None,
+    replay: list[tuple[nn.Module, torch.Tensor | list]] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Propagate every window through one decoder layer on `device`.
 
@@ -167,51 +187,92 @@ def run_layer(
     `capture` is the module whose input is recorded (the FFN, see adapters.ffn_input_module).
     stop: with `capture`, end each window's forward as soon as its FFN input is recorded (what
         runs after it, the FFN included, is not computed; the outputs are then None).
-    replay: (module, y [N * L, ...]): the module (the carved FFN) returns its rows of y, window
-        after window, instead of computing them: y must be what it computes on these very inputs
-        (the carve computes it while carving), so only the rest of the layer runs again.
+    record: (module, list): append what the module returns, call after call, to the list.
+    replay: (module, source) pairs: each module returns, instead of computing it, its rows of a
+        tensor source [N * L, ...] (window after window) or the next output of a list source (as
+        `record` filled it). The source must be what the module computes on these very inputs (the
+        carve computed the carved FFN's outputs while carving; a recorded pass saw the same
+        inputs), so that only the rest of the layer runs again.
+
+    Windows run TOKENS_PER_CALL tokens at a time when every captured argument has batch size 1
+    (each window's result is what it would be alone: attention never mixes windows), else one by one.
     """
+    if stop and capture is None:
+        raise ValueError("stop=True ends each forward at the captured module's input: pass capture")
     seen: list[torch.Tensor] = []
     handles = []
     if capture is not None:
 
-        def record(m, a):
+        def on_input(m, a):
             seen.append(a[0].reshape(-1, a[0].shape[-1]))
             if stop:
                 raise _Captured
 
-        handles.append(capture.register_forward_pre_hook(record))
-    if replay is not None:
-        module, ys = replay
-        rows = [0]
-
-        def recorded(*a, **kw):  # the module's instance forward for this pass: its rows of ys, in call order
-            x = a[0] if a else next(iter(kw.values()))
-            n = x.numel() // x.shape[-1]
-            y = ys[rows[0] : rows[0] + n]
-            rows[0] += n
-            return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
-
-        own = module.__dict__.get("forward")
-        module.forward = recorded
+        handles.append(capture.register_forward_pre_hook(on_input))
+    if record is not None:
+        handles.append(record[0].register_forward_hook(lambda m, a, out: record[1].append(_detached(out))))
+    played = [_Replayed(module, source) for module, source in replay or []]
     args, kwargs = _to(inputs.args, device), _to(inputs.kwargs_for(layer), device)
+    n, seqlen = inputs.hidden.shape[:2]
+    step = max(1, TOKENS_PER_CALL // seqlen) if _broadcasts((args, kwargs)) else 1
     out = None if stop else torch.empty_like(inputs.hidden)
     try:
+        for p in played:
+            p.install()
         with on_device(layer, device):
-            for i in range(inputs.hidden.shape[0]):
+            for i in range(0, n, step):
                 try:
-                    y = layer(inputs.hidden[i : i + 1].to(device), *args, **kwargs)
+                    y = layer(inputs.hidden[i : i + step].to(device), *args, **kwargs)
                 except _Captured:
                     continue
-                out[i] = (y[0] if isinstance(y, tuple) else y).to(out.device)
+                out[i : i + step] = (y[0] if isinstance(y, tuple) else y).to(out.device)
     finally:
         for handle in handles:
             handle.remove()
-        if replay is not None:
-            if own is None:
-                del module.forward
-            else:
-                module.forward = own
-    if replay is not None and rows[0] != replay[1].shape[0]:
-        raise RuntimeError(f"replay: the layer read {rows[0]} of the {replay[1].shape[0]} rows given")
+        for p in played:
+            p.remove()
+    for p in played:
+        p.check()
     return out, (torch.cat(seen) if seen else None)
+
+
+def _detached(obj):
+    """A copy of a module's output (tensors detached and cloned: the layer may change them in place)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detached(o) for o in obj)
+    return obj
+
+
+class _Replayed:
+    """A module whose instance forward, for one run_layer pass, hands back recorded results."""
+
+    def __init__(self, module: nn.Module, source: torch.Tensor | list):
+        self.module, self.source, self.used = module, source, 0
+
+    def forward(self, *a, **kw):
+        if isinstance(self.source, list):  # the next recorded output
+            y = self.source[self.used]
+            self.used += 1
+            return y
+        x = a[0] if a else next(iter(kw.values()))
+        n = x.numel() // x.shape[-1]
+        y = self.source[self.used : self.used + n]
+        self.used += n
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    def install(self) -> None:
+        self.own = self.module.__dict__.get("forward")
+        self.module.forward = self.forward
+
+    def remove(self) -> None:
+        if self.own is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.own
+
+    def check(self) -> None:
+        total = len(self.source) if isinstance(self.source, list) else self.source.shape[0]
+        if self.used != total:
+            raise RuntimeError(f"replay: the layer used {self.used} of the {total} recorded results")

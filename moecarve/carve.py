@@ -208,8 +208,11 @@ def carve_layer(
     (attention, norms) while the FFN is carved and must restore it (the streamed carve's).
     """
     layer = adapters.decoder_layers(model)[i]
-    # the windows' FFN inputs: each window's forward stops there (nothing after the FFN input is needed)
-    _, x = run_layer(layer, inputs, device, capture=adapters.ffn_input_module(model.config, layer), stop=True)
+    # the windows' FFN inputs: each window's forward stops there (nothing after the FFN input is needed);
+    # what the layer's heaviest block before the FFN (its attention) returns is kept for the second pass
+    heavy, recorded = _block_before_ffn(model, i), []
+    _, x = run_layer(layer, inputs, device, capture=adapters.ffn_input_module(model.config, layer), stop=True,
+                     record=(heavy, recorded) if heavy is not None else None)  # fmt: skip
     ffn = adapters.read_ffn(model.config, layer)
     with park(ffn.tensors()) if park is not None else nullcontext():
         moe, report, y = carve_ffn(ffn, x.to(ffn.up.dtype), config.for_layer(i), layer=i, outputs=True)
@@ -218,11 +221,14 @@ def carve_layer(
         report.bytes_per_token, report.active_fraction, report.dense_bytes = ffn_bytes(moe, ffn)
         del ffn
     installed = adapters.install(model, i, moe)
-    # the carved layer's outputs: where the carve computed the carved FFN's outputs on x (the
-    # "fitted" routed carve), the layer runs again with the FFN returning them; else in full
-    replay = (moe, y) if y is not None else None
+    # the carved layer's outputs: the layer runs again with its attention returning what it returned
+    # in the first pass (the same inputs) and, where the carve computed the carved FFN's outputs on x
+    # (the "fitted" routed carve), the FFN returning those; the rest (norms, residuals) is computed
+    replay = [(heavy, recorded)] if recorded else []
+    if y is not None:
+        replay.append((moe, y))
     inputs.hidden, _ = run_layer(adapters.decoder_layers(model)[i], inputs, device, replay=replay)
-    del y
+    del y, recorded
     if not torch.isfinite(inputs.hidden).all():
         raise CarveError(f"layer {i}: the carved layer produced NaN or Inf")
     return installed, report
@@ -311,6 +317,19 @@ def allocate_layers(model: nn.Module, config: CarveConfig, calibration: torch.Te
     g0 = config.n_active / config.n_routed
     lo, hi = max(ALLOCATION_BOUNDS[0] * g0, 1 / config.n_routed), min(1.0, ALLOCATION_BOUNDS[1] * g0)
     return tuple(int(a) for a in allocate(costs, grid, units, g0, lo=lo, hi=hi))
+
+
+def _block_before_ffn(model: nn.Module, i: int) -> nn.Module | None:
+    """Decoder layer i's direct child with the most parameters outside the FFN (its attention), or
+    None: what the carve's first pass runs before the FFN input and its second pass replays."""
+    layer = adapters.decoder_layers(model)[i]
+    ffn_paths = set(adapters.replacements(model.config, i, nn.Identity()))
+    ffn_ids = {id(model.get_submodule(p)) for p in ffn_paths}
+    children = [c for c in layer.children() if id(c) not in ffn_ids]
+    sizes = [sum(p.numel() for p in c.parameters()) for c in children]
+    if not children or max(sizes) == 0:
+        return None
+    return children[sizes.index(max(sizes))]
 
 
 def default_device() -> torch.device:

@@ -82,7 +82,7 @@ def test_threshold_picks_A_experts_on_average():
     with torch.no_grad():
         w, _ = moe.router(x)
     picked = (w != 0).sum(-1).float()
-    assert abs(picked.mean().item() - 64) < 2  # calibrated on these tokens
+    assert abs(picked.mean().item() - 64) < 0.5  # calibrated on these tokens, counting the cap of 2A per token
     assert picked.std() > 0  # a per-token count, not a fixed one
     assert sum(report.load) == int(picked.sum())
 
@@ -97,7 +97,7 @@ def test_the_carve_picks_and_outputs_are_the_modules_own():
             moe, _, y = carve_ffn(ffn, x, CarveConfig.from_string(spec, selection=selection), outputs=True)
             with torch.no_grad():
                 w, idx = moe.router(x)
-                got, kept = router_picks(moe.router, x, chunk=256, threshold=selection == "threshold")
+                got, kept = router_picks(moe.router, x, chunk=256)
                 assert torch.equal(got, idx)
                 assert kept is None if selection == "topk" else torch.equal(kept, w != 0)
                 torch.testing.assert_close(y, moe(x), atol=1e-5, rtol=1e-5)

@@ -247,23 +247,12 @@ def carve_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0, 
     return (moe, report, None) if outputs else (moe, report)
 
 
-@torch.no_grad()
-def calibrate_threshold(router: nn.Module, x: torch.Tensor, n_active: int, max_values: int = 1 << 24) -> float:
-    """The threshold on score + bias above which A of the E experts are picked per token on
-    average over the calibration inputs x [T, d] (a quantile of at most `max_values` scores)."""
-    v = torch.cat([(router.logits(x[s : s + CHUNK]) + router.bias).flatten() for s in range(0, x.shape[0], CHUNK)])
-    if v.numel() > max_values:  # an evenly spaced subsample (deterministic)
-        v = v[torch.linspace(0, v.numel() - 1, max_values, device=v.device).long()]
-    k = v.numel() - round(v.numel() * n_active / router.bias.numel())  # values at or below the threshold
-    return float(v.kthvalue(max(k, 1)).values)
-
-
 # Calibration tokens scored per router call: [chunk, 2I] float32 temporaries of about 16 MiB
 # (bigger chunks than reconstruct.CHUNK: the scoring runs once per layer over every token).
 SCORE_ELEMENTS = 1 << 22
 # Calibration tokens (evenly spaced) on which the report's router recall is measured: the oracle
 # needs each token's [E] expert masses and a top-A, a diagnostic that need not cover every token.
-RECALL_TOKENS = 4096
+RECALL_TOKENS = 1024
 
 
 def score_chunk(intermediate_size: int) -> int:
@@ -272,22 +261,33 @@ def score_chunk(intermediate_size: int) -> int:
 
 
 @torch.no_grad()
-def router_picks(router: nn.Module, x: torch.Tensor, chunk: int, threshold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What a shadow or probe router picks on x [T, d], `chunk` tokens at a time: (idx [T, A], and
-    with threshold selection kept [T, A], the slots above the threshold; else None).
+def router_picks(
+    router: nn.Module, x: torch.Tensor, chunk: int, calibrate: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a shadow or probe router picks on x [T, d], `chunk` tokens at a time: (idx [T, top_k],
+    and for a threshold router kept [T, top_k], the slots above its threshold; else None).
 
-    The routers' own rule (modules.moe.select_by_scores): the top-A of scores + bias, a slot kept
+    The routers' own rule (modules.moe.select_by_scores): the top-k of scores + bias, a slot kept
     when its score + bias exceeds the threshold; without the combine weights the carve does not
     use (every picked expert weighs 1 while the router's scale is 0).
+
+    calibrate=A (threshold selection): first set router.threshold so that A slots per token are
+    kept on average over x, counting the cap of top_k per token: the (T * A)-th largest of the
+    tokens' top-k scores. One scoring pass serves both.
     """
-    idx, kept = [], []
+    idx, values = [], []
     for s in range(0, x.shape[0], chunk):
-        scores = router.logits(x[s : s + chunk]) + router.bias  # [t, E] float32
-        top = torch.topk(scores, router.top_k, dim=-1)
+        top = torch.topk(router.logits(x[s : s + chunk]) + router.bias, router.top_k, dim=-1)  # scores [t, E] float32
         idx.append(top.indices)
-        if threshold:
-            kept.append(top.values > router.threshold)
-    return torch.cat(idx), (torch.cat(kept) if threshold else None)
+        values.append(top.values)
+    idx, values = torch.cat(idx), torch.cat(values)  # [T, top_k]
+    if getattr(router, "threshold", None) is None:
+        return idx, None
+    if calibrate is not None:
+        flat = values.flatten()
+        k = min(max(round(x.shape[0] * calibrate), 1), flat.numel())  # kept slots over all tokens
+        router.threshold.fill_(float(flat.kthvalue(flat.numel() - k + 1).values) if k < flat.numel() else float("-inf"))
+    return idx, values > router.threshold
 
 
 @torch.no_grad()
@@ -335,9 +335,8 @@ def carve_ffn_fitted(
         router = build_router(spec, tensors, ffn.up.device, ffn.up.dtype)
     # Token chunks bound every [T, ...] temporary below (a streamed carve's peak memory).
     xin = x.to(ffn.up.dtype)
-    if threshold:
-        router.threshold.fill_(calibrate_threshold(router, xin, cfg.n_active))
-    idx, kept = router_picks(router, xin, score_chunk(ffn.intermediate_size), threshold)  # [T, A] the router's own picks
+    # the router's own picks [T, A] (threshold: calibrated on these tokens first, A per token on average)
+    idx, kept = router_picks(router, xin, score_chunk(ffn.intermediate_size), cfg.n_active if threshold else None)
     # threshold selection: only the slots above the threshold count (a token may keep none of its A)
     selection = Selection(grouping.shared, grouping.experts, idx, kept)
     if spec.router == "shadow" and spec.shadow_layout == "nibbles":  # the stored router: codes two per byte

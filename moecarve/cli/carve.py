@@ -12,6 +12,7 @@ from .common import (
 # quality/speed frontier's default carve on the reference model: bench/frontier.py, bench/RESULTS.md)
 DEFAULT_EXPERT_SIZE, DEFAULT_ACTIVE = 1, 0.25
 DEFAULT_ALLOCATION = "uniform"
+DEFAULT_SAMPLES, DEFAULT_SEQLEN = 16, 512
 
 
 def register(sub) -> None:
@@ -37,7 +38,9 @@ def register(sub) -> None:
     p.add_argument("--shared", type=in_range(0.0, 1.0), default=None, metavar="F",
                    help="instead of --config: fraction of the FFN in always-on shared experts, at most --active (default: 0)")  # fmt: skip
     add_output_args(p)
-    add_calib_args(p, samples=8, seqlen=2048)
+    # 16 windows of 512 tokens: on SmolLM2 as good as 8 x 2048 at half the tokens (and shorter attention),
+    # better than 8 x 512 (bench/real_models.py, README)
+    add_calib_args(p, samples=DEFAULT_SAMPLES, seqlen=DEFAULT_SEQLEN)
     p.add_argument("--k-act", type=at_least(1), default=10, help="neurons marked active per token for activation rates")
     add_seed_arg(p)
     p.add_argument("--method", choices=list(METHODS), default="fitted",
@@ -46,9 +49,11 @@ def register(sub) -> None:
     p.add_argument("--shadow-bits", type=int, default=4,
                    help="fitted: bits of the shadow router's copy of the experts' input rows (2-8); 0: the cheaper "
                    "probe router (faster, lower quality)")  # fmt: skip
-    p.add_argument("--selection", choices=list(SELECTIONS), default="topk",
+    p.add_argument("--selection", choices=list(SELECTIONS), default=None,
                    help="fitted with the shadow router: topk, exactly A routed experts per token; threshold, every "
-                   "expert scoring above a per-layer threshold calibrated to pick A per token on average (at most 2A)")  # fmt: skip
+                   "expert scoring above a per-layer threshold calibrated to pick A per token on average (at most 2A), "
+                   "so that tokens that need more neurons get more at the same average (default: threshold with the "
+                   "shadow router, else topk)")  # fmt: skip
     p.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION,
                    help="how the active experts are spread over the layers: uniform, the same A in every layer; "
                    "sensitivity, more where the calibration text shows a layer loses more, fewer where it loses less, "
@@ -84,6 +89,8 @@ def run(args) -> int:
     from ..io.loading import check_files, check_model, resolve_device, resolve_dtype
     from ..stream.shards import parse_size
 
+    if args.selection is None:  # per-token counts where the shadow router can calibrate them
+        args.selection = "threshold" if args.method == "fitted" and args.shadow_bits else "topk"
     settings = dict(k_act=args.k_act, seed=args.seed, router=args.router, method=args.method, shadow_bits=args.shadow_bits,
                     selection=args.selection, allocation=args.allocation)  # fmt: skip
     check_config_args(args)

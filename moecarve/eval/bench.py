@@ -105,12 +105,13 @@ def runtime_tests(rt, text: list[int], batch: int) -> Callable[[], dict[str, flo
         out = {}
         if batch == 1:
             t0 = time.perf_counter()
-            rt.step(text[:PP], range(PP), [0] * PP, [PP - 1])
+            rt.step(text[:PP], range(PP), [0] * PP, [PP - 1], rt.prompt_routed(PP))
             out["pp512"] = PP / (time.perf_counter() - t0)
         starts = [i * TEXT_STRIDE for i in range(batch)]
+        routed = rt.decode_routed(batch)  # the runtime's own policy, as generate() and serve use it
         t0 = time.perf_counter()
         for p in range(TG):
-            rt.step([text[s + p] for s in starts], [p] * batch, range(batch), range(batch))
+            rt.step([text[s + p] for s in starts], [p] * batch, range(batch), range(batch), routed)
         out["tg128"] = batch * TG / (time.perf_counter() - t0)
         return out
 
