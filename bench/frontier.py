@@ -8,7 +8,7 @@ Reference model, float32, calibration 8x512 tokens of calib.txt (seed 0), perple
 static width pruning S2A0E8 / S4A0E8 / S6A0E8 (25/50/75%); "cmoe" and the default method at
 S1A1E8, S2A2E8, S3A3E8, S2A2E16, S0A16E64, S0A32E128, S0A64E128; the default with the probe
 router (--shadow-bits 0) at S1A1E8 and S2A2E8; single-neuron experts at 25/50/75% active with
-top-A and threshold selection, and at 12.5% / 18.75% (top-A); two-neuron experts at 25%. Writes OUT/frontier.json (resumable: rerun to finish an
+threshold (the default) and top-A selection, and at 12.5% / 18.75%; two-neuron experts at 25%. Writes OUT/frontier.json (resumable: rerun to finish an
 interrupted sweep), frontier.md, frontier.png; --commit copies the JSON to bench/frontier.json.
 """
 
@@ -43,7 +43,7 @@ def sweep() -> tuple[Candidate, ...]:
         out += [Candidate("cmoe", c), Candidate("default", c)]
     out += [Candidate("probe", "S1A1E8"), Candidate("probe", "S2A2E8")]
     for c in FINE:
-        out += [Candidate("default", c), Candidate("threshold", c)]
+        out += [Candidate("default", c), Candidate("topk", c)]
     out += [Candidate("default", c) for c in SPARSE]
     return tuple(out)
 
@@ -69,7 +69,7 @@ def main() -> None:
     cands = sweep()
     if args.quick:
         cands = (Candidate("default", "S2A0E8"), Candidate("cmoe", "S1A1E8"), Candidate("default", "S1A1E8"),
-                 Candidate("threshold", "S0A384E1536"))  # fmt: skip
+                 Candidate("topk", "S0A384E1536"))  # fmt: skip
     cfg = FrontierConfig(candidates=cands, speed_rounds=args.speed_rounds)
     meta = {"eval_chars": chars, "eval_seqlen": 512, "dtype": "float32", "calib": "calib.txt 8x512 seed 0"}
     points = frontier(model, tok, calib, ev, cfg, out_dir=args.out, model_name="../shared/reference-lm", meta=meta)

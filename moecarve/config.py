@@ -74,7 +74,9 @@ class CarveConfig(DictConfig):
         holdout: "fitted": fraction of calibration tokens held out to choose the ridge strengths.
         selection: "fitted" with the shadow router: "topk" (exactly A experts per token) or
             "threshold" (every expert whose score exceeds a per-layer threshold calibrated so that
-            A experts are picked per token on average, at most 2A).
+            A experts are picked per token on average, at most 2A); "auto" (default): threshold
+            where the shadow router calibrates it (the better perplexity at the same average
+            bytes), else topk.
         allocation: how the routed experts active per token are spread over the layers: "uniform"
             (A in every layer) or "sensitivity" (moecarve.carve measures how much each layer's
             FFN loses at each active fraction on the calibration windows and gives sensitive
@@ -101,7 +103,7 @@ class CarveConfig(DictConfig):
     refit: bool = True
     refit_bias: bool = False
     holdout: float = 0.25
-    selection: str = "topk"
+    selection: str = "auto"
     allocation: str = "uniform"
     layer_active: tuple[int, ...] | None = None
 
@@ -135,8 +137,10 @@ class CarveConfig(DictConfig):
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.router not in ROUTERS:
             raise ConfigError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.selection == "auto":
+            object.__setattr__(self, "selection", "threshold" if self.method == "fitted" and self.shadow_bits else "topk")
         if self.selection not in SELECTIONS:
-            raise ConfigError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+            raise ConfigError(f"unknown selection {self.selection!r}; choose one of auto, {', '.join(SELECTIONS)}")
         if self.selection == "threshold" and not (self.method == "fitted" and self.shadow_bits):
             raise ConfigError("selection='threshold' is calibrated on the shadow router: use method 'fitted' with shadow_bits > 0")
         if self.allocation not in ALLOCATIONS:

@@ -148,6 +148,28 @@ def test_resume_continues_from_saved_step(tmp_path):
         finetune(carved_tiny(), replace(cfg, lr=1e-3), train, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
 
 
+def test_a_time_budget_stops_training_and_saves_a_checkpoint_to_resume(tmp_path, monkeypatch):
+    """max_minutes ends the loop once the wall time is spent (here after two steps, on a fake
+    clock), saves where it stopped, and a resumed run continues to the end as if never stopped."""
+    import importlib
+
+    train_mod = importlib.import_module("moecarve.finetune.train")
+
+    train = random_windows(8, 16, seed=9)
+    cfg = FinetuneConfig(batch_size=2, lr=5e-3, lora_dropout=0.0, seed=3)
+    clock = iter(range(0, 10_000, 30))  # every call to the clock: 30 s later
+    monkeypatch.setattr(train_mod, "_clock", lambda: float(next(clock)))
+    part = finetune(carved_tiny(), replace(cfg, max_minutes=1.2), train, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.undo()
+    assert part.steps == 2 and len(part.losses) == 2 and latest(tmp_path).name == "step-000002"
+    full = finetune(carved_tiny(), cfg, train, progress=False)
+    resumed = finetune(carved_tiny(), cfg, train, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert resumed.steps == full.steps == 4
+    torch.testing.assert_close(part.losses + resumed.losses, full.losses)
+    with pytest.raises(ConfigError, match="max_minutes"):
+        FinetuneConfig(max_minutes=0)
+
+
 def test_gradient_checkpointing_gives_the_same_training():
     train = random_windows(4, 16, seed=8)
     cfg = FinetuneConfig(batch_size=2, lr=5e-3, lora_dropout=0.1)

@@ -45,13 +45,13 @@ def test_pareto_marks_the_points_nothing_beats_on_both_axes():
 
 
 def test_candidates_run_static_configs_once_per_recipe_that_changes_them():
-    got = candidates(["S2A0E8", "S1A1E8"], ["default", "threshold", "probe", "cmoe"])
+    got = candidates(["S2A0E8", "S1A1E8"], ["default", "topk", "probe", "cmoe"])
     assert [(c.method, c.config) for c in got] == [
         ("default", "S2A0E8"), ("cmoe", "S2A0E8"),  # the router flags do not change a static carve
-        ("default", "S1A1E8"), ("threshold", "S1A1E8"), ("probe", "S1A1E8"), ("cmoe", "S1A1E8"),
+        ("default", "S1A1E8"), ("topk", "S1A1E8"), ("probe", "S1A1E8"), ("cmoe", "S1A1E8"),
     ]  # fmt: skip
     assert candidates(["S1A1E8", "S1A1E8"], ["cmoe", "cmoe"]) == (Candidate("cmoe", "S1A1E8"),)
-    assert [c.kind for c in got] == ["static", "static", "default", "threshold", "probe", "cmoe"]
+    assert [c.kind for c in got] == ["static", "static", "default", "topk", "probe", "cmoe"]
 
 
 def test_candidate_commands_make_exactly_the_carve_measured():
@@ -59,8 +59,8 @@ def test_candidate_commands_make_exactly_the_carve_measured():
     model = "../shared/reference-lm"
     assert Candidate("default", "S1A1E8").command(model) == f"moecarve carve {model} --config S1A1E8 --out reference-lm-S1A1E8"
     assert Candidate("cmoe", "S2A0E8").command(model, out="o") == f"moecarve carve {model} --config S2A0E8 --method cmoe --out o"
-    assert Candidate("threshold", "S0A384E1536").command(model).endswith(
-        "--config S0A384E1536 --selection threshold --out reference-lm-S0A384E1536-threshold")
+    assert Candidate("topk", "S0A384E1536").command(model).endswith(
+        "--config S0A384E1536 --selection topk --out reference-lm-S0A384E1536-topk")
     parser = build_parser()
     for method in METHODS:
         cand = Candidate(method, "S1A1E8")
@@ -127,6 +127,15 @@ def test_every_point_is_measured_and_the_frontier_is_pareto(sweep):
         assert p["ppl"] > 0 and p["carve_seconds"] >= 0 and p["measured"]["ms"]
         assert all(p[s] > 0 for s in ("ffn_decode_b1", "e2e_decode_b1", "e2e_decode_b8"))
         assert p["command"].startswith(f"moecarve carve {out.parent / 'tiny'} --config {p['config']}")
+        # tokens per second on the decode runtime, both models in the same run, as the ratio says
+        assert p["tok_s_b1"] > 0 and p["dense_tok_s_b1"] > 0 and p["tok_s_b8"] > 0
+        ms = p["measured"]["ms"]["e2e_decode_b1"]
+        assert p["tok_s_b1"] == pytest.approx(1000 / ms["carved"], rel=1e-3)
+        assert p["dense_tok_s_b1"] == pytest.approx(1000 / ms["dense"], rel=1e-3)
+    # the dense point's tok/s: the median of its figure over the carves' runs
+    dense_runs = sorted(p["dense_tok_s_b1"] for p in points[1:])
+    assert points[0]["tok_s_b1"] == pytest.approx((dense_runs[1] + dense_runs[2]) / 2)
+    assert (doc["meta"]["engine"], doc["meta"]["precision"]) == ("runtime", "bf16")
     # on_frontier: exactly the points no other point beats on both axes, as pareto marks them
     for p in points:
         beaten = any(q is not p and q["e2e_decode_b1"] >= p["e2e_decode_b1"] and q["ppl"] <= p["ppl"]
@@ -181,11 +190,13 @@ def test_resume_measures_only_the_missing_point(inputs, sweep, tmp_path, monkeyp
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--methods", "default,fastest"], "unknown method 'fastest'; choose among default, threshold, probe, cmoe"),
+        (["--methods", "default,fastest"], "unknown method 'fastest'; choose among default, topk, probe, cmoe"),
         (["--configs", "S2A2E7"], "7 experts do not divide the intermediate size 128"),
         (["--ppl", "no-such.txt"], "is neither wikitext2 nor c4 nor an existing file"),
         (["--out", "EXISTING"], "already exists; pass --resume to continue its sweep or --overwrite to start over"),
         (["--ppl-chars", "600"], "timing decode at batch 8 needs 8 of at least 64"),  # found once the text is tokenized
+        (["--llama-bench", "llama-bench"], "--llama-bench and --gguf go together"),
+        (["--engine", "runtime", "--device", "cuda"], "the decode runtime runs on CPU"),
     ],
 )
 def test_bad_inputs_fail_with_one_line_before_any_work(inputs, tmp_path, extra, message):

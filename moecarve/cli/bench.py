@@ -95,6 +95,7 @@ def run(args) -> int:
     rows: list[bench.Row] = []
     cases: list[bench.Case] = []
     keep = []  # the models and runtimes alive for the run
+    profiles = []  # (tg128 row, runtime, batch): profiled after the timed rounds
     text = None
     need = bench.text_needed(max(args.batch))
     for ref in refs:
@@ -112,6 +113,7 @@ def run(args) -> int:
                     case_rows = {t: bench.Row(name, "moecarve", label, prec, th, b, t, bytes_per_token=bpt) for t in tests}
                     rows += case_rows.values()
                     cases.append(bench.Case(case_rows, bench.runtime_tests(rt, text, b)))
+                    profiles.append((case_rows["tg128"], rt, b))
         if args.hf_eager:
             for prec in [p for p in args.precision if p != "int8"]:
                 m = model if prec == "fp32" else load_any(ref, dtype="bfloat16", device="cpu")[0]
@@ -134,6 +136,10 @@ def run(args) -> int:
     bench.run_cases(cases, args.rounds, progress=lambda r: console.print(f"  round {r}/{args.rounds} done"))
     header, lines = bench.table(rows)
     console.print(table(f"{Path(args.model).name}: tokens/s (pp512, tg128), medians of {args.rounds} rounds", header, lines))
+    for row, rt, b in profiles:  # one more tg128 pass each, profiled: where the time goes
+        row.phases = bench.profile_runtime(rt, text, b)
+    header, lines = bench.phase_table(rows)
+    console.print(table("where a decode step's time goes on the runtime (tg128, ms per step, one profiled pass)", header, lines))
     if args.json_out:
         from ..eval.timing import cpu_name
 

@@ -49,11 +49,11 @@ def register(sub) -> None:
     p.add_argument("--shadow-bits", type=int, default=4,
                    help="fitted: bits of the shadow router's copy of the experts' input rows (2-8); 0: the cheaper "
                    "probe router (faster, lower quality)")  # fmt: skip
-    p.add_argument("--selection", choices=list(SELECTIONS), default=None,
+    p.add_argument("--selection", choices=["auto", *SELECTIONS], default="auto",
                    help="fitted with the shadow router: topk, exactly A routed experts per token; threshold, every "
                    "expert scoring above a per-layer threshold calibrated to pick A per token on average (at most 2A), "
-                   "so that tokens that need more neurons get more at the same average (default: threshold with the "
-                   "shadow router, else topk)")  # fmt: skip
+                   "so that tokens that need more neurons get more at the same average; auto: threshold with the "
+                   "shadow router, else topk (default: auto)")  # fmt: skip
     p.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION,
                    help="how the active experts are spread over the layers: uniform, the same A in every layer; "
                    "sensitivity, more where the calibration text shows a layer loses more, fewer where it loses less, "
@@ -89,8 +89,6 @@ def run(args) -> int:
     from ..io.loading import check_files, check_model, resolve_device, resolve_dtype
     from ..stream.shards import parse_size
 
-    if args.selection is None:  # per-token counts where the shadow router can calibrate them
-        args.selection = "threshold" if args.method == "fitted" and args.shadow_bits else "topk"
     settings = dict(k_act=args.k_act, seed=args.seed, router=args.router, method=args.method, shadow_bits=args.shadow_bits,
                     selection=args.selection, allocation=args.allocation)  # fmt: skip
     check_config_args(args)

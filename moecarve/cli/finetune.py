@@ -46,6 +46,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="checkpoint folder (default: OUT.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     p.add_argument("--max-steps", type=at_least(1), default=None, help="stop after this many steps in all (resume later)")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="stop training after M minutes of wall time (then evaluate and save; resume later)")
     p.add_argument("--no-merge", action="store_true",
                    help="save the LoRA adapter alone (PEFT format) to OUT instead of the merged model; apply it with "
                    "moecarve.finetune.load_adapter(MODEL, OUT)")  # fmt: skip
@@ -101,7 +103,7 @@ def run(args) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias_gamma=args.bias_gamma,
         gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
-        max_steps=args.max_steps, seed=args.seed,
+        max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
     )  # fmt: skip  (validated before loading anything)
     resolve_dtype(args.dtype, resolve_device(args.device))
     ref = check_model(args.model, args.revision)

@@ -15,14 +15,14 @@ from .common import (
 JSON_FILE = "frontier.json"
 # moecarve.eval.frontier.METHODS' names, spelled out here because that module imports torch
 # (`moecarve --help` must not); tests/test_frontier.py checks that the two agree
-METHOD_NAMES = ("default", "threshold", "probe", "cmoe")
+METHOD_NAMES = ("default", "topk", "probe", "cmoe")
 # eval.frontier.speed_ratios decodes SPEED_BATCH --ppl windows side by side and times the FFN on
 # the token at position 40 of the first one
 SPEED_BATCH = 8
 MIN_SEQLEN = 64
 # the flags that decide what a measured point means: --resume continues only with the same ones
 SETTINGS = ("model", "ppl", "ppl_chars", "ppl_seqlen", "calib", "samples", "seqlen", "seed", "dtype", "device", "kernels",
-            "revision")  # fmt: skip
+            "revision", "engine", "precision")  # fmt: skip
 
 
 def register(sub) -> None:
@@ -31,7 +31,8 @@ def register(sub) -> None:
         help="carve several configurations and methods, measure quality and decode speed, find the Pareto frontier",
         description="Carve the dense model at every configuration of --configs with every recipe of --methods "
         f"({', '.join(METHOD_NAMES)}), measure each carve's perplexity on --ppl and its decode speed against the "
-        "dense model (timed interleaved with it, through moecarve's kernels, decoding the --ppl text), and mark the "
+        "dense model (timed interleaved with it, decoding the --ppl text, both on moecarve's decode runtime: what "
+        "generate and serve run), and mark the "
         "carves no other point beats on both: the Pareto frontier, printed fastest first with the `moecarve carve` "
         "command that makes each. Static width pruning (A = 0, e.g. S2A0E8) and the dense model are points too. "
         f"--out gets {JSON_FILE} (rewritten after every point: an interrupted sweep keeps its finished points and "
@@ -41,7 +42,8 @@ def register(sub) -> None:
     p.add_argument("--configs", required=True, metavar="LIST",
                    help="comma-separated S<shared>A<active>E<experts> configurations, e.g. S2A0E8,S1A1E8,S2A2E8")  # fmt: skip
     p.add_argument("--methods", default="default,cmoe", metavar="LIST",
-                   help="comma-separated recipes: default (fitted, shadow router), threshold (its threshold selection), "
+                   help="comma-separated recipes: default (fitted, shadow router, threshold selection), topk (the same, exactly A "
+                   "experts per token), "
                    "probe (fitted, probe router), cmoe (the paper); static configs run once per distinct recipe")  # fmt: skip
     add_output_args(p, what=f"output folder for {JSON_FILE}, frontier.md and frontier.png")
     p.add_argument("--resume", action="store_true", help=f"continue the sweep in --out from its {JSON_FILE}")
@@ -53,9 +55,17 @@ def register(sub) -> None:
                    help="interleaved timing rounds per speed figure (more: steadier on a busy machine)")  # fmt: skip
     p.add_argument("--threads", type=at_least(1), default=None, metavar="N",
                    help="CPU threads for carving and timing (default: torch's, usually one per core)")  # fmt: skip
+    p.add_argument("--engine", choices=["runtime", "hf"], default="runtime",
+                   help="what decodes while timed: runtime (moecarve's native decode runtime, CPU; the default) or hf "
+                   "(transformers' forward with --kernels bound)")  # fmt: skip
+    p.add_argument("--precision", choices=["bf16", "int8", "fp32"], default="bf16",
+                   help="weights of both models on the runtime: bf16, int8 (Q8_0-style blocks) or fp32 (default: bf16)")  # fmt: skip
     p.add_argument("--kernels", default="auto",
-                   help="how the carved models run while timed: auto (CPU path on CPU, Triton on CUDA), cpu, triton "
-                   "(CUDA only), torch (the reference forward)")  # fmt: skip
+                   help="how the carved FFNs run for the FFN-only figure (and --engine hf): auto (CPU path on CPU, "
+                   "Triton on CUDA), cpu, triton (CUDA only), torch (the reference forward)")  # fmt: skip
+    p.add_argument("--llama-bench", default=None, metavar="PATH",
+                   help="a llama-bench binary: its tg128 tok/s of each --gguf becomes a reference line of the plot")  # fmt: skip
+    p.add_argument("--gguf", nargs="+", default=[], metavar="FILE", help="GGUF files of MODEL for --llama-bench")
     add_seed_arg(p)
     add_model_args(p)
     p.set_defaults(func=run)
@@ -85,6 +95,13 @@ def check_options(args) -> None:
         raise UsageError("frontier carves copies of the model on one device; drop --device-map (use --device)")
     if args.kernels == "none":
         raise UsageError("frontier times the carves through kernels; use --kernels torch for the reference forward")
+    if bool(args.llama_bench) != bool(args.gguf):
+        raise UsageError("--llama-bench and --gguf go together: the binary and the GGUF files it times")
+    for g in args.gguf:
+        if not Path(g).is_file():
+            raise UsageError(f"--gguf {g} does not exist")
+    if args.engine == "runtime" and args.device not in ("auto", "cpu"):
+        raise UsageError(f"the decode runtime runs on CPU: pass --engine hf to time on {args.device}")
 
 
 def check_candidates(cands, skeleton, seed: int) -> None:
@@ -228,7 +245,8 @@ def run(args) -> int:
     check_options(args)
     cands = candidates(split_list(args.configs, "--configs"), split_list(args.methods, "--methods"))
     calib_cfg = CalibConfig(source=args.calib, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed)
-    device = resolve_device(args.device)
+    # the runtime times CPU models: --device auto is the CPU then, even where there is a GPU
+    device = torch.device("cpu") if args.engine == "runtime" else resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     check_kernels(args.kernels, device)
     ref = check_model(args.model, args.revision, files=False)  # config.json first: the architecture decides
@@ -244,12 +262,13 @@ def run(args) -> int:
     if earlier is not None:
         check_same_settings(earlier, settings, Path(args.out) / JSON_FILE)
     cfg = FrontierConfig(with_earlier(cands, earlier), ppl_batch=args.batch_size, speed_rounds=args.speed_rounds,
-                         kernels=args.kernels, seed=args.seed)  # fmt: skip
+                         engine=args.engine, precision=args.precision, threads=args.threads, kernels=args.kernels,
+                         seed=args.seed)  # fmt: skip
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(settings["threads"])
     try:
-        model, tok = load_any(ref, args.dtype, args.device, **load_kwargs(args))
+        model, tok = load_any(ref, args.dtype, str(device), **load_kwargs(args))
         calib, ev = prepare_windows(args, model.config, tok, calib_cfg, calib_text, ppl_text)
         check_speed_windows(ev, args)
         done = f" ({sum(p.get('kind') != 'dense' for p in earlier['points'])} measured earlier)" if earlier else ""
@@ -279,7 +298,7 @@ def sweep(args, model, tok, calib, ev, cfg, settings: dict, title: str):
     out = start_folder(args)
     try:
         points = frontier(model, tok, calib, ev, cfg, out_dir=out, model_name=args.model, meta={"settings": settings})
-        write_outputs(points, out, title=title)
+        write_outputs(points, out, title=title, references=references(args))
     except KeyboardInterrupt:
         print(f"interrupted; {resume_hint(out) or 'nothing was measured'}", file=sys.stderr)
         return None
@@ -290,15 +309,36 @@ def sweep(args, model, tok, calib, ev, cfg, settings: dict, title: str):
     return points
 
 
+def references(args) -> dict[str, float]:
+    """{"llama.cpp <type>": tg128 tok/s} of each --gguf by --llama-bench (median of 3 runs, at
+    --threads or the physical cores): the plot's reference lines."""
+    import statistics
+
+    from ..eval import bench
+    from ..runtime import default_threads
+
+    out = {}
+    for g in args.gguf:
+        run = bench.llama_bench(args.llama_bench, g, args.threads or default_threads())
+        out[f"llama.cpp {bench.gguf_type(g)}"] = statistics.median(run()["tg128"] for _ in range(3))
+    for name, value in out.items():
+        console.print(f"{name}: {value:.1f} tok/s (tg128)")
+    return out
+
+
 def print_results(points, front, title: str) -> None:
     """Every point as a table (dense first, then fastest first), then the frontier with the command
     that makes each of its carves."""
     order = [p for p in points if p.kind == "dense"] + sorted((p for p in points if p.kind != "dense"),
                                                               key=lambda p: -p.e2e_decode_b1)  # fmt: skip
+    from ..eval.frontier import axis_tok_s, dense_tok_s
+
+    ref = dense_tok_s(points)
     rows = [[p.method + (" (static)" if p.kind == "static" else ""), p.config, f"{p.ppl:.3f}", f"{p.ffn_decode_b1:.2f}x",
-             f"{p.e2e_decode_b1:.2f}x", f"{p.e2e_decode_b8:.2f}x", f"{p.carve_seconds:.0f}", "yes" if p.on_frontier else ""]
+             f"{p.e2e_decode_b1:.2f}x", f"{axis_tok_s(p, ref):.1f}" if ref else "—", f"{p.e2e_decode_b8:.2f}x",
+             f"{p.carve_seconds:.0f}", "yes" if p.on_frontier else ""]
             for p in order]  # fmt: skip
-    columns = ["method", "config", "perplexity", "FFN decode b1", "decode b1", "decode b8", "carve s", "frontier"]
+    columns = ["method", "config", "perplexity", "FFN decode b1", "decode b1", "tok/s b1", "decode b8", "carve s", "frontier"]
     console.print(table(f"frontier ({title}); speeds: dense ms / carved ms", columns, rows))
     console.print(f"Pareto frontier, {len(front)} of {len(points)} points, fastest first:")
     for p in front:

@@ -45,6 +45,7 @@ class Row:
     test: str  # "pp512" | "tg128"
     tok_s: float | None = None
     bytes_per_token: int | None = None  # weight bytes one decode step of one sequence reads
+    phases: dict[str, float] | None = None  # tg128 on the runtime: ms per step by phase (profile_runtime)
     samples: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -116,6 +117,40 @@ def runtime_tests(rt, text: list[int], batch: int) -> Callable[[], dict[str, flo
         return out
 
     return run
+
+
+def profile_runtime(rt, text: list[int], batch: int) -> dict[str, float]:
+    """Where a tg128 decode step's time goes on a Runtime: ms per step by phase (embed, qkv,
+    attention, wo, ffn_norm, router, ffn, lm_head: thread 0's time between the barriers that end
+    each phase, Runtime.profile) and "overhead", the rest of the step's wall time (Python, ctypes,
+    argument checks). One untimed-by-the-table pass after the timed rounds."""
+    starts = [i * TEXT_STRIDE for i in range(batch)]
+    routed = rt.decode_routed(batch)
+    rt.profile(False)
+    rt.profile(True)
+    t0 = time.perf_counter()
+    for p in range(TG):
+        rt.step([text[s + p] for s in starts], [p] * batch, range(batch), range(batch), routed)
+    wall = time.perf_counter() - t0
+    phases = {k: 1e3 * v / TG for k, v in rt.profile(False).items()}
+    phases["overhead"] = max(0.0, 1e3 * wall / TG - sum(phases.values()))
+    return {k: round(v, 4) for k, v in phases.items()}
+
+
+def phase_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """(header, lines): the profiled rows' ms per decode step by phase, and each phase's share."""
+    from ..runtime.native import PHASES
+
+    cols = [*PHASES, "overhead"]
+    header = ["model", "carve", "precision", "threads", "batch", *cols, "total ms"]
+    lines = []
+    for r in rows:
+        if r.phases:
+            total = sum(r.phases.values())
+            lines.append([r.model, r.carve, r.precision, str(r.threads), str(r.batch),
+                          *[f"{r.phases.get(c, 0.0):.3f} ({100 * r.phases.get(c, 0.0) / total:.0f}%)" for c in cols],
+                          f"{total:.3f}"])  # fmt: skip
+    return header, lines
 
 
 def hf_tests(model, text: list[int], batch: int) -> Callable[[], dict[str, float]]:

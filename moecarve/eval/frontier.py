@@ -3,8 +3,13 @@
 `frontier(model, tokenizer, calibration, eval_windows, FrontierConfig(...))` carves every
 candidate (a carving recipe at a configuration), measures its perplexity on held-out text and its
 decode speed against the dense model (decoding the evaluation text), interleaved with it in the
-same run through the shipped kernels, and marks the Pareto frontier: the carves no other point beats on perplexity and
-whole-model decode speed at once. Static width pruning (A = 0) and the dense model are points
+same run, and marks the Pareto frontier: the carves no other point beats on perplexity and
+whole-model decode speed at once. Decode speed is the fastest path each side has: both on
+moecarve's native decode runtime (engine "runtime", the default on CPU: what generate() and serve
+run) or, with engine "hf", transformers' forward with the shipped kernels bound. Speeds are kept
+as ratios (dense ms / carved ms, same minute) and as tokens per second: the axis of the plot is
+the ratio times the dense runtime's median tok/s over the sweep, beside reference lines (the
+dense runtime, llama.cpp's figures when given). Static width pruning (A = 0) and the dense model are points
 too, so a carve is on the frontier only where it is faster than dense at a quality nothing
 cheaper reaches.
 
@@ -40,16 +45,18 @@ from ..config import CarveConfig
 from ..errors import MoecarveError
 from ..modules.fast import use_kernels
 from .perplexity import perplexity
-from .timing import cpu_name, decode_stepper, ffn_stepper, paired_ratio
+from .timing import cpu_name, decode_stepper, ffn_stepper, paired_ratio, runtime_stepper
 
 # recipe name -> (CarveConfig fields, the `moecarve carve` flags that give them)
 METHODS: dict[str, tuple[dict, str]] = {
     "default": ({}, ""),
-    "threshold": ({"selection": "threshold"}, "--selection threshold"),
+    "topk": ({"selection": "topk"}, "--selection topk"),
     "probe": ({"shadow_bits": 0}, "--shadow-bits 0"),
     "cmoe": ({"method": "cmoe"}, "--method cmoe"),
 }
 SPEEDS = ("ffn_decode_b1", "e2e_decode_b1", "e2e_decode_b8")
+ENGINES = ("runtime", "hf")
+PRECISIONS = ("bf16", "int8", "fp32")
 
 
 class FrontierError(MoecarveError, ValueError):
@@ -85,7 +92,9 @@ class Candidate:
 
 @dataclass
 class Point:
-    """One measured carve (or the dense model); speeds are dense ms / carved ms in the same run."""
+    """One measured carve (or the dense model); speeds are dense ms / carved ms in the same run;
+    tok_s_b1 / tok_s_b8 (and dense_tok_s_*) the carve's (and the dense model's) tokens per second in
+    that run (0: not measured)."""
 
     method: str
     config: str
@@ -95,6 +104,10 @@ class Point:
     e2e_decode_b1: float = 1.0
     e2e_decode_b8: float = 1.0
     carve_seconds: float = 0.0
+    tok_s_b1: float = 0.0
+    tok_s_b8: float = 0.0
+    dense_tok_s_b1: float = 0.0
+    dense_tok_s_b8: float = 0.0
     on_frontier: bool = False
     command: str = ""
     measured: dict = field(default_factory=dict)  # ms of both models, when, load average
@@ -105,13 +118,18 @@ class FrontierConfig:
     """What to sweep and how to measure it.
 
     candidates: the carves; ppl_batch: eval windows per forward; speed_rounds: interleaved timing
-    rounds per speed figure (more: steadier on a busy machine); kernels: the backend the carved
-    models run through (moecarve.use_kernels); seed: the carves' seed.
+    rounds per speed figure (more: steadier on a busy machine); engine: "runtime" (whole-model
+    decode on the native runtime in `precision`, both models) or "hf" (transformers' forward);
+    kernels: the backend the carved FFNs run through for the FFN figure and engine "hf"
+    (moecarve.use_kernels); threads: the runtime's (default: physical cores); seed: the carves'.
     """
 
     candidates: tuple[Candidate, ...]
     ppl_batch: int = 4
     speed_rounds: int = 15
+    engine: str = "runtime"
+    precision: str = "bf16"
+    threads: int | None = None
     kernels: str = "auto"
     seed: int = 0
 
@@ -122,16 +140,20 @@ class FrontierConfig:
             raise FrontierError("a candidate is listed twice")
         if self.speed_rounds < 3 or self.ppl_batch < 1:
             raise FrontierError("speed_rounds must be >= 3 and ppl_batch >= 1")
+        if self.engine not in ENGINES:
+            raise FrontierError(f"unknown engine {self.engine!r}; choose among {', '.join(ENGINES)}")
+        if self.precision not in PRECISIONS:
+            raise FrontierError(f"unknown precision {self.precision!r}; choose among {', '.join(PRECISIONS)}")
 
 
 def candidates(configs: list[str], methods: list[str]) -> tuple[Candidate, ...]:
     """Every method at every config, except that static configs (A = 0) run once per distinct
-    recipe that changes them (the router flags do not: "default" stands for "probe"/"threshold")."""
+    recipe that changes them (the router flags do not: "default" stands for "probe"/"topk")."""
     out = []
     for config in configs:
         static = CarveConfig.from_string(config).static
         for method in methods:
-            if static and method in ("probe", "threshold"):
+            if static and method in ("probe", "topk"):
                 continue
             out.append(Candidate(method, config))
     return tuple(dict.fromkeys(out))
@@ -162,24 +184,61 @@ def ffn_inputs(model: nn.Module, text: torch.Tensor, layer: int = 0) -> torch.Te
     return captured[0]
 
 
-def speed_ratios(dense: nn.Module, carved: nn.Module, text: torch.Tensor, rounds: int) -> tuple[dict[str, float], dict]:
+def speed_ratios(dense: nn.Module, carved: nn.Module, text: torch.Tensor, rounds: int, engine: str = "runtime",
+                 precision: str = "bf16", threads: int | None = None) -> tuple[dict[str, float], dict]:  # fmt: skip
     """Decode speed of `carved` relative to `dense` (dense ms / carved ms), each figure the median
     of per-round ratios with the two models timed back to back (eval.timing.paired_ratio): the FFN
-    of layer 0 alone on one real token, the whole model decoding real text (windows [>= 8, L]) for
-    1 and 8 sequences on a KV cache."""
+    of layer 0 alone on one real token (transformers' modules), the whole model decoding real text
+    (windows [>= 8, L]) for 1 and 8 sequences on a KV cache, on the decode runtime (engine
+    "runtime", in `precision`) or transformers' forward ("hf"). Returns (ratios, {figure: {"dense":
+    ms, "carved": ms}})."""
     device = next(dense.parameters()).device
+    if engine == "runtime" and device.type != "cpu":
+        raise FrontierError(f"the decode runtime runs on CPU, the models are on {device}: use engine 'hf'")
     x = ffn_inputs(dense, text[:1, :64])[40:41].unsqueeze(0)  # one token with context, [1, 1, d]
     mlp = [m.get_submodule(adapters.mlp_path(m.config, 0)) for m in (dense, carved)]
+    if engine == "runtime":
+        def e2e(m, batch, steps):  # noqa: E306
+            return runtime_stepper(m, batch, steps, text, precision, threads)
+    else:
+        def e2e(m, batch, steps):  # noqa: E306
+            return decode_stepper(m, batch, steps, text=text)
+    # the runtime's steps are ~10x shorter than transformers': more calls per round
+    inner = 8 if engine == "runtime" else 1
     plans = {
         "ffn_decode_b1": ([ffn_stepper(f, x) for f in mlp], rounds, 10),
-        "e2e_decode_b1": ([decode_stepper(m, 1, 8 * rounds + 8, text=text) for m in (dense, carved)], 4 * rounds, 2),
-        "e2e_decode_b8": ([decode_stepper(m, 8, 3 * rounds + 8, text=text) for m in (dense, carved)], rounds, 3),
+        "e2e_decode_b1": ([e2e(m, 1, 8 * rounds * inner + 8) for m in (dense, carved)], 4 * rounds, 2 * inner),
+        "e2e_decode_b8": ([e2e(m, 8, 3 * rounds * inner + 8) for m in (dense, carved)], rounds, 3 * inner),
     }  # fmt: skip
     ratios, ms = {}, {}
-    for name, ((base, other), n_rounds, inner) in plans.items():
-        ratios[name], ms_dense, ms_carved = paired_ratio(base, other, device, n_rounds, inner)
+    for name, ((base, other), n_rounds, n_inner) in plans.items():
+        ratios[name], ms_dense, ms_carved = paired_ratio(base, other, device, n_rounds, n_inner)
         ms[name] = {"dense": round(ms_dense, 4), "carved": round(ms_carved, 4)}
     return ratios, ms
+
+
+def tok_s(ms: dict) -> dict[str, float]:
+    """Tokens per second of both models from speed_ratios' step times (batch 1 and 8)."""
+    out = {}
+    for b in (1, 8):
+        step = ms[f"e2e_decode_b{b}"]
+        out[f"tok_s_b{b}"] = round(1000 * b / step["carved"], 2)
+        out[f"dense_tok_s_b{b}"] = round(1000 * b / step["dense"], 2)
+    return out
+
+
+def dense_tok_s(points: list[Point], batch: int = 1) -> float:
+    """The dense model's decode tok/s over the sweep: the median of its figure in every carve's run."""
+    import statistics
+
+    values = [getattr(p, f"dense_tok_s_b{batch}") for p in points if p.kind != "dense" and getattr(p, f"dense_tok_s_b{batch}")]
+    return statistics.median(values) if values else 0.0
+
+
+def axis_tok_s(p: Point, reference: float) -> float:
+    """A point's position on the plot's speed axis: its speed ratio times the dense model's median
+    tok/s (a figure comparable across the sweep's minutes), or the ratio alone without tok/s."""
+    return p.e2e_decode_b1 * reference if reference else p.e2e_decode_b1
 
 
 def _machine() -> dict:
@@ -216,7 +275,7 @@ def frontier(
     out = Path(out_dir) if out_dir is not None else None
     settings = {"model": model_name, "calibration": list(calibration.shape), "eval_windows": list(eval_windows.shape),
                 **(meta or {})}  # what a point means: a resumed sweep must match it  # fmt: skip
-    meta = {**_machine(), **settings}
+    meta = {**_machine(), **settings, "engine": config.engine, "precision": config.precision}
     done: dict[tuple[str, str], Point] = {}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +289,8 @@ def frontier(
 
     def save(points: list[Point]) -> None:
         pareto(points)
+        for b in (1, 8):  # the dense point's own tok/s: its median over the carves' runs
+            setattr(points[0], f"tok_s_b{b}", dense_tok_s(points, b))
         if out is not None:
             _write_json(out / "frontier.json", {"meta": meta, "points": [asdict(p) for p in points]})
 
@@ -251,15 +312,17 @@ def frontier(
         seconds = time.perf_counter() - t0
         ppl = perplexity(carved, eval_windows, config.ppl_batch)
         use_kernels(carved, config.kernels)
-        ratios, ms = speed_ratios(model, carved, eval_windows, config.speed_rounds)
+        ratios, ms = speed_ratios(model, carved, eval_windows, config.speed_rounds, config.engine, config.precision,
+                                  config.threads)  # fmt: skip
         point = Point(
-            cand.method, cand.config, cand.kind, ppl, **ratios, carve_seconds=round(seconds, 1),
+            cand.method, cand.config, cand.kind, ppl, **ratios, **tok_s(ms), carve_seconds=round(seconds, 1),
             command=cand.command(model_name), measured={"ms": ms, "load_avg_1min": _load()},
         )  # fmt: skip
         points.append(point)
         save(points)
         bar.write(f"  {cand.method:9s} {cand.config:14s} ppl {ppl:9.3f}  ffn b1 {ratios['ffn_decode_b1']:.2f}x  "
-                  f"e2e b1 {ratios['e2e_decode_b1']:.2f}x  b8 {ratios['e2e_decode_b8']:.2f}x  ({seconds:.0f} s carve)")  # fmt: skip
+                  f"e2e b1 {ratios['e2e_decode_b1']:.2f}x ({point.tok_s_b1:.0f} vs {point.dense_tok_s_b1:.0f} tok/s)  "
+                  f"b8 {ratios['e2e_decode_b8']:.2f}x  ({seconds:.0f} s carve)")  # fmt: skip
         del carved
     listed = {(c.method, c.config) for c in config.candidates} | {("dense", "dense")}
     points += [p for key, p in done.items() if key not in listed]  # earlier points of other candidates stay
@@ -281,13 +344,17 @@ def table(points: list[Point]) -> str:
     """The points as a Markdown table, dense first then by whole-model decode speed."""
     rows = [p for p in points if p.kind == "dense"] + sorted((p for p in points if p.kind != "dense"),
                                                               key=lambda p: -p.e2e_decode_b1)  # fmt: skip
-    lines = ["| method | config | perplexity | FFN decode b1 | decode b1 | decode b8 | carve s | frontier |",
-             "|---|---|---:|---:|---:|---:|---:|:---:|"]  # fmt: skip
+    ref = dense_tok_s(points)
+    lines = ["| method | config | perplexity | FFN decode b1 | decode b1 | decode b8 | decode tok/s b1 | carve s | frontier |",
+             "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]  # fmt: skip
     for p in rows:
+        speed = f"{axis_tok_s(p, ref):.1f}" if ref else "—"
         lines.append(
-            f"| {label(p)} | {p.config} | {p.ppl:.3f} | {p.ffn_decode_b1:.2f}x | "
-            f"{p.e2e_decode_b1:.2f}x | {p.e2e_decode_b8:.2f}x | {p.carve_seconds:.0f} | {'**yes**' if p.on_frontier else ''} |"
+            f"| {label(p)} | {p.config} | {p.ppl:.3f} | {p.ffn_decode_b1:.2f}x | {p.e2e_decode_b1:.2f}x | "
+            f"{p.e2e_decode_b8:.2f}x | {speed} | {p.carve_seconds:.0f} | {'**yes**' if p.on_frontier else ''} |"
         )  # fmt: skip
+    if ref:
+        lines.append(f"\ndecode tok/s b1: each carve's speed ratio times the dense model's median {ref:.1f} tok/s in the same runs")
     return "\n".join(lines)
 
 
@@ -297,34 +364,47 @@ def label(p: Point) -> str:
 
 
 MARKERS = {"dense": ("*", "black"), "static": ("s", "grey"), "cmoe": ("^", "tab:red"), "default": ("o", "tab:blue"),
-           "threshold": ("D", "tab:green"), "probe": ("v", "tab:orange")}  # fmt: skip
+           "topk": ("D", "tab:green"), "probe": ("v", "tab:orange")}  # fmt: skip
 
 
-def plot(points: list[Point], path: str | Path, title: str = "") -> Path:
-    """Perplexity (log) against measured whole-model decode speed-up, one marker per method, the
-    Pareto frontier drawn as a step line and its points labelled."""
+def plot(points: list[Point], path: str | Path, title: str = "", references: dict[str, float] | None = None) -> Path:
+    """Perplexity (log) against measured whole-model decode speed (tok/s at batch 1 where the sweep
+    measured it, else the speed-up), one marker per method, the Pareto frontier drawn as a step line
+    and its points labelled; `references` ({name: tok/s}, e.g. llama.cpp's) as vertical lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ref = dense_tok_s(points)
+
+    def x(p):
+        return axis_tok_s(p, ref)
+
     fig, ax = plt.subplots(figsize=(9, 6))
     for kind, (marker, color) in MARKERS.items():
         pts = [p for p in points if p.kind == kind]
         if pts:
-            ax.scatter([p.e2e_decode_b1 for p in pts], [p.ppl for p in pts], marker=marker, color=color, s=60,
+            ax.scatter([x(p) for p in pts], [p.ppl for p in pts], marker=marker, color=color, s=60,
                        label=kind, zorder=3, edgecolors="white" if kind != "dense" else None)  # fmt: skip
-    front = sorted((p for p in points if p.on_frontier), key=lambda p: p.e2e_decode_b1)
+    front = sorted((p for p in points if p.on_frontier), key=x)
     if front:
-        ax.step([p.e2e_decode_b1 for p in front], [p.ppl for p in front], where="post", color="black", lw=1,
+        ax.step([x(p) for p in front], [p.ppl for p in front], where="post", color="black", lw=1,
                 alpha=0.6, label="Pareto frontier", zorder=2)  # fmt: skip
     for i, p in enumerate(front):
         name = "dense" if p.kind == "dense" else p.config + ("" if p.method == "default" else f" {label(p)}")
-        ax.annotate(name, (p.e2e_decode_b1, p.ppl), fontsize=8, xytext=(6, 8 if i % 2 else -12), textcoords="offset points")
+        ax.annotate(name, (x(p), p.ppl), fontsize=8, xytext=(6, 8 if i % 2 else -12), textcoords="offset points")
     ax.set_yscale("log")
-    ax.set_xlabel("whole-model decode speed-up at batch 1 (dense ms / carved ms, same run)")
+    if ref:
+        ax.set_xlabel(f"decode tok/s at batch 1 (speed-up over dense in the same run x dense's median {ref:.0f} tok/s)")
+    else:
+        ax.set_xlabel("whole-model decode speed-up at batch 1 (dense ms / carved ms, same run)")
     ax.set_ylabel("perplexity (log scale)")
-    ax.axvline(1.0, color="black", lw=0.5, ls=":")
+    ax.axvline(x(next(p for p in points if p.kind == "dense")) if any(p.kind == "dense" for p in points) else 1.0,
+               color="black", lw=0.5, ls=":", label="dense")  # fmt: skip
+    colors = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
+    for name, value in (references or {}).items() if ref else ():
+        ax.axvline(value, color=next(colors, "grey"), lw=1, ls="--", label=name)
     ax.set_title(title or "carving frontier: quality against measured speed")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -335,10 +415,12 @@ def plot(points: list[Point], path: str | Path, title: str = "") -> Path:
     return path
 
 
-def write_outputs(points: list[Point], out_dir: str | Path, title: str = "") -> dict[str, Path]:
-    """frontier.md (the table) and frontier.png beside frontier.json."""
+def write_outputs(points: list[Point], out_dir: str | Path, title: str = "",
+                  references: dict[str, float] | None = None) -> dict[str, Path]:  # fmt: skip
+    """frontier.md (the table, then the reference tok/s) and frontier.png beside frontier.json."""
     out = Path(out_dir)
     pareto(points)
     md = out / "frontier.md"
-    md.write_text(table(points) + "\n")
-    return {"table": md, "plot": plot(points, out / "frontier.png", title)}
+    refs = "".join(f"\n- {name}: {value:.1f} tok/s" for name, value in (references or {}).items())
+    md.write_text(table(points) + ("\n\nreference decode speeds, batch 1:" + refs if refs else "") + "\n")
+    return {"table": md, "plot": plot(points, out / "frontier.png", title, references)}

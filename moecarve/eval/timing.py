@@ -138,6 +138,36 @@ def decode_stepper(
     return step
 
 
+def runtime_stepper(
+    model: nn.Module, batch: int, steps: int, text: torch.Tensor, precision: str = "bf16", threads: int | None = None
+) -> Step:
+    """decode_stepper on moecarve's decode runtime (moecarve.runtime.Runtime): each call is one
+    native step decoding the next token of text [>= batch, ...] for `batch` sequences, under the
+    runtime's own policy (a carve routes fewer than its dense_batch sequences, runs every expert
+    from it on), as generate() and serve decode. Past the end of the cache the positions start
+    again after the prompt (the cache is overwritten in place; the cost of a step barely depends
+    on its position at these lengths)."""
+    from ..runtime import Runtime
+
+    text = text[:batch].cpu()
+    ctx = min(PROMPT + steps + 1, getattr(model.config, "max_position_embeddings", None) or PROMPT + steps + 1)
+    rt = Runtime(model, precision, threads=threads, max_ctx=ctx, max_slots=batch, max_tokens=max(PROMPT, batch))
+    for b in range(batch):
+        rt.prefill(text[b, :PROMPT].tolist(), slot=b)
+    routed, pos = rt.decode_routed(batch), [PROMPT]
+
+    def step() -> None:
+        if pos[0] >= rt.max_ctx:
+            pos[0] = PROMPT
+        p = pos[0]
+        column = text[:, p % text.shape[1]].tolist()
+        rt.step(column, [p] * batch, range(batch), range(batch), routed)
+        pos[0] += 1
+
+    step.runtime = rt  # keeps the runtime alive as long as the step
+    return step
+
+
 def ffn_stepper(mlp: nn.Module, x: torch.Tensor) -> Step:
     """A step() that runs one FFN (dense MLP or carved module) on the hidden states x [1, T, d]."""
 

@@ -32,6 +32,10 @@ class FinetuneConfig(DictConfig):
             or at max_steps, when a checkpoint folder is given).
         max_steps: stop after this many optimizer steps in all (None: run every epoch); a later
             run with resume=True continues from there.
+        max_minutes: stop training once this much wall time has passed since the run started
+            (None: no limit); the step in progress finishes, then evaluation and saving run.
+            What a time budget trains depends on the machine, so a budgeted run is not
+            deterministic across machines.
         seed: seeds LoRA initialisation, window order and dropout.
     """
 
@@ -51,6 +55,7 @@ class FinetuneConfig(DictConfig):
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0
     max_steps: int | None = None
+    max_minutes: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,6 +72,7 @@ class FinetuneConfig(DictConfig):
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.max_minutes is None or self.max_minutes > 0, f"max_minutes must be > 0, got {self.max_minutes}"),
             (self.target_attention or self.target_experts or self.train_router_scale,
              "nothing to train: enable target_attention, target_experts or train_router_scale"),
         ]  # fmt: skip

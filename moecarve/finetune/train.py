@@ -109,6 +109,11 @@ def _autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def _clock() -> float:
+    """Seconds on a monotonic clock (the time budget's; tests replace it)."""
+    return time.perf_counter()
+
+
 def finetune(
     model: nn.Module,
     cfg: FinetuneConfig,
@@ -131,7 +136,7 @@ def finetune(
         raise FinetuneError(f"training windows must be [n >= 1, seqlen >= 2], got {tuple(windows.shape)}")
     if resume and checkpoint_dir is None:
         raise FinetuneError("resume needs a checkpoint folder")
-    t0 = time.perf_counter()
+    t0 = _clock()
     device = next(model.parameters()).device
     report = FinetuneReport(config=cfg)
     torch.manual_seed(cfg.seed)
@@ -187,7 +192,10 @@ def finetune(
     model.train()
     bar = tqdm(range(start, stop), desc="finetune", disable=not progress, initial=start, total=stop)
     ema = None
+    done = start
     for step in bar:
+        if cfg.max_minutes is not None and _clock() - t0 > 60 * cfg.max_minutes:
+            break  # the time budget is spent: evaluate and save what was trained
         epoch, i = divmod(step, per_epoch)
         # the window order depends only on (seed, epoch), so a resumed run sees the same batches
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
@@ -213,7 +221,9 @@ def finetune(
         if checkpoint_dir is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stop):
             save_checkpoint(checkpoint_dir, done, trainable, buffers, optimizer, {"config": cfg.to_dict()})
     bar.close()
-    report.steps = stop
+    if checkpoint_dir is not None and done not in (start, stop):  # stopped by the time budget
+        save_checkpoint(checkpoint_dir, done, trainable, buffers, optimizer, {"config": cfg.to_dict()})
+    report.steps = done
 
     if cfg.gradient_checkpointing:
         _checkpointing(model, False)
@@ -223,5 +233,5 @@ def finetune(
     tracker.remove()
     if merge:
         merge_lora(model)
-    report.seconds = time.perf_counter() - t0
+    report.seconds = _clock() - t0
     return report
