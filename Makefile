@@ -30,7 +30,7 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/moecarve carve $(MODEL) $(if $(CONFIG),--config $(CONFIG)) --out $(OUT) --overwrite \
-	    --samples 8 --seqlen 2048 $(if $(EVAL),--ppl $(EVAL) --ppl-chars 200000 --ppl-seqlen 512)
+	    $(if $(EVAL),--ppl $(EVAL) --ppl-chars 200000 --ppl-seqlen 512)
 
 test: install-test
 	$(BIN)/python -m pytest -x

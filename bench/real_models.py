@@ -122,6 +122,14 @@ def evaluate(folder: Path, windows, threads: int) -> dict:
     return out
 
 
+def measured(folder: Path, head: dict, windows, dense_ppl: float, threads: int) -> dict:
+    """A point: `head` (how it was made), its evaluation, its perplexity against dense; tok_s later."""
+    point = {**head, **evaluate(folder, windows, threads)}
+    point["vs_dense"] = point["ppl"] / dense_ppl - 1
+    point["tok_s"] = None
+    return point
+
+
 def carve_fields(folder: Path) -> dict:
     r = json.loads((folder / "carve_report.json").read_text())
     layers = r["layers"]
@@ -144,7 +152,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed-only", action="store_true", help="only (re)measure tok_s of the points already there")
     ap.add_argument("--no-speed", action="store_true", help="leave tok_s as it is")
+    ap.add_argument("--table", action="store_true", help="only print --out as the README's Markdown table")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
 
     from moecarve.eval.timing import cpu_name
     from moecarve.io.loading import load_any
@@ -184,11 +196,8 @@ def main() -> None:
             if args.redo or key not in entry["carves"]:
                 cmd = moecarve_cmd("carve", str(src), "--active", key, "--out", str(folder), "--overwrite")
                 wall = run(cmd, args.threads)
-                point = {"command": " ".join(["moecarve", *cmd[3:]]), "wall_seconds": wall, **carve_fields(folder)}
-                point.update(evaluate(folder, windows, args.threads))
-                point["vs_dense"] = point["ppl"] / dense - 1
-                point["tok_s"] = None
-                entry["carves"][key] = point
+                head = {"command": " ".join(["moecarve", *cmd[3:]]), "wall_seconds": wall, **carve_fields(folder)}
+                entry["carves"][key] = measured(folder, head, windows, dense, args.threads)
                 save()
             p = entry["carves"][key]
             print(f"{name} {key}: ppl {p['ppl']:.3f} ({p['vs_dense']:+.1%}), active {p['active_mean']:.3f} "
@@ -202,13 +211,10 @@ def main() -> None:
                     report_file = done / "finetune_report.json"
                     wall = run(cmd, args.threads) if args.redo or not report_file.exists() else None
                     rep = json.loads(report_file.read_text())
-                    point = {"command": " ".join(["moecarve", *cmd[3:]]), "finetune_wall_seconds": wall,
-                             "finetune_seconds": rep.get("seconds"), "steps": rep.get("steps"),
-                             "train_tokens": rep.get("train_tokens")}  # fmt: skip
-                    point.update(evaluate(done, windows, args.threads))
-                    point["vs_dense"] = point["ppl"] / dense - 1
-                    point["tok_s"] = None
-                    entry["recovered"][key] = point
+                    head = {"command": " ".join(["moecarve", *cmd[3:]]), "finetune_wall_seconds": wall,
+                            "finetune_seconds": rep.get("seconds"), "steps": rep.get("steps"),
+                            "train_tokens": rep.get("train_tokens")}  # fmt: skip
+                    entry["recovered"][key] = measured(done, head, windows, dense, args.threads)
                     save()
                 p = entry["recovered"][key]
                 print(f"{name} {key} recovered: ppl {p['ppl']:.3f} ({p['vs_dense']:+.1%}), fine-tune "
@@ -217,6 +223,34 @@ def main() -> None:
             speed(src, entry, work, name, args.threads)
             save()
     save()
+
+
+def markdown(results: dict) -> str:
+    """The README's table: per model, dense, each carve and each recovered carve."""
+    lines = ["| model | carve | active (mean; lowest-highest layer) | perplexity | vs dense | FFN MB/token (fp32) | "
+             "carve s | decode tok/s bf16 / int8 |", "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+
+    def speeds(p):
+        t = p.get("tok_s") or {}
+        return " / ".join(f"{t[k]:.0f}" if t.get(k) else "—" for k in ("bf16", "int8"))
+
+    def config(p):
+        c = p["config"]
+        return f"S{c['n_shared']}A{c['n_active']}E{c['n_experts']}" if isinstance(c, dict) else str(c)
+
+    for name, e in results["models"].items():
+        d = e["dense"]
+        lines.append(f"| {name} | dense | 100% | {d['ppl']:.2f} | — | {d['ffn_bytes_per_token'] / 2**20:.0f} | — | {speeds(d)} |")
+        for key, p in sorted(e["carves"].items(), key=lambda kv: float(kv[0])):
+            lines.append(f"| {name} | {config(p)} | {p['active_mean']:.1%} ({p['active_lowest_layer']:.1%}-"
+                         f"{p['active_highest_layer']:.1%}) | {p['ppl']:.2f} | {p['vs_dense']:+.1%} | "
+                         f"{p['ffn_bytes_per_token'] / 2**20:.0f} | {p['carve_seconds']:.0f} | {speeds(p)} |")  # fmt: skip
+            r = e["recovered"].get(key)
+            if r:
+                lines.append(f"| {name} | {config(p)} + LoRA ({r['finetune_seconds'] / 60:.0f} min, {r['steps']} steps) | "
+                             f"{p['active_mean']:.1%} | {r['ppl']:.2f} | {r['vs_dense']:+.1%} | "
+                             f"{r['ffn_bytes_per_token'] / 2**20:.0f} | — | {speeds(r)} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def speed(src: Path, entry: dict, work: Path, name: str, threads: int) -> None:

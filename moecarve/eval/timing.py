@@ -115,7 +115,7 @@ def decode_stepper(
     device = next(model.parameters()).device
     if text is None:
         gen = torch.Generator().manual_seed(seed + batch)
-        text = torch.randint(0, model.config.vocab_size, (batch, PROMPT + 1), generator=gen)
+        text = torch.randint(0, model.config.get_text_config().vocab_size, (batch, PROMPT + 1), generator=gen)
     text = text[:batch].to(device)
     prompt = text[:, :PROMPT]
     if compile_:
@@ -150,7 +150,7 @@ def runtime_stepper(
     from ..runtime import Runtime
 
     text = text[:batch].cpu()
-    ctx = min(PROMPT + steps + 1, getattr(model.config, "max_position_embeddings", None) or PROMPT + steps + 1)
+    ctx = min(PROMPT + steps + 1, getattr(model.config.get_text_config(), "max_position_embeddings", None) or PROMPT + steps + 1)
     rt = Runtime(model, precision, threads=threads, max_ctx=ctx, max_slots=batch, max_tokens=max(PROMPT, batch))
     for b in range(batch):
         rt.prefill(text[b, :PROMPT].tolist(), slot=b)
