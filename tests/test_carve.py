@@ -40,7 +40,7 @@ def test_carved_layer_is_partition_of_dense_weights():
     torch.manual_seed(0)
     d, inter = 32, 64
     ffn = DenseFFN(up=torch.randn(inter, d), down=torch.randn(d, inter), gate=torch.randn(inter, d), act="silu")
-    moe, rep = carve_ffn(ffn, torch.randn(300, d), CarveConfig.from_string("S2A2E8"))
+    moe, rep = carve_ffn(ffn, torch.randn(300, d), CarveConfig.from_string("S2A2E8", selection="topk"))  # exactly A per token
     m = 8
     rows = torch.cat([moe.shared.in_proj[: 2 * m], moe.experts.in_proj[:, :m].reshape(-1, d)])  # gate rows
     # every gate row of the dense FFN appears exactly once
@@ -57,7 +57,7 @@ def test_partial_activation_is_sparse_sum_of_experts():
     torch.manual_seed(0)
     d, inter = 16, 32
     ffn = DenseFFN(up=torch.randn(inter, d), down=torch.randn(d, inter), gate=torch.randn(inter, d), act="silu")
-    moe, _ = carve_ffn(ffn, torch.randn(200, d), CarveConfig.from_string("S1A1E4"))
+    moe, _ = carve_ffn(ffn, torch.randn(200, d), CarveConfig.from_string("S1A1E4", selection="topk"))
     x = torch.randn(9, d)
     _, idx = moe.router(x)
     e = moe.experts
@@ -122,7 +122,7 @@ def test_per_layer_budgets_carve_save_load_and_run_through_the_kernels(tmp_path)
     model = tiny_model("llama")
     n_layers = len(decoder_layers(model))
     budgets = [8 + 24 * (i % 2) for i in range(n_layers)]  # 8, 32, 8, ... of 128 single neurons
-    cfg = CarveConfig.from_string("S0A20E128", layer_active=budgets)
+    cfg = CarveConfig.from_string("S0A20E128", layer_active=budgets, selection="topk")  # top_k = A
     report = carve(model, cfg, random_windows(4, 64), progress=False)
     tops = [m.spec.top_k for m in model.modules() if isinstance(m, CarvedMoE)]
     assert tops == budgets and [r.n_active for r in report.layers] == budgets

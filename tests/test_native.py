@@ -222,7 +222,8 @@ def test_folders_from_before_the_packed_layout_still_load(tmp_path):
     from .conftest import random_windows, tiny_model
 
     model = tiny_model("llama")
-    moecarve.carve(model, moecarve.CarveConfig.from_string("S1A2E8"), random_windows(4, 64), device="cpu", progress=False)
+    old = moecarve.CarveConfig.from_string("S1A2E8", selection="topk")  # folders before threshold selection: top-A
+    moecarve.carve(model, old, random_windows(4, 64), device="cpu", progress=False)
     moecarve.save(model, tmp_path / "old")
     ids = random_windows(1, 16)
     with torch.no_grad():

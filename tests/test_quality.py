@@ -266,7 +266,8 @@ def test_shadow_router_tracks_the_oracle_on_random_weights_as_bits_grow():
     x = torch.randn(1024, 64, generator=torch.Generator().manual_seed(8))
     recalls = {}
     for bits in (2, 8):
-        moe, report = carve_ffn(ffn, x, CarveConfig.from_string("S0A4E16", method="fitted", shadow_bits=bits, refit=False))
+        moe, report = carve_ffn(ffn, x, CarveConfig.from_string("S0A4E16", method="fitted", shadow_bits=bits, refit=False,
+                                                                selection="topk"))  # fmt: skip
         recalls[bits] = report.router_recall
     assert recalls[8] > 0.97 and recalls[8] > recalls[2]  # 8 bits: the oracle up to rounding
 

@@ -153,6 +153,8 @@ def every_expert(model):
     for mod in model.modules():
         if type(mod).__name__ == "CarvedMoE":
             mod.router.top_k = mod.spec.n_routed
+            if getattr(mod.router, "threshold", None) is not None:  # threshold selection: every score passes
+                mod.router.threshold.fill_(float("-inf"))
     return model
 
 
