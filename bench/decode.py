@@ -1,6 +1,6 @@
 """Decode speed on CPU (issue 26): SmolLM2-135M on moecarve's runtime beside llama.cpp, into bench/decode.json.
 
-    python bench/decode.py [--threads 1,2] [--rounds 3]        # both runs, then the JSON and the table
+    python bench/decode.py [--threads 1,2] [--rounds 3] [--llama-bench PATH]   # both runs, the JSON, the tables
     python bench/decode.py --table                              # the README's table from bench/decode.json
 
 Two `moecarve bench` runs on this machine:
@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "smollm2" / "hf"
 CARVES = [ROOT / "out" / "real" / f"smollm2-{f}" for f in ("0.5", "0.25", "0.125")]
-LLAMA_BENCH = Path("/work/tools/llama/bin/llama-bench")
+# llama-bench: --llama-bench, else $LLAMA_BENCH, else the one on PATH (../shared/tools/llama-bench.sh DEST builds DEST/bin/llama-bench)
+LLAMA_BENCH = Path(os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench") or "llama-bench")
 GGUFS = [ROOT / "models" / "gguf" / "smollm2-f16.gguf", ROOT / "models" / "gguf" / "smollm2-q8_0.gguf",
          ROOT / "models" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"]  # fmt: skip
 OUT = ROOT / "bench" / "decode.json"
