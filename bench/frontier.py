@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moecarve.calibration import tokenize_windows  # noqa: E402
+from moecarve.eval.bench import llama_references  # noqa: E402
 from moecarve.eval.frontier import Candidate, FrontierConfig, frontier, pareto, table, write_outputs  # noqa: E402
 from moecarve.eval.perplexity import test_windows  # noqa: E402
 
@@ -83,14 +84,8 @@ def main() -> None:
             "speed": f"decode runtime, {args.precision}, {args.threads} thread(s)"}  # fmt: skip
     points = frontier(model, tok, calib, ev, cfg, out_dir=args.out, model_name="../shared/reference-lm", meta=meta)
     wall = time.perf_counter() - t0
-    references = {}
-    for g in args.gguf:  # llama.cpp's dense decode of the same model: reference lines
-        import statistics
-
-        from moecarve.eval import bench
-
-        run = bench.llama_bench(args.llama_bench, g, args.threads)
-        references[f"llama.cpp {bench.gguf_type(g)}"] = statistics.median(run()["tg128"] for _ in range(3))
+    # llama.cpp's dense decode of the same model: reference lines
+    references = llama_references(args.llama_bench, args.gguf, args.threads) if args.gguf else {}
     paths = write_outputs(points, args.out, title=f"reference-lm: perplexity float32, decode on the runtime "
                           f"({args.precision}, {args.threads} thread(s))", references=references)  # fmt: skip
     front = pareto(points)

@@ -312,15 +312,10 @@ def sweep(args, model, tok, calib, ev, cfg, settings: dict, title: str):
 def references(args) -> dict[str, float]:
     """{"llama.cpp <type>": tg128 tok/s} of each --gguf by --llama-bench (median of 3 runs, at
     --threads or the physical cores): the plot's reference lines."""
-    import statistics
-
-    from ..eval import bench
+    from ..eval.bench import llama_references
     from ..runtime import default_threads
 
-    out = {}
-    for g in args.gguf:
-        run = bench.llama_bench(args.llama_bench, g, args.threads or default_threads())
-        out[f"llama.cpp {bench.gguf_type(g)}"] = statistics.median(run()["tg128"] for _ in range(3))
+    out = llama_references(args.llama_bench, args.gguf, args.threads or default_threads())
     for name, value in out.items():
         console.print(f"{name}: {value:.1f} tok/s (tg128)")
     return out

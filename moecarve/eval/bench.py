@@ -108,15 +108,21 @@ def runtime_tests(rt, text: list[int], batch: int) -> Callable[[], dict[str, flo
             t0 = time.perf_counter()
             rt.step(text[:PP], range(PP), [0] * PP, [PP - 1], rt.prompt_routed(PP))
             out["pp512"] = PP / (time.perf_counter() - t0)
-        starts = [i * TEXT_STRIDE for i in range(batch)]
-        routed = rt.decode_routed(batch)  # the runtime's own policy, as generate() and serve use it
-        t0 = time.perf_counter()
-        for p in range(TG):
-            rt.step([text[s + p] for s in starts], [p] * batch, range(batch), range(batch), routed)
-        out["tg128"] = batch * TG / (time.perf_counter() - t0)
+        out["tg128"] = batch * TG / decode_tg(rt, text, batch)
         return out
 
     return run
+
+
+def decode_tg(rt, text: list[int], batch: int) -> float:
+    """Seconds of tg128 on a Runtime: TG decode steps of `batch` sequences (texts TEXT_STRIDE tokens
+    apart) from position 0, under the runtime's own routing policy, as generate() and serve use it."""
+    starts = [i * TEXT_STRIDE for i in range(batch)]
+    routed = rt.decode_routed(batch)
+    t0 = time.perf_counter()
+    for p in range(TG):
+        rt.step([text[s + p] for s in starts], [p] * batch, range(batch), range(batch), routed)
+    return time.perf_counter() - t0
 
 
 def profile_runtime(rt, text: list[int], batch: int) -> dict[str, float]:
@@ -124,14 +130,9 @@ def profile_runtime(rt, text: list[int], batch: int) -> dict[str, float]:
     attention, wo, ffn_norm, router, ffn, lm_head: thread 0's time between the barriers that end
     each phase, Runtime.profile) and "overhead", the rest of the step's wall time (Python, ctypes,
     argument checks). One untimed-by-the-table pass after the timed rounds."""
-    starts = [i * TEXT_STRIDE for i in range(batch)]
-    routed = rt.decode_routed(batch)
     rt.profile(False)
     rt.profile(True)
-    t0 = time.perf_counter()
-    for p in range(TG):
-        rt.step([text[s + p] for s in starts], [p] * batch, range(batch), range(batch), routed)
-    wall = time.perf_counter() - t0
+    wall = decode_tg(rt, text, batch)
     phases = {k: 1e3 * v / TG for k, v in rt.profile(False).items()}
     phases["overhead"] = max(0.0, 1e3 * wall / TG - sum(phases.values()))
     return {k: round(v, 4) for k, v in phases.items()}
@@ -198,6 +199,16 @@ def llama_bench(binary: str | Path, gguf: str | Path, threads: int) -> Callable[
         return out
 
     return run
+
+
+def llama_references(binary: str | Path, ggufs: list, threads: int, runs: int = 3) -> dict[str, float]:
+    """{"llama.cpp <type>": tg128 tok/s} of each GGUF by llama-bench, the median of `runs` runs:
+    reference lines for a plot of decode speed."""
+    out = {}
+    for g in ggufs:
+        run = llama_bench(binary, g, threads)
+        out[f"llama.cpp {gguf_type(g)}"] = statistics.median(run()["tg128"] for _ in range(runs))
+    return out
 
 
 def gguf_type(path: str | Path) -> str:

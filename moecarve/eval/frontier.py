@@ -400,8 +400,7 @@ def plot(points: list[Point], path: str | Path, title: str = "", references: dic
     else:
         ax.set_xlabel("whole-model decode speed-up at batch 1 (dense ms / carved ms, same run)")
     ax.set_ylabel("perplexity (log scale)")
-    ax.axvline(x(next(p for p in points if p.kind == "dense")) if any(p.kind == "dense" for p in points) else 1.0,
-               color="black", lw=0.5, ls=":", label="dense")  # fmt: skip
+    ax.axvline(ref or 1.0, color="black", lw=0.5, ls=":", label="dense")  # the dense point: speed-up 1
     colors = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
     for name, value in (references or {}).items() if ref else ():
         ax.axvline(value, color=next(colors, "grey"), lw=1, ls="--", label=name)
