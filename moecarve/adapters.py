@@ -310,6 +310,12 @@ def ffn_input_module(config, layer: nn.Module) -> nn.Module:
     return owner if a.mlp else getattr(owner, a.proj[0])
 
 
+def ffn_output_module(config, layer: nn.Module) -> nn.Module:
+    """The FFN's last projection (down_proj, fc2, c_proj): its output is the FFN output."""
+    a = adapter_for(config)
+    return getattr(_get(layer, a.mlp), a.proj[-1])
+
+
 def _weight(mod: nn.Module, conv1d: bool) -> torch.Tensor:
     w = mod.weight.detach()
     return w.t() if conv1d else w  # Conv1D keeps [in, out]

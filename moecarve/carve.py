@@ -42,6 +42,7 @@ class CarveReport:
     params_active: int = 0
 
     allocation_seconds: float = 0.0  # measuring the layers' sensitivity (allocation "sensitivity")
+    fisher_seconds: float = 0.0  # the Fisher pass of score_weight "fisher"
 
     @property
     def load_imbalance(self) -> float:
@@ -96,7 +97,7 @@ class CarveReport:
         }
         layers = [LayerReport(**{**legacy, **r}) for r in d.get("layers", [])]
         keep = {k: d[k] for k in ("seconds", "n_windows", "seqlen", "params_dense", "params_total", "params_active",
-                                  "allocation_seconds") if k in d}  # fmt: skip
+                                  "allocation_seconds", "fisher_seconds") if k in d}  # fmt: skip
         return cls(config=config, layers=layers, **keep)
 
     def to_json(self) -> str:
@@ -197,6 +198,7 @@ def carve_layer(
     config: CarveConfig,
     device: torch.device,
     park: Callable[[list[torch.Tensor]], AbstractContextManager] | None = None,
+    fisher: torch.Tensor | None = None,
 ) -> tuple[dict[str, nn.Module], LayerReport]:
     """Carve decoder layer i (already on `device`) in place and advance `inputs` past it.
 
@@ -206,6 +208,7 @@ def carve_layer(
 
     park: called with the FFN's tensors, a context manager that may free the rest of the layer
     (attention, norms) while the FFN is carved and must restore it (the streamed carve's).
+    fisher: the layer's ffn_fisher [d] (score_weight "fisher"; None: the plain down norms).
     """
     layer = adapters.decoder_layers(model)[i]
     # the windows' FFN inputs: each window's forward stops there (nothing after the FFN input is needed);
@@ -215,7 +218,7 @@ def carve_layer(
                      record=(heavy, recorded) if heavy is not None else None)  # fmt: skip
     ffn = adapters.read_ffn(model.config, layer)
     with park(ffn.tensors()) if park is not None else nullcontext():
-        moe, report, y = carve_ffn(ffn, x.to(ffn.up.dtype), config.for_layer(i), layer=i, outputs=True)
+        moe, report, y = carve_ffn(ffn, x.to(ffn.up.dtype), config.for_layer(i), layer=i, outputs=True, fisher=fisher)
         del x
         report.n_active = 0 if config.static else config.active_in(i)
         report.bytes_per_token, report.active_fraction, report.dense_bytes = ffn_bytes(moe, ffn)
@@ -319,6 +322,47 @@ def allocate_layers(model: nn.Module, config: CarveConfig, calibration: torch.Te
     return tuple(int(a) for a in allocate(costs, grid, units, g0, lo=lo, hi=hi))
 
 
+def ffn_fisher(model: nn.Module, calibration: torch.Tensor) -> list[torch.Tensor]:
+    """Per decoder layer, F [d] float32: the mean over tokens of the squared gradient of the LM loss
+    with respect to the FFN's output, on up to SENSITIVITY_TOKENS calibration tokens of the dense
+    model (score_weight "fisher": which output directions the loss is sensitive to)."""
+    layers = adapters.decoder_layers(model)
+    sums: list[torch.Tensor | int] = [0] * len(layers)
+
+    def hook(i: int):
+        def on_output(module, args, out):
+            def on_grad(g):
+                sums[i] = sums[i] + g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(dim=0)
+
+            out.register_hook(on_grad)
+
+        return on_output
+
+    handles = [adapters.ffn_output_module(model.config, layer).register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    n = max(1, min(calibration.shape[0], SENSITIVITY_TOKENS // calibration.shape[1]))
+    home = next(model.parameters()).device
+    try:
+        for p in model.parameters():  # gradients flow to the activations only
+            p.requires_grad_(False)
+        model.eval()
+        with torch.enable_grad():
+            for w in calibration[:n]:
+                ids = w.unsqueeze(0).to(home)
+                embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # a graph without weight grads
+                loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss * (ids.shape[1] - 1)
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    tokens = n * (calibration.shape[1] - 1)
+    return [s / tokens if isinstance(s, torch.Tensor) else torch.zeros(()) for s in sums]
+
+
 def _block_before_ffn(model: nn.Module, i: int) -> nn.Module | None:
     """Decoder layer i's direct child with the most parameters outside the FFN (its attention), or
     None: what the carve's first pass runs before the FFN input and its second pass replays."""
@@ -372,13 +416,18 @@ def carve(
         t_alloc = time.perf_counter()
         config = config.replace(layer_active=allocate_layers(model, config, calibration))
         report.config, report.allocation_seconds = config, time.perf_counter() - t_alloc
+    fisher = None
+    if config.score_weight == "fisher" and config.method == "fitted" and config.shadow_bits and not config.static:
+        t_fisher = time.perf_counter()
+        fisher = ffn_fisher(model, calibration)
+        report.fisher_seconds = time.perf_counter() - t_fisher
     inputs = first_layer_inputs(model, calibration, device)
     installed: dict[str, nn.Module] = {}
     bar = tqdm(range(len(layers)), desc=f"carving {config.name}", unit="layer", disable=not progress)
     for i in bar:
         t_layer = time.perf_counter()
         with on_device(layers[i], device):
-            done, layer_report = carve_layer(model, i, inputs, config, device)
+            done, layer_report = carve_layer(model, i, inputs, config, device, fisher=None if fisher is None else fisher[i])
         installed.update(done)
         layer_report.seconds = time.perf_counter() - t_layer
         report.layers.append(layer_report)

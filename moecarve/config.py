@@ -20,6 +20,7 @@ METHODS = ("cmoe", "fitted")
 ROUTERS = ("analytic", "linear")
 SELECTIONS = ("topk", "threshold")
 ALLOCATIONS = ("uniform", "sensitivity")
+SCORE_WEIGHTS = ("fisher", "down", "none")  # what the shadow router weights each neuron's |h| by
 
 
 class ConfigError(MoecarveError, ValueError):
@@ -67,6 +68,14 @@ class CarveConfig(DictConfig):
             1/6 of the dense FFN's bytes at 4 bits vs bf16; see moecarve.modules.moe.ShadowRouter).
             0 routes with the cheaper probe router instead (closed-form scores on x and a few
             probe neurons: faster, lower quality).
+        score_weight: "fitted" with the shadow router: what each neuron's estimated |h| is
+            weighted by in the router's scores, so that the picks keep the most output rather than
+            the largest activations: "fisher" (default) its down_proj column's norm under the
+            Fisher metric of the FFN output, sqrt(sum_k F_k d_ki^2) with F_k the mean squared
+            gradient of the LM loss w.r.t. output k on the first calibration windows (one forward
+            and backward of the dense model; a streamed carve, which cannot run one, uses "down");
+            "down" the column's plain norm ||d_i||; "none" |h| alone. Folded into the shadow
+            codes' row scales: the router reads the same bytes.
         refit: "fitted": refit down_proj by ridge regression on the routed activations.
         refit_bias: "fitted" with refit: also fit an output bias (the mean of what the dropped neurons
             would have added), kept where it lowers the held-out error; the carved FFN then has an
@@ -100,6 +109,7 @@ class CarveConfig(DictConfig):
     profile_iters: int = 10
     probes_per_expert: int = 2
     shadow_bits: int = 4
+    score_weight: str = "fisher"
     refit: bool = True
     refit_bias: bool = False
     holdout: float = 0.25
@@ -131,6 +141,8 @@ class CarveConfig(DictConfig):
             raise ConfigError(f"probes_per_expert must be >= 0, got {self.probes_per_expert}")
         if self.shadow_bits and not 2 <= self.shadow_bits <= 8:
             raise ConfigError(f"shadow_bits must be 0 (probe router) or 2..8, got {self.shadow_bits}")
+        if self.score_weight not in SCORE_WEIGHTS:
+            raise ConfigError(f"unknown score_weight {self.score_weight!r}; choose one of {', '.join(SCORE_WEIGHTS)}")
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.method not in METHODS:
@@ -226,6 +238,11 @@ class CarveConfig(DictConfig):
 
     def replace(self, **changes) -> "CarveConfig":
         return replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CarveConfig":
+        # configs written before score_weight existed carved with unweighted scores
+        return super().from_dict({"score_weight": "none", **d})
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,66 @@ def test_static_fitted_refit_does_not_hurt_and_round_trips(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(moecarve.load(tmp_path / "static")(ids).logits, expected, atol=1e-6, rtol=1e-6)
 
+
+
+def test_weighted_shadow_scores_are_the_plain_ones_times_each_neurons_weight():
+    """score_weight folds w_i into the up row's scale: with single-neuron experts each expert's score
+    is w_i |act(g~) u~| exactly, and requantize (after the experts change) folds it again."""
+    from moecarve.carving.methods import score_weights
+    from moecarve.modules.moe import requantize_shadows
+
+    ffn = random_ffn(d=32, inter=64, seed=5)
+    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(6))
+    plain, _ = carve_ffn(ffn, x, CarveConfig.from_string("S0A16E64", score_weight="none", selection="topk"))
+    weighted, _ = carve_ffn(ffn, x, CarveConfig.from_string("S0A16E64", score_weight="down", selection="topk"))
+    assert weighted.spec.shadow_weighted and not plain.spec.shadow_weighted
+    w = score_weights(ffn, "down")
+    torch.testing.assert_close(w, ffn.down.norm(dim=0) / ffn.down.norm(dim=0).mean())
+    assert plain.router.out_weight is None
+    with torch.no_grad():  # out_weight [E, 1]: each expert's neuron's weight, in the grouping's order
+        torch.testing.assert_close(weighted.router.logits(x), plain.router.logits(x) * weighted.router.out_weight[:, 0])
+        before = weighted.router.row_scale.clone()
+        requantize_shadows(torch.nn.ModuleList([weighted]))
+        torch.testing.assert_close(weighted.router.row_scale, before)
+
+
+def test_fisher_weights_follow_the_gradient_metric():
+    from moecarve.carving.methods import score_weights
+
+    ffn = random_ffn(d=32, inter=64, seed=7)
+    fisher = torch.zeros(32)
+    fisher[:4] = 1.0  # only the first four outputs matter to the loss
+    w = score_weights(ffn, "fisher", fisher)
+    expected = ffn.down[:4].norm(dim=0)
+    torch.testing.assert_close(w, expected / expected.mean())
+    torch.testing.assert_close(score_weights(ffn, "fisher", None), score_weights(ffn, "down"))  # no pass: the plain norms
+    assert score_weights(ffn, "none") is None
+
+
+def test_clipped_row_quantisation_is_never_worse_than_the_absmax_one():
+    from moecarve.modules.moe import quantize_rows
+
+    w = torch.randn(256, 64, generator=torch.Generator().manual_seed(8))
+    # gaussian rows: the largest of 64 values sits far out, and absmax spends the 4-bit grid on it
+    codes, scale = quantize_rows(w, 4)
+    assert codes.abs().max() <= 7
+    err = (codes.float() * scale.unsqueeze(1) - w).pow(2).sum(1)
+    absmax = w.abs().amax(1) / 7
+    err_absmax = (torch.round(w / absmax.unsqueeze(1)).clamp(-7, 7) * absmax.unsqueeze(1) - w).pow(2).sum(1)
+    assert (err <= err_absmax + 1e-6).all() and err.mean() < 0.95 * err_absmax.mean()  # 13% lower here
+    codes8, scale8 = quantize_rows(w, 8)  # 8 bits: the plain absmax grid
+    torch.testing.assert_close(scale8, w.abs().amax(1) / 127)
+
+
+def test_the_carve_measures_the_fisher_metric_in_memory():
+    from moecarve.carve import ffn_fisher
+
+    model = tiny_model("llama")
+    windows = random_windows(2, 32)
+    fisher = ffn_fisher(model, windows)
+    assert len(fisher) == model.config.num_hidden_layers
+    assert all(f.shape == (model.config.hidden_size,) and (f > 0).all() for f in fisher)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # no weight gradients left behind
+    report = carve(model, CarveConfig.from_string("S0A32E128"), windows, device="cpu", progress=False)
+    assert report.config.score_weight == "fisher" and report.fisher_seconds > 0
+    assert all(m.spec.shadow_weighted for m in model.modules() if type(m).__name__ == "CarvedMoE")

@@ -253,7 +253,10 @@ def test_carved_reference_model_agrees_with_its_reference_forward(reference, ref
     import copy
 
     model = copy.deepcopy(reference)
-    carve(model, CarveConfig.from_granularity(1536, expert_size=1, active=0.25), random_windows(2, 64, vocab=8192))
+    # unweighted scores: this carve has no pick within float rounding of its threshold, where a
+    # flip at one position would move every later position's logits through attention
+    cfg = CarveConfig.from_granularity(1536, expert_size=1, active=0.25, score_weight="none")
+    carve(model, cfg, random_windows(2, 64, vocab=8192))
     ref = hf_logits(model, reference_ids)
     got = logits_of(Runtime(model, "fp32", threads=2, max_ctx=128, prefill="routed"), reference_ids)
     err = ((got - ref).abs().amax(-1) / ref.abs().amax(-1))

@@ -183,10 +183,15 @@ def build_moe(
     return moe
 
 
-def shadow_router(ffn: DenseFFN, grouping: Grouping, bits: int, pack: bool = True) -> dict[str, torch.Tensor | None]:
+def shadow_router(
+    ffn: DenseFFN, grouping: Grouping, bits: int, pack: bool = True, weight: torch.Tensor | None = None
+) -> dict[str, torch.Tensor | None]:
     """The shadow router's tensors: the routed experts' input rows [E, 2m, d] quantised per row to
     `bits`, packed as modules.moe.ShadowRouter stores them (two codes per byte at <= 4 bits; with
-    pack=False the codes stay int8 [E, 2m, d], the "int8" layout, which scores identically)."""
+    pack=False the codes stay int8 [E, 2m, d], the "int8" layout, which scores identically).
+
+    weight [I] (gated FFNs): each neuron's output weight (score_weights), folded into its up row's
+    scale and bias and kept as `out_weight` [E, m]."""
     groups = grouping.experts.to(ffn.up.device)  # [E, m]
     E, m = groups.shape
     packed = pack and packs_nibbles(bits, ffn.hidden_size)
@@ -200,12 +205,36 @@ def shadow_router(ffn: DenseFFN, grouping: Grouping, bits: int, pack: bool = Tru
         q, row_scale[b] = quantize_rows(rows, bits)
         codes[b] = pack_nibbles(q) if packed else q
     in_bias = _in_bias(ffn, groups) if ffn.has_in_bias else None
-    return {"codes": codes, "row_scale": row_scale, "in_bias": in_bias}
+    if weight is None:
+        return {"codes": codes, "row_scale": row_scale, "in_bias": in_bias}
+    out_weight = weight.to(row_scale)[groups]  # [E, m]
+    row_scale[:, m:] *= out_weight  # the up rows: w * act(g) * u = act(g) * (w * u)
+    if in_bias is not None:
+        in_bias = torch.cat([in_bias[:, :m], in_bias[:, m:] * out_weight.to(in_bias)], dim=-1)
+    return {"codes": codes, "row_scale": row_scale, "in_bias": in_bias, "out_weight": out_weight}
+
+
+def score_weights(ffn: DenseFFN, how: str, fisher: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Each neuron's output weight [I] float32 for the shadow router's scores (CarveConfig.score_weight):
+    "fisher" sqrt(sum_k F_k down_ki^2) with fisher F [d] (None: as "down"), "down" ||down[:, i]||,
+    "none" None. Dropping neuron i costs about (h_i w_i)^2 in the loss's second-order term, so the
+    picks by w |h| keep what the output needs rather than the largest activations."""
+    if how == "none" or not ffn.gated:  # plain MLPs: act(h) is not linear in a row scale
+        return None
+    d2 = ffn.down.float().pow(2)  # [d, I]
+    if how == "fisher" and fisher is not None:
+        d2 = d2 * fisher.to(d2).unsqueeze(1)
+    w = d2.sum(dim=0).sqrt_()
+    return w / w.mean().clamp_min(1e-30)  # mean 1: the scores keep their scale
 
 
 @torch.no_grad()
-def carve_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0, *, outputs: bool = False) -> tuple:
+def carve_ffn(
+    ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0, *, outputs: bool = False, fisher: torch.Tensor | None = None
+) -> tuple:
     """Carve one FFN on its calibration inputs x [T, d] (CMoE steps 3-8, or the "fitted" method).
+
+    fisher [d]: the mean squared loss gradient w.r.t. the FFN's outputs (score_weight "fisher").
 
     Returns (carved module, LayerReport); with outputs=True, (module, report, y), y [T, d] the
     carved module's output on x where the method has it at hand (the "fitted" routed carve: the
@@ -219,7 +248,7 @@ def carve_ffn(ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0, 
         out = carve_ffn_static(ffn, x, cfg, layer, t0)
         return (*out, None) if outputs else out
     if cfg.method == "fitted":
-        return carve_ffn_fitted(ffn, x, cfg, layer, t0, outputs=outputs)
+        return carve_ffn_fitted(ffn, x, cfg, layer, t0, outputs=outputs, fisher=fisher)
     spec = moe_spec(ffn, cfg)
     markers = activation_markers(ffn, x, cfg.k_act)  # [T, I]
     rates = activation_rates(markers)  # [I]
@@ -302,7 +331,8 @@ def oracle_recall(h: torch.Tensor, experts: torch.Tensor, idx: torch.Tensor, n_a
 
 @torch.no_grad()
 def carve_ffn_fitted(
-    ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0, t0: float | None = None, outputs: bool = False
+    ffn: DenseFFN, x: torch.Tensor, cfg: CarveConfig, layer: int = 0, t0: float | None = None, outputs: bool = False,
+    fisher: torch.Tensor | None = None,
 ) -> tuple:
     """The "fitted" method on calibration inputs x [T, d]: profile grouping -> fitted router -> refit.
 
@@ -322,12 +352,14 @@ def carve_ffn_fitted(
     threshold = cfg.selection == "threshold"
     if cfg.shadow_bits:
         layout = "nibbles" if packs_nibbles(cfg.shadow_bits, ffn.hidden_size) else "int8"
-        spec = replace(spec, router="shadow", shadow_bits=cfg.shadow_bits, shadow_layout=layout, selection=cfg.selection)
+        weight = score_weights(ffn, cfg.score_weight, fisher)
+        spec = replace(spec, router="shadow", shadow_bits=cfg.shadow_bits, shadow_layout=layout, selection=cfg.selection,
+                       shadow_weighted=weight is not None)  # fmt: skip
         if threshold:  # up to 2A experts above the threshold, A on average
             spec = replace(spec, top_k=min(spec.n_routed, 2 * cfg.n_active), mean_active=float(cfg.n_active))
         # scored with unpacked int8 codes (the "int8" layout: the same integers, without unpacking
         # the nibbles again for every chunk of calibration tokens), packed once the picks are known
-        tensors = shadow_router(ffn, grouping, cfg.shadow_bits, pack=False)
+        tensors = shadow_router(ffn, grouping, cfg.shadow_bits, pack=False, weight=weight)
         router = build_router(replace(spec, shadow_layout="int8"), tensors, ffn.up.device, ffn.up.dtype)
     else:
         spec = replace(spec, router="fitted", router_probes=cfg.probes_per_expert * spec.n_routed)

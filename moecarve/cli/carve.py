@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ALLOCATIONS, METHODS, ROUTERS, SELECTIONS
+from ..config import ALLOCATIONS, METHODS, ROUTERS, SCORE_WEIGHTS, SELECTIONS
 from .common import (
     add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, at_least, bold, card_info,
     check_load_args, console, fmt_params, in_range, load_kwargs, routed, table,
@@ -54,6 +54,11 @@ def register(sub) -> None:
                    "expert scoring above a per-layer threshold calibrated to pick A per token on average (at most 2A), "
                    "so that tokens that need more neurons get more at the same average; auto: threshold with the "
                    "shadow router, else topk (default: auto)")  # fmt: skip
+    p.add_argument("--score-weight", choices=list(SCORE_WEIGHTS), default="fisher",
+                   help="fitted with the shadow router: what each neuron's estimated |h| is weighted by when the "
+                   "router picks: fisher, its down_proj column's norm under the loss's Fisher metric (one forward "
+                   "and backward of the dense model on 2048 calibration tokens; streamed carves use down); down, "
+                   "the column's plain norm; none, |h| alone (default: fisher)")  # fmt: skip
     p.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION,
                    help="how the active experts are spread over the layers: uniform, the same A in every layer; "
                    "sensitivity, more where the calibration text shows a layer loses more, fewer where it loses less, "
@@ -90,7 +95,7 @@ def run(args) -> int:
     from ..stream.shards import parse_size
 
     settings = dict(k_act=args.k_act, seed=args.seed, router=args.router, method=args.method, shadow_bits=args.shadow_bits,
-                    selection=args.selection, allocation=args.allocation)  # fmt: skip
+                    selection=args.selection, allocation=args.allocation, score_weight=args.score_weight)  # fmt: skip
     check_config_args(args)
     if args.config is None:  # the granular flags, each with its default
         args.expert_size = DEFAULT_EXPERT_SIZE if args.expert_size is None else args.expert_size
@@ -113,6 +118,10 @@ def run(args) -> int:
         console.print("streamed carve: the active experts are spread uniformly over the layers (--allocation "
                       f"{cfg.allocation} measures the whole model in memory)")  # fmt: skip
         cfg = cfg.replace(allocation="uniform")
+    if streamed and cfg.score_weight == "fisher":  # the Fisher pass runs the whole model backward
+        console.print("streamed carve: the router's scores are weighted by the plain down_proj norms "
+                      "(score_weight 'down'; 'fisher' measures the whole model in memory)")  # fmt: skip
+        cfg = cfg.replace(score_weight="down")
     check_output(args.out, args.overwrite, inputs=[ref.path, args.calib, args.ppl])
     if args.export_fmt is not None:
         check_output(args.export_out, args.overwrite, inputs=[ref.path, args.out])

@@ -129,7 +129,8 @@ def carve_streamed(
 
     Args:
         model_path: a local model folder with safetensors weights.
-        config / calibration: as for moecarve.carve (calibration: LongTensor [n_samples, seqlen]).
+        config / calibration: as for moecarve.carve (calibration: LongTensor [n_samples, seqlen]);
+            score_weight "fisher" carves as "down" (the Fisher pass needs the whole model).
         out: output folder, written atomically; `moecarve.load(out)` reads it.
         tokenizer: saved into `out` when given.
         device: where each layer is carved (default: CUDA when available).
@@ -150,6 +151,8 @@ def carve_streamed(
         the CarveReport, also saved as carve_report.json in `out`.
     """
     t0 = time.perf_counter()
+    if config.score_weight == "fisher":  # its pass runs the whole model backward: a streamed carve cannot
+        config = config.replace(score_weight="down")
     check_output(out, overwrite)
     if tune_allocator:  # first: building the skeleton frees a ~280 MiB block into the heap, which later tensors would fragment
         map_large_allocations()
