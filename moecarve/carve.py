@@ -417,7 +417,7 @@ def carve(
         config = config.replace(layer_active=allocate_layers(model, config, calibration))
         report.config, report.allocation_seconds = config, time.perf_counter() - t_alloc
     fisher = None
-    if config.score_weight == "fisher" and config.method == "fitted" and config.shadow_bits and not config.static:
+    if config.fisher_pass:
         t_fisher = time.perf_counter()
         fisher = ffn_fisher(model, calibration)
         report.fisher_seconds = time.perf_counter() - t_fisher

@@ -196,6 +196,11 @@ class CarveConfig(DictConfig):
         return replace(self, n_active=self.active_in(layer), layer_active=None)
 
     @property
+    def fisher_pass(self) -> bool:
+        """Whether the carve measures the Fisher metric first (score_weight "fisher" on the shadow router)."""
+        return self.score_weight == "fisher" and self.method == "fitted" and bool(self.shadow_bits) and not self.static
+
+    @property
     def static(self) -> bool:
         """Static width pruning (A = 0): no routed experts, no router."""
         return self.n_active == 0

@@ -106,7 +106,7 @@ def test_streamed_carve_equals_in_memory(name, tmp_path):
     tensor names, a fused gate_up projection, multipliers."""
     dense = tmp_path / "dense"
     tiny_model(name).save_pretrained(dense)
-    cfg, windows = moecarve.CarveConfig.from_string("S1A1E4"), random_windows(2, 32)
+    cfg, windows = moecarve.CarveConfig.from_string("S1A1E4", score_weight="down"), random_windows(2, 32)  # a streamed carve's weights
     model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
     moecarve.carve(model, cfg, windows, device="cpu", progress=False)
     moecarve.carve_streamed(dense, cfg, windows, tmp_path / "streamed", device="cpu", progress=False)

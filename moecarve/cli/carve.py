@@ -118,7 +118,7 @@ def run(args) -> int:
         console.print("streamed carve: the active experts are spread uniformly over the layers (--allocation "
                       f"{cfg.allocation} measures the whole model in memory)")  # fmt: skip
         cfg = cfg.replace(allocation="uniform")
-    if streamed and cfg.score_weight == "fisher":  # the Fisher pass runs the whole model backward
+    if streamed and cfg.fisher_pass:  # the Fisher pass runs the whole model backward
         console.print("streamed carve: the router's scores are weighted by the plain down_proj norms "
                       "(score_weight 'down'; 'fisher' measures the whole model in memory)")  # fmt: skip
         cfg = cfg.replace(score_weight="down")

@@ -151,7 +151,7 @@ def carve_streamed(
         the CarveReport, also saved as carve_report.json in `out`.
     """
     t0 = time.perf_counter()
-    if config.score_weight == "fisher":  # its pass runs the whole model backward: a streamed carve cannot
+    if config.fisher_pass:  # it runs the whole model backward: a streamed carve cannot
         config = config.replace(score_weight="down")
     check_output(out, overwrite)
     if tune_allocator:  # first: building the skeleton frees a ~280 MiB block into the heap, which later tensors would fragment
