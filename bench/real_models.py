@@ -1,7 +1,7 @@
 """Real models (SmolLM2-135M-Instruct, Gemma-3-270M): dense vs the CLI's default carves, and a recovered carve.
 
     python bench/real_models.py [--models smollm2,gemma3] [--fractions 0.125,0.25,0.5] [--recover smollm2:0.25]
-                                [--out bench/real-models.json] [--work out/real] [--redo] [--threads 2]
+                                [--out bench/real-models.json] [--work out/real] [--redo | --redo-carves] [--threads 2]
 
 For each model folder (models/<name>/hf, fetched by ../shared/models/get.sh): the dense model's
 perplexity, then `moecarve carve MODEL --active F` with every other setting the CLI's default, run
@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "real-models.json"))
     ap.add_argument("--work", default=str(ROOT / "out" / "real"), help="where the carved folders go")
     ap.add_argument("--redo", action="store_true", help="measure again the points already in --out")
+    ap.add_argument("--redo-carves", action="store_true",
+                    help="carve and measure the --fractions again (after the defaults changed), keeping dense and recovered points")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed-only", action="store_true", help="only (re)measure tok_s of the points already there")
     ap.add_argument("--no-speed", action="store_true", help="leave tok_s as it is")
@@ -193,7 +195,7 @@ def main() -> None:
         for frac in [] if args.speed_only else args.fractions.split(","):
             key = f"{float(frac):g}"
             folder = work / f"{name}-{key}"
-            if args.redo or key not in entry["carves"]:
+            if args.redo or args.redo_carves or key not in entry["carves"]:
                 cmd = moecarve_cmd("carve", str(src), "--active", key, "--out", str(folder), "--overwrite")
                 wall = run(cmd, args.threads)
                 head = {"command": " ".join(["moecarve", *cmd[3:]]), "wall_seconds": wall, **carve_fields(folder)}

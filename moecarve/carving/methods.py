@@ -320,11 +320,15 @@ def router_picks(
 
 
 @torch.no_grad()
-def oracle_recall(h: torch.Tensor, experts: torch.Tensor, idx: torch.Tensor, n_active: int) -> float:
+def oracle_recall(
+    h: torch.Tensor, experts: torch.Tensor, idx: torch.Tensor, n_active: int, weight: torch.Tensor | None = None
+) -> float:
     """How often the router's picks idx [T, A] include the oracle's top-`n_active` experts (by |h|
-    mass, h [T, I], experts [E, m]), on at most RECALL_TOKENS evenly spaced tokens."""
+    mass, h [T, I], experts [E, m]; with weight [I], by the weighted mass the router scores), on at
+    most RECALL_TOKENS evenly spaced tokens."""
     rows = torch.arange(0, h.shape[0], max(1, h.shape[0] // RECALL_TOKENS), device=h.device)[:RECALL_TOKENS]
-    mass = torch.cat([expert_mass(h[r].abs(), experts) for r in rows.split(CHUNK)])  # [t, E]
+    w = 1.0 if weight is None else weight.to(h.device)
+    mass = torch.cat([expert_mass(h[r].abs() * w, experts) for r in rows.split(CHUNK)])  # [t, E]
     oracle = oracle_indices(mass, n_active)
     return router_recall(idx[rows.to(idx.device)], oracle.to(idx.device), experts.shape[0])
 
@@ -350,9 +354,10 @@ def carve_ffn_fitted(
     h = ffn.hidden_float(xf if ffn.up.dtype == torch.float32 else x)  # [T, I]
     grouping = group_by_profiles(h, cfg.n_shared, cfg.n_routed, cfg.profile_iters, cfg.seed)
     threshold = cfg.selection == "threshold"
+    weight = None  # the neurons' score weights (shadow router)
     if cfg.shadow_bits:
         layout = "nibbles" if packs_nibbles(cfg.shadow_bits, ffn.hidden_size) else "int8"
-        weight = score_weights(ffn, cfg.score_weight, fisher)
+        weight = score_weights(ffn, cfg.score_weight, fisher)  # [I] or None
         spec = replace(spec, router="shadow", shadow_bits=cfg.shadow_bits, shadow_layout=layout, selection=cfg.selection,
                        shadow_weighted=weight is not None)  # fmt: skip
         if threshold:  # up to 2A experts above the threshold, A on average
@@ -378,7 +383,8 @@ def carve_ffn_fitted(
         router = packed
     del tensors
     # the recall of the kept picks: a slot below the threshold stands for the token's best pick
-    recall = oracle_recall(h, grouping.experts, idx if kept is None else torch.where(kept, idx, idx[:, :1]), cfg.n_active)
+    picks = idx if kept is None else torch.where(kept, idx, idx[:, :1])
+    recall = oracle_recall(h, grouping.experts, picks, cfg.n_active, weight)
     mean = mean_mass(h).cpu()  # [I] mean |h|, as group_by_profiles ranks the neurons
     refit_error = None
     if cfg.refit:
