@@ -322,10 +322,16 @@ def allocate_layers(model: nn.Module, config: CarveConfig, calibration: torch.Te
     return tuple(int(a) for a in allocate(costs, grid, units, g0, lo=lo, hi=hi))
 
 
+# Calibration tokens the Fisher pass runs forward and backward (the first windows): a diagonal
+# metric per layer settles on few tokens, and the pass (the LM head's backward above all) is a
+# sixth of a SmolLM2 carve's time at 2048.
+FISHER_TOKENS = 1024
+
+
 def ffn_fisher(model: nn.Module, calibration: torch.Tensor) -> list[torch.Tensor]:
     """Per decoder layer, F [d] float32: the mean over tokens of the squared gradient of the LM loss
-    with respect to the FFN's output, on up to SENSITIVITY_TOKENS calibration tokens of the dense
-    model (score_weight "fisher": which output directions the loss is sensitive to)."""
+    with respect to the FFN's output, on up to FISHER_TOKENS calibration tokens of the dense model
+    (score_weight "fisher": which output directions the loss is sensitive to)."""
     layers = adapters.decoder_layers(model)
     sums: list[torch.Tensor | int] = [0] * len(layers)
 
@@ -341,7 +347,7 @@ def ffn_fisher(model: nn.Module, calibration: torch.Tensor) -> list[torch.Tensor
     handles = [adapters.ffn_output_module(model.config, layer).register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    n = max(1, min(calibration.shape[0], SENSITIVITY_TOKENS // calibration.shape[1]))
+    n = max(1, min(calibration.shape[0], FISHER_TOKENS // calibration.shape[1]))
     home = next(model.parameters()).device
     try:
         for p in model.parameters():  # gradients flow to the activations only

@@ -72,7 +72,7 @@ class CarveConfig(DictConfig):
             weighted by in the router's scores, so that the picks keep the most output rather than
             the largest activations: "fisher" (default) its down_proj column's norm under the
             Fisher metric of the FFN output, sqrt(sum_k F_k d_ki^2) with F_k the mean squared
-            gradient of the LM loss w.r.t. output k on the first calibration windows (one forward
+            gradient of the LM loss w.r.t. output k on the first 1024 calibration tokens (one forward
             and backward of the dense model; a streamed carve, which cannot run one, uses "down");
             "down" the column's plain norm ||d_i||; "none" |h| alone. Folded into the shadow
             codes' row scales: the router reads the same bytes.

@@ -184,14 +184,16 @@ def build_moe(
 
 
 def shadow_router(
-    ffn: DenseFFN, grouping: Grouping, bits: int, pack: bool = True, weight: torch.Tensor | None = None
+    ffn: DenseFFN, grouping: Grouping, bits: int, pack: bool = True, weight: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """The shadow router's tensors: the routed experts' input rows [E, 2m, d] quantised per row to
     `bits`, packed as modules.moe.ShadowRouter stores them (two codes per byte at <= 4 bits; with
     pack=False the codes stay int8 [E, 2m, d], the "int8" layout, which scores identically).
 
     weight [I] (gated FFNs): each neuron's output weight (score_weights), folded into its up row's
-    scale and bias and kept as `out_weight` [E, m]."""
+    scale and bias and kept as `out_weight` [E, m]. importance [d]: the calibration inputs' mean
+    square per dimension, which the rows' clipped steps are chosen by (quantize_rows)."""
     groups = grouping.experts.to(ffn.up.device)  # [E, m]
     E, m = groups.shape
     packed = pack and packs_nibbles(bits, ffn.hidden_size)
@@ -202,7 +204,7 @@ def shadow_router(
     for b in _expert_blocks(groups):  # a block of experts at a time: no [E, 2m, d] float temporary
         rows = torch.empty(b.stop - b.start, n_rows, ffn.hidden_size, dtype=ffn.up.dtype, device=ffn.up.device)
         _copy_in_rows(rows, ffn, groups[b])
-        q, row_scale[b] = quantize_rows(rows, bits)
+        q, row_scale[b] = quantize_rows(rows, bits, importance)
         codes[b] = pack_nibbles(q) if packed else q
     in_bias = _in_bias(ffn, groups) if ffn.has_in_bias else None
     if weight is None:
@@ -364,7 +366,8 @@ def carve_ffn_fitted(
             spec = replace(spec, top_k=min(spec.n_routed, 2 * cfg.n_active), mean_active=float(cfg.n_active))
         # scored with unpacked int8 codes (the "int8" layout: the same integers, without unpacking
         # the nibbles again for every chunk of calibration tokens), packed once the picks are known
-        tensors = shadow_router(ffn, grouping, cfg.shadow_bits, pack=False, weight=weight)
+        importance = xf.pow(2).mean(dim=0)  # [d] E[x_j^2] of the calibration inputs
+        tensors = shadow_router(ffn, grouping, cfg.shadow_bits, pack=False, weight=weight, importance=importance)
         router = build_router(replace(spec, shadow_layout="int8"), tensors, ffn.up.device, ffn.up.dtype)
     else:
         spec = replace(spec, router="fitted", router_probes=cfg.probes_per_expert * spec.n_routed)

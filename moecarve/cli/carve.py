@@ -57,7 +57,7 @@ def register(sub) -> None:
     p.add_argument("--score-weight", choices=list(SCORE_WEIGHTS), default="fisher",
                    help="fitted with the shadow router: what each neuron's estimated |h| is weighted by when the "
                    "router picks: fisher, its down_proj column's norm under the loss's Fisher metric (one forward "
-                   "and backward of the dense model on 2048 calibration tokens; streamed carves use down); down, "
+                   "and backward of the dense model on 1024 calibration tokens; streamed carves use down); down, "
                    "the column's plain norm; none, |h| alone (default: fisher)")  # fmt: skip
     p.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION,
                    help="how the active experts are spread over the layers: uniform, the same A in every layer; "
