@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -269,6 +269,24 @@ class _Probe(nn.Module):
         return y.view(shape)
 
 
+@contextmanager
+def _frozen_weights(model: nn.Module):
+    """The model in eval mode with grad enabled but no weight requiring it (a backward pass reaches
+    activations and probes only); requires_grad flags and the training mode restored afterwards."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        model.eval()
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 def allocate_layers(model: nn.Module, config: CarveConfig, calibration: torch.Tensor) -> tuple[int, ...]:
     """Routed experts per layer (A_l) from the layers' sensitivity on the calibration windows.
 
@@ -291,28 +309,20 @@ def allocate_layers(model: nn.Module, config: CarveConfig, calibration: torch.Te
         counts = (shared + grid * config.n_routed * m).round().long()  # neurons kept at each routed fraction
         probes.append(_Probe(ffn, shared + config.n_active * m, counts))
         homes.append({path: model.get_submodule(path) for path in adapters.replacements(model.config, i, probes[-1])})
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for i, probe in enumerate(probes):
-            adapters.install(model, i, probe)
-        model.eval()
-        n = max(1, min(calibration.shape[0], SENSITIVITY_TOKENS // calibration.shape[1]))
-        home = next(model.parameters()).device  # the whole model runs where it is (in-memory carves)
-        with torch.enable_grad():
+    with _frozen_weights(model):
+        try:
+            for i, probe in enumerate(probes):
+                adapters.install(model, i, probe)
+            n = max(1, min(calibration.shape[0], SENSITIVITY_TOKENS // calibration.shape[1]))
+            home = next(model.parameters()).device  # the whole model runs where it is (in-memory carves)
             for w in calibration[:n]:
                 ids = w.unsqueeze(0).to(home)
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss * (ids.shape[1] - 1)
                 loss.backward()
-    finally:
-        for home in homes:
-            for path, module in home.items():
-                model.set_submodule(path, module)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+        finally:
+            for home in homes:
+                for path, module in home.items():
+                    model.set_submodule(path, module)
     slopes = torch.stack([-p.alpha.grad if p.alpha.grad is not None else torch.zeros(()) for p in probes])
     energy = torch.stack([p.energy for p in probes])
     costs = sensitivity_costs(slopes, energy, at=round(config.n_active / config.n_routed * (ALLOCATION_GRID - 1)))
@@ -345,15 +355,10 @@ def ffn_fisher(model: nn.Module, calibration: torch.Tensor) -> list[torch.Tensor
         return on_output
 
     handles = [adapters.ffn_output_module(model.config, layer).register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     n = max(1, min(calibration.shape[0], FISHER_TOKENS // calibration.shape[1]))
     home = next(model.parameters()).device
     try:
-        for p in model.parameters():  # gradients flow to the activations only
-            p.requires_grad_(False)
-        model.eval()
-        with torch.enable_grad():
+        with _frozen_weights(model):
             for w in calibration[:n]:
                 ids = w.unsqueeze(0).to(home)
                 embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # a graph without weight grads
@@ -362,9 +367,6 @@ def ffn_fisher(model: nn.Module, calibration: torch.Tensor) -> list[torch.Tensor
     finally:
         for h in handles:
             h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
     tokens = n * (calibration.shape[1] - 1)
     return [s / tokens if isinstance(s, torch.Tensor) else torch.zeros(()) for s in sums]
 
