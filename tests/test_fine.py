@@ -9,7 +9,7 @@ import moecarve
 from moecarve import CarveConfig, carve
 from moecarve.carving import profile_grouping
 from moecarve.carving.ffn import DenseFFN
-from moecarve.carving.methods import carve_ffn, router_picks
+from moecarve.carving.methods import carve_ffn, kth_largest, router_picks
 from moecarve.carving.profile_grouping import balanced_bisection, group_by_profiles
 from moecarve.modules.condensed import CondensedMLP
 from moecarve.modules.fast import use_kernels
@@ -93,16 +93,45 @@ def test_the_carve_picks_and_outputs_are_the_modules_own():
     ffn = random_ffn(d=32, inter=256, seed=3)
     x = torch.randn(700, 32, generator=torch.Generator().manual_seed(2))
     for selection in ("topk", "threshold"):
-        for spec in ("S0A64E256", "S4A12E64"):
+        for spec in ("S0A64E256", "S4A12E64", "S0A160E256"):  # the last: every expert a candidate (2A > E)
             moe, _, y = carve_ffn(ffn, x, CarveConfig.from_string(spec, selection=selection), outputs=True)
             with torch.no_grad():
                 w, idx = moe.router(x)
                 got, kept = router_picks(moe.router, x, chunk=256)
-                assert torch.equal(got, idx)
-                assert kept is None if selection == "topk" else torch.equal(kept, w != 0)
+                assert torch.equal(got[:, 0], idx[:, 0])  # the best pick first, the rest as a set
+                order = got.argsort(dim=1)
+                assert torch.equal(got.gather(1, order), idx.sort(dim=1).values)
+                if selection == "threshold":
+                    assert torch.equal(kept.gather(1, order), (w != 0).gather(1, idx.argsort(dim=1)))
+                else:
+                    assert kept is None
                 torch.testing.assert_close(y, moe(x), atol=1e-5, rtol=1e-5)
     _, _, none = carve_ffn(ffn, x, CarveConfig.from_string("S2A0E8"), outputs=True)  # static: nothing to replay
     assert none is None
+
+
+def test_router_load_counts_only_the_kept_slots():
+    from moecarve.carving.router import router_load
+
+    g = torch.Generator().manual_seed(4)
+    idx = torch.rand(500, 40, generator=g).argsort(dim=1)[:, :12]  # [T, A], distinct experts per token
+    kept = torch.rand(500, 12, generator=g) < 0.4
+    assert torch.equal(router_load(idx, 40, kept), torch.bincount(idx[kept], minlength=40))
+    assert torch.equal(router_load(idx, 40), torch.bincount(idx.flatten(), minlength=40))
+
+
+def test_kth_largest_selects_exactly_what_kthvalue_does():
+    """The bracketed selection the threshold calibration uses equals torch's kthvalue: sampled
+    brackets, ties and heavy tails, both ends, and a bracket that misses (all values equal but a few)."""
+    g = torch.Generator().manual_seed(0)
+    n = 300_000  # above the size where the sample bracket is used
+    cases = [torch.randn(n, generator=g), torch.randint(0, 50, (n,), generator=g).float(),
+             torch.randn(n, generator=g).exp().pow(3), torch.cat([torch.zeros(n - 5), torch.arange(5.0)])]  # fmt: skip
+    for v in cases:
+        for k in (1, 2, n // 7, n // 2, n - 3, n):
+            assert kth_largest(v, k) == float(v.kthvalue(n - k + 1).values), k
+    small = torch.randn(100, generator=g)
+    assert kth_largest(small, 10) == float(small.kthvalue(91).values)
 
 
 def test_threshold_carve_round_trips(tmp_path):

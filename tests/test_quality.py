@@ -12,7 +12,7 @@ from moecarve.carving.methods import carve_ffn
 from moecarve.carving.oracle import NeuronOracleFFN, OracleRouter, expert_mass, oracle_indices, router_recall
 from moecarve.carving.profile_grouping import group_by_profiles
 from moecarve.carving.cholesky import InPlaceCholesky
-from moecarve.carving.reconstruct import Selection, keep_mask, refit_down
+from moecarve.carving.reconstruct import RIDGE_GRID, Selection, add_gram_, keep_mask, refit_down
 from moecarve.config import CarveConfig, ConfigError
 from moecarve.modules.moe import AnalyticRouter, FittedRouter, ShadowRouter, quantize_rows
 from tests.conftest import random_windows, tiny_model
@@ -125,7 +125,8 @@ def test_refit_lowers_the_reconstruction_error():
 
 
 def test_refit_is_the_closed_form_ridge_solution():
-    """With no hold-out, W = W_0 + C (G + lam' I)^{-1}, lam' = 1.0 * mean diag G, solved directly in float64."""
+    """With no hold-out, W = W_0 + C (G + lam' I)^{-1}, lam' = the grid's largest lam * mean diag G, solved
+    directly in float64."""
     ffn = random_ffn()
     g = torch.Generator().manual_seed(7)
     x = torch.randn(1300, 32, generator=g)  # several token chunks, the last one partial
@@ -139,11 +140,21 @@ def test_refit_is_the_closed_form_ridge_solution():
     w0 = ffn.down.double()
     gram = hk.t() @ hk
     cross = (h.double() @ w0.t() - hk @ w0.t()).t() @ hk
-    lam = float(gram.diagonal().mean())
+    lam = RIDGE_GRID[-1] * float(gram.diagonal().mean())
     want = w0 + torch.linalg.solve(gram + lam * torch.eye(64, dtype=torch.float64), cross.t()).t()
     refit = refit_down(h, Selection(shared, experts, idx), ffn.down, holdout=0.0)
     torch.testing.assert_close(refit.down.double(), want, atol=1e-5, rtol=1e-4)
-    assert refit.ridge == 1.0
+    assert refit.ridge == RIDGE_GRID[-1]
+
+
+def test_gram_from_blocks_is_the_full_product():
+    """add_gram_ (the two halves' blocks, the off-diagonal one mirrored) adds hk^T hk, odd widths too."""
+    g = torch.Generator().manual_seed(5)
+    for width in (1, 7, 64):
+        hk = torch.randn(300, width, generator=g, dtype=torch.float64)
+        gram = torch.eye(width, dtype=torch.float64)
+        add_gram_(gram, hk)
+        torch.testing.assert_close(gram, torch.eye(width, dtype=torch.float64) + hk.t() @ hk, atol=1e-10, rtol=1e-12)
 
 
 def test_refit_with_intercept_is_the_centred_ridge_solution():
@@ -161,7 +172,7 @@ def test_refit_with_intercept_is_the_centred_ridge_solution():
     mu_h, mu_r = hk.mean(0), res.mean(0)
     gram = (hk - mu_h).t() @ (hk - mu_h)
     cross = (res - mu_r).t() @ (hk - mu_h)
-    lam = float(gram.diagonal().mean())
+    lam = RIDGE_GRID[-1] * float(gram.diagonal().mean())
     d_want = torch.linalg.solve(gram + lam * torch.eye(64, dtype=torch.float64), cross.t()).t()
     refit = refit_down(h, Selection(torch.zeros(0, dtype=torch.long), experts, idx), ffn.down, holdout=0.0, intercept=True)
     torch.testing.assert_close(refit.down.double(), w0 + d_want, atol=1e-5, rtol=1e-4)

@@ -24,7 +24,9 @@ import torch
 
 from .cholesky import InPlaceCholesky
 
-RIDGE_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+# lam relative to G's mean diagonal. SmolLM2, Gemma 3 and the reference model pick 0.1-3 in every
+# layer (measured with 1e-3 ... 10): each lam costs a factorisation, a solve and a held-out product.
+RIDGE_GRID = (0.1, 0.3, 1.0, 3.0)
 CHUNK = 256  # tokens per step (at least): bounds the [chunk, I] temporaries
 CHUNK_FLOATS = 1 << 22  # ... at 16 MiB each: larger chunks where I is small (fewer, larger GEMMs)
 
@@ -94,6 +96,18 @@ class Selection:
         return torch.mul(hc, keep, out=buf), res
 
 
+def add_gram_(gram: torch.Tensor, hk: torch.Tensor) -> None:
+    """gram [I, I] += hk^T hk for hk [t, I]: the diagonal blocks and one off-diagonal block of the
+    halves of I, mirrored (three quarters of the multiply-adds of one addmm; a fifth of the time)."""
+    c = hk.shape[1] // 2
+    a, b = hk[:, :c], hk[:, c:]
+    gram[:c, :c].addmm_(a.t(), a)
+    gram[c:, c:].addmm_(b.t(), b)
+    cross = a.t() @ b  # [c, I - c]
+    gram[:c, c:] += cross
+    gram[c:, :c] += cross.t()
+
+
 def _ridge_unit(gram: torch.Tensor) -> float:
     """The scale lam is relative to: the mean diagonal of G."""
     return float(gram.diagonal().mean().clamp_min(1e-12))
@@ -109,7 +123,7 @@ def _accumulate(h, sel: Selection, w0, rows: list[slice], gram, cross, sums: lis
     ([sum of H_k rows [I], sum of R rows [d], count]) those too."""
     for r in rows:
         hk, res = sel.split(h, r, w0)
-        gram.addmm_(hk.t(), hk)
+        add_gram_(gram, hk)
         cross.addmm_(res.t(), hk)
         if sums is not None:
             _add_sums(sums, hk, res)
@@ -201,7 +215,7 @@ def refit_down(
         if intercept:
             _center(gram, cross, sums, 1.0)  # back to the raw sums, to which the held-out tokens add
         for hk, rc in held:  # G and C of all tokens
-            gram.addmm_(hk.t(), hk)
+            add_gram_(gram, hk)
             cross.addmm_(rc.t(), hk)
             if intercept:
                 _add_sums(sums, hk, rc)

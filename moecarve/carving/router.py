@@ -24,6 +24,10 @@ def analytic_router(ffn: DenseFFN, representatives: torch.Tensor) -> dict[str, t
     return {"gate": F.normalize(ffn.up[reps].float(), dim=-1), "up": None}
 
 
-def router_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert: indices [T, A] -> counts [E] (int64)."""
-    return torch.bincount(indices.reshape(-1), minlength=n_experts)
+def router_load(indices: torch.Tensor, n_experts: int, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens routed to each expert: indices [T, A] -> counts [E] (int64); with kept [T, A] bool
+    (threshold selection) only the slots it marks (counted as weights: no [kept] copy of indices)."""
+    if kept is None:
+        return torch.bincount(indices.reshape(-1), minlength=n_experts)
+    counts = torch.bincount(indices.reshape(-1), weights=kept.reshape(-1).double(), minlength=n_experts)
+    return counts.round().long()
