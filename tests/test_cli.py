@@ -213,6 +213,25 @@ def test_load_windows_clips_to_the_model_as_the_cli_does(reference_tokenizer):
     assert moecarve.load_windows(reference_tokenizer, cfg, model=model.config).shape == (2, 128)
 
 
+def test_calibration_text_is_tokenized_in_paragraph_pieces(reference_tokenizer):
+    """The pieces join back to the text, each cut after a blank line; on the shipped corpus the reference
+    tokenizer gives the same ids in pieces as in one call, so the windows are the whole text's."""
+    from moecarve.calibration import embedded_corpus, paragraph_pieces, tokenize_windows
+
+    text = embedded_corpus()[:400_000]
+    pieces = paragraph_pieces(text, size=10_000)
+    assert "".join(pieces) == text and len(pieces) > 10
+    assert all(p.endswith("\n\n") for p in pieces[:-1]) and all(len(p) >= 10_000 for p in pieces[:-1])
+    assert paragraph_pieces("one line\nno blank lines", size=4) == ["one line\nno blank lines"]
+    whole = reference_tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = torch.cat([reference_tokenizer(p, add_special_tokens=False, return_tensors="pt").input_ids[0] for p in pieces])
+    assert torch.equal(ids, whole)
+    windows = tokenize_windows(reference_tokenizer, text, 4, 64, seed=3)
+    n_slots = whole.numel() // 64
+    starts = torch.randperm(n_slots, generator=torch.Generator().manual_seed(3))[:4] * 64
+    assert torch.equal(windows, torch.stack([whole[s : s + 64] for s in starts.tolist()]))
+
+
 def test_error_messages_print_verbatim(monkeypatch, capsys):
     """Brackets in a message are text, not markup: "[n >= 1, seqlen >= 2]" once printed as "must be , got"."""
     from moecarve.cli import carve as carve_cmd
