@@ -123,10 +123,12 @@ class Job:
                 pass
 
     def cancel(self) -> None:
-        """The client left: free the slot (a no-op for a finished sequence)."""
+        """The client left: free the slot (a no-op for a finished sequence). Counted first: once the
+        engine drops the request, /health already shows the cancel (a client polling it until the
+        server is idle must not see the slot free and the count not yet moved)."""
         if not self.req.done.is_set() and not self.req.cancelled:
-            self.req.cancel()
             self.service.cancelled += 1
+            self.req.cancel()
 
     def usage(self) -> dict:
         return P.usage(self.prompt_tokens, self.used)
