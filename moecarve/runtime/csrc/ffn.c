@@ -326,9 +326,15 @@ static void hidden_expert_major(rt_ctx* c, const rt_layer* L, int s0, int s1, fl
   }
 }
 
-/* items of the router's scores: experts per item; of a prompt chunk's hidden activations: slots per item */
+/* items of the router's scores: experts per item; of a prompt chunk's hidden activations: ranges
+ * of whole experts, HIDDEN_ITEMS of them (one expert each where E is smaller). Every phase's item
+ * count is fixed by the layer and the step, never read from scratch a later phase rewrites: a
+ * thread descheduled for a while catches up through phases the others finished (pool.c), and the
+ * count it computes on arrival must be theirs. (Counted in slots, from n_slots, a late thread read
+ * the next layer's count, claimed an item past this layer's last and wrote another layer's hidden
+ * activations: about one routed prompt in ten on two threads.) */
 #define ROUTER_BLOCK 256
-#define SLOT_BLOCK 256
+#define HIDDEN_ITEMS 64
 
 /* a carved layer routed, on token rows [0, T) */
 static void moe_block(rt_th* th, const rt_layer* L, int T) {
@@ -363,12 +369,12 @@ static void moe_block(rt_th* th, const rt_layer* L, int T) {
   /* the shared neurons' up product, and each neuron's tokens at once for a prompt chunk */
   const rt_dense* Sh = &M->shared;
   const int64_t ups = Sh->n > 0 ? up_groups(Sh) : 0;
-  const int64_t sb = expert_major ? (S->n_slots + SLOT_BLOCK - 1) / SLOT_BLOCK : 0;
+  const int64_t sb = expert_major ? RT_MIN(M->E, HIDDEN_ITEMS) : 0;
   FOR_ITEMS(th, i, ups + sb) {
     if (i < ups)
       dense_up(c, Sh, L->gated, L->act, i, 0, T);
     else
-      hidden_expert_major(c, L, (int)((i - ups) * SLOT_BLOCK), (int)RT_MIN((i - ups + 1) * SLOT_BLOCK, S->n_slots), thr);
+      hidden_expert_major(c, L, S->start[(i - ups) * M->E / sb], S->start[(i - ups + 1) * M->E / sb], thr);
   }
   phase_end(th, ups + sb);
 
