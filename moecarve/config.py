@@ -76,6 +76,10 @@ class CarveConfig(DictConfig):
             and backward of the dense model; a streamed carve, which cannot run one, uses "down");
             "down" the column's plain norm ||d_i||; "none" |h| alone. Folded into the shadow
             codes' row scales: the router reads the same bytes.
+        shadow_bias: "fitted" with the shadow router: correct each quantised row's estimate by its
+            rounding error on the calibration inputs' mean, a bias of (w - w~) . mean(x) per row
+            (transformer inputs have a large mean in a few dimensions, so the rounding error has a
+            systematic part; the bias removes it for one float per row).
         refit: "fitted": refit down_proj by ridge regression on the routed activations.
         refit_bias: "fitted" with refit: also fit an output bias (the mean of what the dropped neurons
             would have added), kept where it lowers the held-out error; the carved FFN then has an
@@ -110,6 +114,7 @@ class CarveConfig(DictConfig):
     probes_per_expert: int = 2
     shadow_bits: int = 4
     score_weight: str = "fisher"
+    shadow_bias: bool = True
     refit: bool = True
     refit_bias: bool = False
     holdout: float = 0.25

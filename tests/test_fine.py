@@ -199,6 +199,44 @@ def test_weighted_shadow_scores_are_the_plain_ones_times_each_neurons_weight():
         torch.testing.assert_close(weighted.router.row_scale[:, 1], plain.router.row_scale[:, 1] * weighted.router.out_weight[:, 0])
 
 
+def test_the_shadow_bias_cancels_the_rounding_errors_mean_on_the_calibration_inputs():
+    """Inputs with a large mean in a few dimensions (as transformer residual streams have) give the
+    4-bit rows' estimates a systematic error; shadow_bias adds (w - w~) . mean(x) per row, which
+    cancels it on the calibration inputs, and requantize computes it again for new codes."""
+    from moecarve.modules.moe import quantize_tokens, requantize_shadows
+
+    ffn = random_ffn(d=32, inter=64, seed=8)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(400, 32, generator=g)
+    x[:, :3] += torch.tensor([8.0, -6.0, 5.0])  # the massive dimensions
+    cfg = dict(score_weight="none", selection="topk")  # unweighted: the bias is in the rows' own units
+    on, _ = carve_ffn(ffn, x, CarveConfig.from_string("S0A16E64", **cfg))
+    off, _ = carve_ffn(ffn, x, CarveConfig.from_string("S0A16E64", shadow_bias=False, **cfg))
+    assert on.spec.shadow_bias and not off.spec.shadow_bias and off.router.in_bias is None
+
+    def estimate_error(moe) -> torch.Tensor:  # [T, E * 2m] the shadow's pre-activations minus the exact ones
+        r = moe.router
+        rows = moe.experts.in_proj.reshape(-1, 32).float()  # [E * 2m, d] in the router's row order
+        q, s = quantize_tokens(x)
+        est = (q.float() * s) @ (r.code_matrix().float() * r.row_scale.reshape(-1, 1)).t()
+        if r.in_bias is not None:
+            est = est + r.in_bias.reshape(-1)
+        return est - x @ rows.t()
+
+    with torch.no_grad():
+        err_on, err_off = estimate_error(on), estimate_error(off)
+        assert err_off.mean(0).abs().mean() > 0.05 * err_off.abs().mean()  # the error has a mean part
+        assert err_on.mean(0).abs().mean() < 0.1 * err_off.mean(0).abs().mean()  # which the bias cancels
+        assert err_on.pow(2).mean() < err_off.pow(2).mean()
+        torch.testing.assert_close(on.router.input_mean, x.mean(0))
+        # requantize (without the carve's clip search: other codes) computes the bias for its codes
+        requantize_shadows(torch.nn.ModuleList([on]))
+        r = on.router
+        dequant = r.code_matrix().float() * r.row_scale.reshape(-1, 1)
+        expected = (on.experts.in_proj.reshape(-1, 32).float() - dequant) @ x.mean(0)
+        torch.testing.assert_close(r.in_bias.reshape(-1), expected)
+
+
 def test_fisher_weights_follow_the_gradient_metric():
     from moecarve.carving.methods import score_weights
 

@@ -293,12 +293,12 @@ def test_adapter_saved_alone_applies_to_the_carved_folder(tmp_path):
     torch.testing.assert_close(logits(applied, ids), merged, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(logits(applied, ids), unmerged, atol=1e-5, rtol=1e-5)
     # PEFT alone applies the LoRA factors; the routers' trained scale and bias and the fresh
-    # shadow codes need load_adapter (or requantize_shadows)
+    # shadow codes (and their bias) need load_adapter (or requantize_shadows)
     plain = PeftModel.from_pretrained(moecarve.load(tmp_path / "carved"), str(tmp_path / "adapter"))
     moes_plain, moes_ft = carved_layers(plain).values(), carved_layers(model).values()
     for a, b in zip(moes_plain, moes_ft):
         with torch.no_grad():
-            for name in ("scale", "bias", "codes", "row_scale"):
+            for name in ("scale", "bias", "codes", "row_scale", "in_bias"):
                 getattr(a.router, name).copy_(getattr(b.router, name))
     torch.testing.assert_close(logits(plain, ids), unmerged, atol=1e-5, rtol=1e-5)
 

@@ -185,7 +185,7 @@ def build_moe(
 
 def shadow_router(
     ffn: DenseFFN, grouping: Grouping, bits: int, pack: bool = True, weight: torch.Tensor | None = None,
-    importance: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None, input_mean: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """The shadow router's tensors: the routed experts' input rows [E, 2m, d] quantised per row to
     `bits`, packed as modules.moe.ShadowRouter stores them (two codes per byte at <= 4 bits; with
@@ -193,7 +193,9 @@ def shadow_router(
 
     weight [I] (gated FFNs): each neuron's output weight (score_weights), folded into its up row's
     scale and bias and kept as `out_weight` [E, m]. importance [d]: the calibration inputs' mean
-    square per dimension, which the rows' clipped steps are chosen by (quantize_rows)."""
+    square per dimension, which the rows' clipped steps are chosen by (quantize_rows). input_mean [d]:
+    the calibration inputs' mean; each row's estimate is then corrected by its quantisation error on
+    it, in_bias += (w - w~) . input_mean (MoESpec.shadow_bias), and input_mean is kept."""
     groups = grouping.experts.to(ffn.up.device)  # [E, m]
     E, m = groups.shape
     packed = pack and packs_nibbles(bits, ffn.hidden_size)
@@ -201,19 +203,25 @@ def shadow_router(
     width = ffn.hidden_size // 2 if packed else ffn.hidden_size
     codes = torch.empty(E, n_rows, width, dtype=torch.uint8 if packed else torch.int8, device=ffn.up.device)
     row_scale = torch.empty(E, n_rows, device=ffn.up.device)  # [E, 2m]
+    in_bias = _in_bias(ffn, groups).float() if ffn.has_in_bias else None  # [E, 2m]
+    if input_mean is not None:
+        mean = input_mean.float().to(ffn.up.device)
+        in_bias = torch.zeros_like(row_scale) if in_bias is None else in_bias
     for b in _expert_blocks(groups):  # a block of experts at a time: no [E, 2m, d] float temporary
         rows = torch.empty(b.stop - b.start, n_rows, ffn.hidden_size, dtype=ffn.up.dtype, device=ffn.up.device)
         _copy_in_rows(rows, ffn, groups[b])
         q, row_scale[b] = quantize_rows(rows, bits, importance)
+        if input_mean is not None:  # (w - w~) . mean, w~ = q * row_scale
+            in_bias[b] += rows.float().sub_(q.float() * row_scale[b].unsqueeze(-1)) @ mean
         codes[b] = pack_nibbles(q) if packed else q
-    in_bias = _in_bias(ffn, groups) if ffn.has_in_bias else None
+    extra = {} if input_mean is None else {"input_mean": mean}
     if weight is None:
-        return {"codes": codes, "row_scale": row_scale, "in_bias": in_bias}
+        return {"codes": codes, "row_scale": row_scale, "in_bias": in_bias, **extra}
     out_weight = weight.to(row_scale)[groups]  # [E, m]
     row_scale[:, m:] *= out_weight  # the up rows: w * act(g) * u = act(g) * (w * u)
     if in_bias is not None:
-        in_bias = torch.cat([in_bias[:, :m], in_bias[:, m:] * out_weight.to(in_bias)], dim=-1)
-    return {"codes": codes, "row_scale": row_scale, "in_bias": in_bias, "out_weight": out_weight}
+        in_bias[:, m:] *= out_weight
+    return {"codes": codes, "row_scale": row_scale, "in_bias": in_bias, "out_weight": out_weight, **extra}
 
 
 def score_weights(ffn: DenseFFN, how: str, fisher: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -404,13 +412,15 @@ def carve_ffn_fitted(
         layout = "nibbles" if packs_nibbles(cfg.shadow_bits, ffn.hidden_size) else "int8"
         weight = score_weights(ffn, cfg.score_weight, fisher)  # [I] or None
         spec = replace(spec, router="shadow", shadow_bits=cfg.shadow_bits, shadow_layout=layout, selection=cfg.selection,
-                       shadow_weighted=weight is not None)  # fmt: skip
+                       shadow_weighted=weight is not None, shadow_bias=cfg.shadow_bias)  # fmt: skip
         if threshold:  # up to 2A experts above the threshold, A on average
             spec = replace(spec, top_k=min(spec.n_routed, 2 * cfg.n_active), mean_active=float(cfg.n_active))
         # scored with unpacked int8 codes (the "int8" layout: the same integers, without unpacking
         # the nibbles again for every chunk of calibration tokens), packed once the picks are known
+        mean = xf.mean(dim=0) if cfg.shadow_bias else None  # [d]
         importance = xf.pow(2).mean(dim=0)  # [d] E[x_j^2] of the calibration inputs
-        tensors = shadow_router(ffn, grouping, cfg.shadow_bits, pack=False, weight=weight, importance=importance)
+        tensors = shadow_router(ffn, grouping, cfg.shadow_bits, pack=False, weight=weight, importance=importance,
+                                input_mean=mean)  # fmt: skip
         router = build_router(replace(spec, shadow_layout="int8"), tensors, ffn.up.device, ffn.up.dtype)
     else:
         spec = replace(spec, router="fitted", router_probes=cfg.probes_per_expert * spec.n_routed)

@@ -40,6 +40,7 @@ class MoESpec:
     selection: str = "topk"  # shadow router: "topk" (top_k experts) or "threshold" (up to top_k above a threshold)
     mean_active: float = 0.0  # "threshold": routed experts picked per token on average (calibrated); else top_k
     shadow_weighted: bool = False  # shadow router: each up row's scale carries its neuron's output weight (out_weight)
+    shadow_bias: bool = False  # shadow router: each row's estimate corrected by its quantisation error on the inputs' mean
 
     def to_dict(self) -> dict:
         return {"type": "moe", **asdict(self)}
@@ -287,7 +288,12 @@ class ShadowRouter(nn.Module):
         # [E, m] each neuron's output weight (carving.methods.score_weights), folded into its up
         # row's scale; kept so that requantize folds it again
         self.out_weight = nn.Parameter(torch.ones(E, m), requires_grad=False) if spec.shadow_weighted else None
-        self.in_bias = nn.Parameter(torch.empty(E, rows), requires_grad=False) if spec.in_bias else None
+        # [E, 2m] the experts' own input biases, plus (shadow_bias) each row's quantisation error on
+        # the calibration inputs' mean, (w - w~) . mean(x): the estimates' systematic part, which
+        # no rounding removes (transformer activations have a large mean in a few dimensions)
+        self.in_bias = nn.Parameter(torch.empty(E, rows), requires_grad=False) if spec.in_bias or spec.shadow_bias else None
+        # [d] the calibration inputs' mean (shadow_bias), kept so that requantize corrects again
+        self.input_mean = nn.Parameter(torch.zeros(d), requires_grad=False) if spec.shadow_bias else None
         self.scale = nn.Parameter(torch.zeros(E))
         self.register_buffer("bias", torch.zeros(E, dtype=torch.float32))
         self.selection = spec.selection
@@ -301,7 +307,7 @@ class ShadowRouter(nn.Module):
         # model.to(dtype) casts every floating parameter; row_scale belongs to the quantisation,
         # not to the model's dtype, and stays float32 (what the kernels read)
         super()._apply(fn, recurse)
-        for p in (self.row_scale, self.out_weight):
+        for p in (self.row_scale, self.out_weight, self.input_mean):
             if p is not None and p.dtype != torch.float32:
                 p.data = p.data.float()
         return self
@@ -335,15 +341,25 @@ class ShadowRouter(nn.Module):
         return weights, idx
 
     @torch.no_grad()
-    def requantize(self, in_proj: torch.Tensor, bits: int) -> None:
-        """Rebuild codes and row scales from the experts' current input rows in_proj [E, rows, d]
-        (after their weights changed, e.g. a merged LoRA fine-tune), one expert at a time."""
+    def requantize(self, in_proj: torch.Tensor, bits: int, in_bias: torch.Tensor | None = None) -> None:
+        """Rebuild codes, row scales and the bias from the experts' current input rows in_proj
+        [E, rows, d] and biases in_bias [E, rows] (after their weights changed, e.g. a merged LoRA
+        fine-tune), one expert at a time."""
         for e in range(in_proj.shape[0]):
             codes, scale = quantize_rows(in_proj[e], bits)
+            if self.in_bias is not None:
+                bias = torch.zeros_like(scale) if in_bias is None else in_bias[e].float()
+                if self.input_mean is not None:
+                    bias = bias + (in_proj[e].float() - codes.float() * scale.unsqueeze(-1)) @ self.input_mean
             if self.out_weight is not None:  # gated: the up rows are the second half
-                scale[scale.shape[0] - self.out_weight.shape[1] :] *= self.out_weight[e]
+                up = slice(scale.shape[0] - self.out_weight.shape[1], None)
+                scale[up] *= self.out_weight[e]
+                if self.in_bias is not None:
+                    bias[up] *= self.out_weight[e]
             self.codes[e].copy_(pack_nibbles(codes) if self.codes.dtype == torch.uint8 else codes)
             self.row_scale[e].copy_(scale)
+            if self.in_bias is not None:
+                self.in_bias[e].copy_(bias)
 
 
 ROUTERS["shadow"] = ShadowRouter
@@ -466,7 +482,7 @@ def requantize_shadows(model: nn.Module) -> int:
     n = 0
     for mod in model.modules():
         if isinstance(mod, CarvedMoE) and isinstance(mod.router, ShadowRouter):
-            mod.router.requantize(mod.experts.in_proj, mod.spec.shadow_bits)
+            mod.router.requantize(mod.experts.in_proj, mod.spec.shadow_bits, mod.experts.in_bias)
             n += 1
     return n
 
