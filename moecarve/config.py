@@ -251,8 +251,9 @@ class CarveConfig(DictConfig):
 
     @classmethod
     def from_dict(cls, d: dict) -> "CarveConfig":
-        # configs written before score_weight existed carved with unweighted scores
-        return super().from_dict({"score_weight": "none", **d})
+        # configs written before score_weight / shadow_bias existed carved with unweighted scores and
+        # no shadow bias
+        return super().from_dict({"score_weight": "none", "shadow_bias": False, **d})
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import transformers
 import moecarve
 from moecarve.cli import COMMANDS, build_parser, main
 from moecarve.cli.progress import LogLines
+from moecarve.modules.moe import CarvedMoE
 
 from tests.conftest import CALIB_TXT, REFERENCE_LM, ROOT, TEST_TXT, tiny_model
 
@@ -307,11 +308,23 @@ def test_carve_by_expert_size_with_threshold_selection(tmp_path, tiny_folder, ca
     assert re.search(PERPLEXITY_ROW, card).group(1) == "64"
     assert main(["inspect", str(out)]) == 0
     shown = capsys.readouterr().out
-    for word in ("moecarve_llama", "MoeCarveLlamaForCausalLM", "4-bit", "selection=threshold,", "provenance", "torch",
-                 "shared mean |h|", "routed mean |h|"):  # fmt: skip
+    for word in ("moecarve_llama", "MoeCarveLlamaForCausalLM", "4-bit", "selection=threshold,", "shadow_bias=True,",
+                 "provenance", "torch", "shared mean |h|", "routed mean |h|"):  # fmt: skip
         assert word in shown, word
     for word in ("router=", "k_act=", "probes_per_expert=", "kmeans_iters="):  # not read by the fitted shadow router
         assert word not in shown, word
+
+
+def test_no_shadow_bias_carves_without_it(tmp_path, tiny_folder, capsys):
+    out = tmp_path / "c"
+    argv = carve_args(tiny_folder("llama"), out, "--expert-size", "16", "--active", "0.5", "--no-shadow-bias",
+                      "--calib", str(short_texts(tmp_path)[0]))  # fmt: skip
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())["moecarve"]
+    assert config["carve"]["shadow_bias"] is False
+    assert all(entry["shadow_bias"] is False for entry in config["modules"].values()), config["modules"]
+    model = moecarve.load(out)
+    assert all(m.router.in_bias is None and m.router.input_mean is None for m in model.modules() if isinstance(m, CarvedMoE))
 
 
 @pytest.mark.parametrize(

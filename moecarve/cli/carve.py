@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..config import ALLOCATIONS, METHODS, ROUTERS, SCORE_WEIGHTS, SELECTIONS
 from .common import (
     add_calib_args, add_command, add_model_args, add_output_args, add_ppl_args, add_seed_arg, at_least, bold, card_info,
@@ -59,6 +61,9 @@ def register(sub) -> None:
                    "router picks: fisher, its down_proj column's norm under the loss's Fisher metric (one forward "
                    "and backward of the dense model on 1024 calibration tokens; streamed carves use down); down, "
                    "the column's plain norm; none, |h| alone (default: fisher)")  # fmt: skip
+    p.add_argument("--shadow-bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="fitted with the shadow router: correct each quantised row's estimate by its rounding error on "
+                   "the calibration inputs' mean (one float per row; default: on)")  # fmt: skip
     p.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION,
                    help="how the active experts are spread over the layers: uniform, the same A in every layer; "
                    "sensitivity, more where the calibration text shows a layer loses more, fewer where it loses less, "
@@ -95,7 +100,8 @@ def run(args) -> int:
     from ..stream.shards import parse_size
 
     settings = dict(k_act=args.k_act, seed=args.seed, router=args.router, method=args.method, shadow_bits=args.shadow_bits,
-                    selection=args.selection, allocation=args.allocation, score_weight=args.score_weight)  # fmt: skip
+                    selection=args.selection, allocation=args.allocation, score_weight=args.score_weight,
+                    shadow_bias=args.shadow_bias)  # fmt: skip
     check_config_args(args)
     if args.config is None:  # the granular flags, each with its default
         args.expert_size = DEFAULT_EXPERT_SIZE if args.expert_size is None else args.expert_size
