@@ -25,7 +25,7 @@ from torch import nn
 from ..config import CarveConfig
 from ..errors import MoecarveError
 from ..modules.condensed import CondensedMLP, CondensedSpec
-from ..modules.moe import ROUTERS, CarvedMoE, MoESpec, pack_nibbles, packs_nibbles, quantize_rows
+from ..modules.moe import ROUTERS, CarvedMoE, MoESpec, pack_nibbles, packs_nibbles, quantize_rows, rounding_bias
 from .ffn import DenseFFN
 from .fitted_router import fit_router
 from .grouping import Grouping, group_neurons
@@ -211,8 +211,8 @@ def shadow_router(
         rows = torch.empty(b.stop - b.start, n_rows, ffn.hidden_size, dtype=ffn.up.dtype, device=ffn.up.device)
         _copy_in_rows(rows, ffn, groups[b])
         q, row_scale[b] = quantize_rows(rows, bits, importance)
-        if input_mean is not None:  # (w - w~) . mean, w~ = q * row_scale
-            in_bias[b] += rows.float().sub_(q.float() * row_scale[b].unsqueeze(-1)) @ mean
+        if input_mean is not None:
+            in_bias[b] += rounding_bias(rows, q, row_scale[b], mean)
         codes[b] = pack_nibbles(q) if packed else q
     extra = {} if input_mean is None else {"input_mean": mean}
     if weight is None:

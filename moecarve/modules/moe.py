@@ -230,6 +230,13 @@ def quantize_rows(w: torch.Tensor, bits: int, importance: torch.Tensor | None = 
     return codes, scale
 
 
+def rounding_bias(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """(w - w~) . mean per row, w~ = codes * scale: rows w [..., d], their codes [..., d] and scales
+    [...] from quantize_rows, mean [d] float32 -> [...] float32. Added to a shadow row's estimate, it
+    cancels the mean of its rounding error over inputs of that mean (MoESpec.shadow_bias)."""
+    return (w.float() - codes.float() * scale.unsqueeze(-1)) @ mean
+
+
 def packs_nibbles(bits: int, hidden_size: int) -> bool:
     """Whether shadow codes of this width are stored two per byte (bits <= 4, even d)."""
     return bits <= 4 and hidden_size % 2 == 0
@@ -350,7 +357,7 @@ class ShadowRouter(nn.Module):
             if self.in_bias is not None:
                 bias = torch.zeros_like(scale) if in_bias is None else in_bias[e].float()
                 if self.input_mean is not None:
-                    bias = bias + (in_proj[e].float() - codes.float() * scale.unsqueeze(-1)) @ self.input_mean
+                    bias = bias + rounding_bias(in_proj[e], codes, scale, self.input_mean)
             if self.out_weight is not None:  # gated: the up rows are the second half
                 up = slice(scale.shape[0] - self.out_weight.shape[1], None)
                 scale[up] *= self.out_weight[e]
