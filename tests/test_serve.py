@@ -326,6 +326,35 @@ def test_a_disconnect_cancels_the_generation_and_frees_the_slot(live, slow_steps
     assert r.choices[0].text == live.text(PROMPTS[5])
 
 
+def test_a_cancel_that_arrives_as_a_token_does_is_not_lost():
+    """The race behind a whole answer that ran on after its client left: the job's reader was
+    cancelled just as the engine woke it with a token; `asyncio.wait_for` (Python < 3.12) then
+    returned the wake-up and dropped the cancel. Here the wake-up is always first in line."""
+    import asyncio
+
+    from moecarve.serve.app import _wait
+
+    async def scene() -> tuple[bool, int]:
+        wake, rounds = asyncio.Event(), [0]
+
+        async def reader() -> None:  # Job.deltas's loop: wait for a token, read it, wait again
+            while True:
+                await _wait(wake, 5.0)
+                wake.clear()
+                rounds[0] += 1
+
+        task = asyncio.ensure_future(reader())
+        await asyncio.sleep(0.01)  # the reader is waiting
+        wake.set()  # a token: the event's waiter is scheduled to finish ...
+        task.cancel()  # ... before the reader sees its cancel
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        task.cancel()
+        return bool(done) and task.cancelled(), rounds[0]
+
+    cancelled, rounds = asyncio.run(scene())
+    assert cancelled and rounds == 0
+
+
 def test_a_failed_engine_step_is_an_error_not_a_hang():
     from moecarve.runtime import load_runtime
     from moecarve.serve.app import create_app

@@ -117,10 +117,7 @@ class Job:
             self.wake.clear()
             if len(req.output) > self.used:
                 continue
-            try:
-                await asyncio.wait_for(self.wake.wait(), POLL_S)
-            except asyncio.TimeoutError:
-                pass
+            await _wait(self.wake, POLL_S)
 
     def cancel(self) -> None:
         """The client left: free the slot (a no-op for a finished sequence). Counted first: once the
@@ -132,6 +129,17 @@ class Job:
 
     def usage(self) -> dict:
         return P.usage(self.prompt_tokens, self.used)
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait for `event` at most `timeout` seconds. Not `asyncio.wait_for`: before Python 3.12 it
+    swallows a cancel that arrives as the event is set (cpython gh-86296), and the job's reader
+    would then run on to the end of a generation whose client has gone."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
 
 
 async def _until_disconnect(receive) -> None:
@@ -150,10 +158,10 @@ async def _unless_disconnected(work: Awaitable, receive, job: Job):
             return task.result()
         return None
     finally:
+        job.cancel()  # first: the engine frees the slot even while `work` winds down
         for t in (task, listener):
             t.cancel()
         await asyncio.gather(task, listener, return_exceptions=True)
-        job.cancel()
 
 
 class EventStream:
