@@ -70,3 +70,23 @@ def test_selection_is_validated():
         CarveConfig(selection="magic")
     with pytest.raises(ConfigError, match="shadow router"):
         CarveConfig(selection="threshold", shadow_bits=0)
+
+
+@pytest.mark.parametrize("spec,bits", [("S0A384E1536", 4), ("S0A767E1536", 4), ("S0A768E1536", 8), ("S2A3E8", 8),
+                                       ("S2A2E8", 4), ("S4A0E8", 4)])  # fmt: skip
+def test_shadow_bits_default_to_8_from_half_the_routed_experts_active(spec, bits):
+    cfg = CarveConfig.from_string(spec)
+    assert cfg.shadow_bits == bits
+    assert CarveConfig.from_string(spec, shadow_bits=3).shadow_bits == 3  # given: kept
+    assert CarveConfig.from_string(spec, shadow_bits=0).shadow_bits == 0  # the probe router
+    # written down resolved: a saved config reloads with the bits it was carved with
+    assert CarveConfig.from_dict(cfg.to_dict()).shadow_bits == bits
+    # every layer of an allocated carve keeps the model's bits, whatever its own share
+    alloc = CarveConfig.from_string("S0A4E8", layer_active=(1, 7))
+    assert [alloc.for_layer(i).shadow_bits for i in range(2)] == [8, 8]
+
+
+def test_a_config_written_before_shadow_bits_reads_back_4_bit():
+    d = CarveConfig.from_string("S0A4E8").to_dict()
+    del d["shadow_bits"]
+    assert CarveConfig.from_dict(d).shadow_bits == 4

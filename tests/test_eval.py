@@ -212,7 +212,8 @@ def test_compare_table_json_and_plot(tmp_path, reference_model, reference_tokeni
     assert main(args) == 0
     doc = json.loads((out / "compare.json").read_text())
     dense, carved = doc["models"]
-    assert (dense["method"], carved["method"]) == ("dense", "fitted, shadow 4-bit router")
+    # every routed expert active: the default shadow copy is 8-bit (CarveConfig.shadow_bits)
+    assert (dense["method"], carved["method"]) == ("dense", "fitted, shadow 8-bit router")
     assert dense["seqlen"] == carved["seqlen"] == 128
     assert doc["settings"]["max_chars"] == 6000
     # the dense row is the protocol's perplexity of the dense model on the same windows

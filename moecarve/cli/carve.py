@@ -48,9 +48,10 @@ def register(sub) -> None:
     p.add_argument("--method", choices=list(METHODS), default="fitted",
                    help="fitted: |h|-profile grouping, a shadow router that tracks the oracle's choice and a ridge "
                    "refit of down_proj (training-free); cmoe: the paper's algorithm exactly")  # fmt: skip
-    p.add_argument("--shadow-bits", type=int, default=4,
+    p.add_argument("--shadow-bits", type=int, default=None,
                    help="fitted: bits of the shadow router's copy of the experts' input rows (2-8); 0: the cheaper "
-                   "probe router (faster, lower quality)")  # fmt: skip
+                   "probe router (faster, lower quality) (default: 4, or 8 where half or more of the routed experts "
+                   "are active: a threshold among many similar scores needs the finer copy)")  # fmt: skip
     p.add_argument("--selection", choices=["auto", *SELECTIONS], default="auto",
                    help="fitted with the shadow router: topk, exactly A routed experts per token; threshold, every "
                    "expert scoring above a per-layer threshold calibrated to pick A per token on average (at most 2A), "
