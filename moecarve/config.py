@@ -265,7 +265,7 @@ class CarveConfig(DictConfig):
     @classmethod
     def from_dict(cls, d: dict) -> "CarveConfig":
         # configs written before score_weight / shadow_bias existed carved with unweighted scores and
-        # no shadow bias; before shadow_bits, with the probe-less 4-bit default
+        # no shadow bias; before shadow_bits could be left to the rule, with 4-bit codes
         return super().from_dict({"score_weight": "none", "shadow_bias": False, "shadow_bits": SHADOW_BITS_LOW, **d})
 
 
