@@ -98,7 +98,7 @@ def evaluate(folder: Path, windows, threads: int) -> dict:
 
     def count(path):
         def hook(module, args, out):
-            weights, _ = out
+            weights = out[0]  # (weights, idx), and with a tail the estimates
             c = picked.setdefault(path, [0, 0])
             c[0] += int((weights != 0).sum())
             c[1] += weights.shape[0]

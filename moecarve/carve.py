@@ -129,8 +129,8 @@ def ffn_bytes(mod: nn.Module, dense: DenseFFN) -> tuple[int, float, int]:
     """(bytes read per decoded token, active neuron fraction, dense bytes) of one carved FFN.
 
     A CarvedMoE reads its shared experts, its router's tensors (a shadow router's codes and
-    scales), its output bias and A of its E routed experts (the calibrated mean A for
-    "threshold" selection); a condensed or dense MLP reads all of its tensors. `dense` is the
+    scales), its output bias, A of its E routed experts (the calibrated mean A for
+    "threshold" selection) and its tail's 4-bit columns of the neurons it adds; a condensed or dense MLP reads all of its tensors. `dense` is the
     source FFN, whose gate, up, down and biases give the dense bytes (in the carved module's dtype).
     """
     elt = next(mod.parameters()).element_size() if any(True for _ in mod.parameters()) else 4
@@ -142,6 +142,8 @@ def ffn_bytes(mod: nn.Module, dense: DenseFFN) -> tuple[int, float, int]:
         fixed = _nbytes(mod.router.parameters()) + _nbytes(b for n, b in mod.router.named_buffers() if n != "bias")
         fixed += _nbytes(mod.shared.parameters()) if mod.shared is not None else 0
         fixed += _nbytes([mod.out_bias])
+        if mod.tail is not None:  # the tail's columns and steps, for the neurons a token adds on average
+            routed += _nbytes((mod.tail.codes, mod.tail.scale)) * spec.tail_neurons / mod.tail.scale.numel()
         neurons = (spec.n_shared + active) * spec.expert_size
         return round(routed + fixed), neurons / dense.intermediate_size, dense_bytes
     if isinstance(mod, nn.Identity):

@@ -43,6 +43,9 @@ class DictConfig:
 # the shadow router's default bits (CarveConfig.shadow_bits None): below / from half the routed
 # experts active
 SHADOW_BITS_LOW, SHADOW_BITS_HIGH = 4, 8
+# the tail's default (CarveConfig.tail None): this fraction of the FFN's neurons per token, or all
+# the routed neurons left where fewer remain
+DEFAULT_TAIL = 0.25
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,14 @@ class CarveConfig(DictConfig):
             rounding error on the calibration inputs' mean, a bias of (w - w~) . mean(x) per row
             (transformer inputs have a large mean in a few dimensions, so the rounding error has a
             systematic part; the bias removes it for one float per row).
+        tail: "fitted" with the shadow router: a fraction of the FFN's neurons per token, on average,
+            added beyond the picked experts from the router's own estimates (modules.moe.TailNeurons):
+            the routed neurons that score highest among those not picked add est * their output
+            column in 4 bits, d/2 bytes each where a picked neuron reads 6d (bf16 rows). The
+            dropped neurons' output is where a carve loses most; the ones just below the cut carry
+            most of it, and the router has already estimated them. None (default): DEFAULT_TAIL
+            (0.25), or the routed neurons left where fewer remain; 0 turns it off (a carve without
+            a tail, as before it existed).
         refit: "fitted": refit down_proj by ridge regression on the routed activations.
         refit_bias: "fitted" with refit: also fit an output bias (the mean of what the dropped neurons
             would have added), kept where it lowers the held-out error; the carved FFN then has an
@@ -125,6 +136,7 @@ class CarveConfig(DictConfig):
     shadow_bits: int | None = None
     score_weight: str = "fisher"
     shadow_bias: bool = True
+    tail: float | None = None
     refit: bool = True
     refit_bias: bool = False
     holdout: float = 0.25
@@ -161,6 +173,17 @@ class CarveConfig(DictConfig):
             raise ConfigError(f"shadow_bits must be 0 (probe router) or 2..8, got {self.shadow_bits}")
         if self.score_weight not in SCORE_WEIGHTS:
             raise ConfigError(f"unknown score_weight {self.score_weight!r}; choose one of {', '.join(SCORE_WEIGHTS)}")
+        routed = self.method == "fitted" and bool(self.shadow_bits) and not self.static
+        left = (self.n_routed - self.n_active) / self.n_experts  # the routed fraction no token picks
+        if self.tail is None:
+            object.__setattr__(self, "tail", min(DEFAULT_TAIL, left) if routed else 0.0)
+        if not 0.0 <= self.tail <= 1.0:
+            raise ConfigError(f"tail must be a fraction of the FFN's neurons in [0, 1], got {self.tail}")
+        if self.tail > 0 and not routed:
+            raise ConfigError("tail > 0 adds neurons from the shadow router's estimates: use method 'fitted' with shadow_bits > 0 "
+                              "and routed experts (CLI: --tail 0 turns it off)")  # fmt: skip
+        if self.tail > left + 1e-9:
+            raise ConfigError(f"{self.name}: a tail of {self.tail:g} exceeds the {left:g} of the neurons a token does not pick")
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.method not in METHODS:
@@ -211,7 +234,8 @@ class CarveConfig(DictConfig):
         """The configuration decoder layer `layer` is carved with: A = A_l (no per-layer list)."""
         if self.layer_active is None:
             return self
-        return replace(self, n_active=self.active_in(layer), layer_active=None)
+        a = self.active_in(layer)  # a layer given more than the average keeps the tail that still fits
+        return replace(self, n_active=a, layer_active=None, tail=min(self.tail, (self.n_routed - a) / self.n_experts))
 
     @property
     def fisher_pass(self) -> bool:
@@ -265,8 +289,9 @@ class CarveConfig(DictConfig):
     @classmethod
     def from_dict(cls, d: dict) -> "CarveConfig":
         # configs written before score_weight / shadow_bias existed carved with unweighted scores and
-        # no shadow bias; before shadow_bits could be left to the rule, with 4-bit codes
-        return super().from_dict({"score_weight": "none", "shadow_bias": False, "shadow_bits": SHADOW_BITS_LOW, **d})
+        # no shadow bias; before shadow_bits could be left to the rule, with 4-bit codes; before the
+        # tail, without one
+        return super().from_dict({"score_weight": "none", "shadow_bias": False, "shadow_bits": SHADOW_BITS_LOW, "tail": 0.0, **d})
 
 
 @dataclass(frozen=True)

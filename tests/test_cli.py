@@ -78,6 +78,25 @@ def _bert_folder(tmp_path, tok):
     return path
 
 
+def test_tail_flag_sets_the_tail_and_0_leaves_it_out(tmp_path, tiny_folder, capsys):
+    calib = str(short_texts(tmp_path)[0])
+    for tail, expected in (("0.125", 0.125), ("0", 0.0)):
+        out = tmp_path / f"c{tail}"
+        argv = carve_args(tiny_folder("llama"), out, "--expert-size", "1", "--active", "0.25", "--tail", tail, "--calib", calib)
+        assert main(argv) == 0
+        config = json.loads((out / "config.json").read_text())["moecarve"]
+        assert config["carve"]["tail"] == expected
+        model = moecarve.load(out)
+        moes = [m for m in model.modules() if isinstance(m, CarvedMoE)]
+        assert moes and all((m.tail is not None) == (expected > 0) for m in moes)
+        if expected:  # per token on average, an eighth of the FFN's 128 neurons
+            assert all(abs(m.spec.tail_neurons - 16) < 0.05 for m in moes), [m.spec.tail_neurons for m in moes]
+    argv = carve_args(tiny_folder("llama"), tmp_path / "bad", "--expert-size", "1", "--active", "0.25", "--tail", "0.9",
+                      "--calib", calib)  # fmt: skip
+    assert main(argv) == 2 and "exceeds" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize(
     "case,message",
     [

@@ -379,7 +379,8 @@ def test_memory_shrinks_by_removed_experts(carved_reference, r):
         mod = moes[step.path]
         per_expert = sum(t[0].numel() * t.element_size() for t in (mod.experts.in_proj, mod.experts.out_proj))
         router = sum(t.numel() * t.element_size() for t in list(mod.router.parameters()) + list(mod.router.buffers()))
-        removed += (mod.spec.n_routed - r) * per_expert + router
+        tail = sum(t.numel() * t.element_size() for t in list(mod.tail.parameters()) + list(mod.tail.buffers())) if mod.tail else 0
+        removed += (mod.spec.n_routed - r) * per_expert + router + tail
     assert report.bytes_before - report.bytes_after == removed
     assert report.params_after < report.params_before
     assert all(len(s.experts) == r and len(s.js_layer) == r + 1 for s in report.steps)

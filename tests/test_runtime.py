@@ -248,22 +248,29 @@ def test_reference_model_logits_within_tolerance(reference, reference_ids, preci
 
 
 def clear_thresholds(model, ids: list[int], window: int = 16) -> None:
-    """Move each threshold router's threshold into the widest gap among the `window` scores on either
-    side of it that the model meets on ids (layer by layer, in the forward's order): a score within
-    float rounding of the threshold picks differently in the runtime and in torch, and that one flip
-    moves every later position's logits through attention. Both sides then run the same model."""
+    """Move each threshold router's threshold (and each tail's) into the widest gap among the `window`
+    scores on either side of it that the model meets on ids (layer by layer, in the forward's order):
+    a score within float rounding of the threshold picks differently in the runtime and in torch, and
+    that one flip moves every later position's logits through attention. Both sides then run the
+    same model."""
 
-    def centre(router, args):
-        x = args[0].reshape(-1, args[0].shape[-1])
-        s = (router.logits(x) + router.bias).flatten().sort().values  # [T * E] ascending
-        at = int(torch.searchsorted(s, router.threshold.reshape(1)).item())  # scores below: s[:at]
+    def into_gap(module, values):
+        s = values.flatten().sort().values  # ascending
+        at = int(torch.searchsorted(s, module.threshold.reshape(1)).item())  # values below: s[:at]
         lo, hi = max(at - window, 1), min(at + window, s.numel() - 1)
         gaps = s[lo : hi + 1] - s[lo - 1 : hi]  # gaps[i] = s[lo + i] - s[lo + i - 1]
         i = int(gaps.argmax())
-        router.threshold.fill_(float(s[lo + i - 1] + s[lo + i]) / 2)
+        module.threshold.fill_(float(s[lo + i - 1] + s[lo + i]) / 2)
 
-    routers = [m for m in model.modules() if getattr(m, "threshold", None) is not None]
-    handles = [r.register_forward_pre_hook(centre) for r in routers]
+    def centre(module, args):
+        if hasattr(module, "logits"):  # a router: its scores + bias [T, E]
+            x = args[0].reshape(-1, args[0].shape[-1])
+            into_gap(module, module.logits(x) + module.bias)
+        else:  # a tail: the |estimates| of the neurons outside the picks (args: est [T, N], free [T, N])
+            into_gap(module, args[0].abs()[args[1]])
+
+    modules = [m for m in model.modules() if getattr(m, "threshold", None) is not None]
+    handles = [r.register_forward_pre_hook(centre) for r in modules]
     try:
         with torch.no_grad():
             model(torch.tensor([ids]))
@@ -287,12 +294,12 @@ def test_a_routed_prompt_is_computed_the_same_every_time(reference, reference_id
 
 
 def test_carved_reference_model_agrees_with_its_reference_forward(reference, reference_ids):
-    """Single-neuron experts at 25% active, Fisher-weighted scores (the default): the teacher-forced
+    """Single-neuron experts at 25% active, Fisher-weighted scores, no tail: the teacher-forced
     next-token choices agree and the logits stay close at almost every position."""
     import copy
 
     model = copy.deepcopy(reference)
-    cfg = CarveConfig.from_granularity(1536, expert_size=1, active=0.25)
+    cfg = CarveConfig.from_granularity(1536, expert_size=1, active=0.25, tail=0.0)
     carve(model, cfg, random_windows(2, 64, vocab=8192))
     clear_thresholds(model, reference_ids)
     ref = hf_logits(model, reference_ids)
@@ -300,6 +307,30 @@ def test_carved_reference_model_agrees_with_its_reference_forward(reference, ref
     err = ((got - ref).abs().amax(-1) / ref.abs().amax(-1))
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
     assert err.median() < 1e-3
+
+
+def test_the_tail_runs_as_in_the_reference_forward(reference):
+    """The default carve (with a tail): one token at a time at position 0, the runtime's logits equal
+    the reference forward's for almost every token. (A tail's output is multiplied by the router's
+    estimates, made from the int8-rounded token: where float rounding moves an element of the token
+    across a rounding boundary the two differ by about 1e-3, so the check is on the median over
+    tokens; without the tail, or with a wrong one, every token is off by about 1e-2.)"""
+    import copy
+
+    model = copy.deepcopy(reference)
+    carve(model, CarveConfig.from_granularity(1536, expert_size=1, active=0.25), random_windows(2, 64, vocab=8192))
+    tails = [m.tail for m in model.modules() if type(m).__name__ == "CarvedMoE"]
+    assert tails and all(t is not None for t in tails)
+    tokens = list(range(200, 224))
+    ref = torch.cat([hf_logits(model, [t]) for t in tokens])
+    rt = Runtime(model, "fp32", threads=2, max_ctx=8)
+    got = torch.cat([rt.step([t], [0], [0], [0], 1).clone() for t in tokens])
+    err = (got - ref).abs().amax(-1) / ref.abs().amax(-1)
+    assert err.median() < 1e-4
+    for t in tails:  # the same model without its tails: far from the reference
+        t.threshold.fill_(float("inf"))
+    off = torch.cat([Runtime(model, "fp32", threads=2, max_ctx=8).step([t], [0], [0], [0], 1).clone() for t in tokens])
+    assert ((off - ref).abs().amax(-1) / ref.abs().amax(-1)).median() > 1e-3
 
 
 # ------------------------------------------------------------------ refusals

@@ -29,11 +29,13 @@ from ..modules.moe import ROUTERS, CarvedMoE, MoESpec, pack_nibbles, packs_nibbl
 from .ffn import DenseFFN
 from .fitted_router import fit_router
 from .grouping import Grouping, group_neurons
+from .kth import kth_largest
 from .oracle import expert_mass, oracle_indices, router_recall
 from .profile_grouping import group_by_profiles, mean_mass
 from .reconstruct import CHUNK, Selection, chunk_tokens, refit_down
 from .router import analytic_router, router_load
 from .stats import activation_markers, activation_rates, rate_histogram
+from .tail import Tail, fit_tail
 
 
 class CarveError(MoecarveError, RuntimeError):
@@ -149,11 +151,13 @@ def build_router(spec: MoESpec, tensors: dict[str, torch.Tensor | None], device:
 
 @torch.no_grad()
 def build_moe(
-    ffn: DenseFFN, grouping: Grouping, spec: MoESpec, router: dict[str, torch.Tensor | None] | nn.Module
+    ffn: DenseFFN, grouping: Grouping, spec: MoESpec, router: dict[str, torch.Tensor | None] | nn.Module,
+    tail: Tail | None = None,
 ) -> CarvedMoE:
     """Assemble a CarvedMoE from slices of the dense weights: no weight is changed, only moved.
 
-    router: its tensors (see build_router) or the router module itself. Copied a block of experts
+    router: its tensors (see build_router) or the router module itself; tail: the tail's tensors
+    where spec.tail_neurons > 0 (carving.tail.fit_tail). Copied a block of experts
     at a time, so besides the carved module (as large as the dense FFN) only about BLOCK_NEURONS
     rows of d exist as temporaries at once.
     """
@@ -180,6 +184,13 @@ def build_moe(
             moe.shared.in_bias.copy_(_in_bias(ffn, shared))
     if moe.out_bias is not None:
         moe.out_bias.copy_(ffn.down_bias)
+    if moe.tail is not None:
+        if tail is None:
+            raise CarveError("the spec asks for a tail (tail_neurons > 0) but no tail was fitted")
+        moe.tail.to_empty(device=dev)
+        moe.tail.codes.copy_(tail.codes)
+        moe.tail.scale.data = tail.scale.float().to(dev)
+        moe.tail.threshold.fill_(tail.threshold)
     return moe
 
 
@@ -299,36 +310,9 @@ def score_chunk(intermediate_size: int) -> int:
     return max(CHUNK, SCORE_ELEMENTS // (2 * intermediate_size))
 
 
-# Values kth_largest brackets the answer with before it selects exactly.
-KTH_SAMPLE = 1 << 16
-
-
-def kth_largest(v: torch.Tensor, k: int) -> float:
-    """The k-th largest of the flat tensor v (1 <= k <= v.numel()), exactly as v.kthvalue(n - k + 1).
-
-    A random sample brackets it, one pass counts what lies above the bracket, and the selection
-    runs on the values inside it only: a few passes over v instead of one selection over all of it
-    (the threshold of a carve at 50% ranks T * 2A = 12.6M scores per SmolLM2 layer)."""
-    n = v.numel()
-    if n <= 4 * KTH_SAMPLE:
-        return float(v.kthvalue(n - k + 1).values)
-    # random positions, seeded (a stride can fall in step with rows of the scores and miss)
-    pos = torch.randint(n, (KTH_SAMPLE,), generator=torch.Generator().manual_seed(0)).to(v.device)
-    sample = v[pos].sort(descending=True).values  # [KTH_SAMPLE]
-    at = k * sample.numel() / n  # where the answer sits in the sample
-    margin = 4.0 * (at + 1) ** 0.5 + 8  # a few standard deviations of a sampled rank
-    hi = float(sample[max(int(at - margin), 0)])  # above the answer (or +inf below)
-    lo = float(sample[min(int(at + margin), sample.numel() - 1)])
-    above = int((v > hi).sum()) if int(at - margin) > 0 else 0
-    band = v[(v >= lo) & (v <= hi)] if above else v[v >= lo]
-    if above < k <= above + band.numel():
-        return float(band.kthvalue(band.numel() - (k - above) + 1).values)
-    return float(v.kthvalue(n - k + 1).values)  # the bracket missed: select over all of v
-
-
 @torch.no_grad()
 def router_picks(
-    router: nn.Module, x: torch.Tensor, chunk: int, calibrate: int | None = None
+    router: nn.Module, x: torch.Tensor, chunk: int, calibrate: int | None = None, estimates: list | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What a shadow or probe router picks on x [T, d], `chunk` tokens at a time: (idx [T, top_k],
     and for a threshold router kept [T, top_k], the slots above its threshold; else None). Each
@@ -342,10 +326,18 @@ def router_picks(
     calibrate=A (threshold selection): first set router.threshold so that A slots per token are
     kept on average over x, counting the cap of top_k per token: the (T * A)-th largest of the
     tokens' top-k scores. One scoring pass serves both.
+
+    estimates (a shadow router's carve with a tail): a list that receives each chunk's neuron
+    estimates [t, E m] (ShadowRouter.estimates), what the scores are made of.
     """
     idx, values = [], []
     for s in range(0, x.shape[0], chunk):
-        v = router.logits(x[s : s + chunk]) + router.bias  # [t, E] float32
+        if estimates is None:
+            v = router.logits(x[s : s + chunk]) + router.bias  # [t, E] float32
+        else:
+            est = router.estimates(x[s : s + chunk])  # [t, E, m]
+            estimates.append(est.flatten(1))
+            v = est.abs().sum(dim=-1) + router.bias
         if router.top_k < v.shape[1]:
             v, i = torch.topk(v, router.top_k, dim=-1, sorted=False)
         else:  # every expert may be picked (threshold selection at A >= E / 2)
@@ -429,9 +421,22 @@ def carve_ffn_fitted(
     # Token chunks bound every [T, ...] temporary below (a streamed carve's peak memory).
     xin = x.to(ffn.up.dtype)
     # the router's own picks [T, A] (threshold: calibrated on these tokens first, A per token on average)
-    idx, kept = router_picks(router, xin, score_chunk(ffn.intermediate_size), cfg.n_active if threshold else None)
+    with_tail = cfg.tail > 0 and spec.router == "shadow"
+    est = [] if with_tail else None  # the router's neuron estimates, which the tail is made from
+    idx, kept = router_picks(router, xin, score_chunk(ffn.intermediate_size), cfg.n_active if threshold else None, est)
     # threshold selection: only the slots above the threshold count (a token may keep none of its A)
     selection = Selection(grouping.shared, grouping.experts, idx, kept)
+    tail = None
+    if with_tail:  # the neurons just below the cut, from the router's estimates
+        neurons = grouping.experts.reshape(-1)  # [N] routed neurons in expert order
+        tail = fit_tail(
+            ffn, torch.cat(est), selection, neurons, round(cfg.tail * ffn.intermediate_size),
+            out_weight=None if weight is None else weight[neurons.to(weight.device)],
+            importance=fisher if fisher is not None else torch.ones(ffn.hidden_size),
+        )
+        del est
+        selection.tail = tail.outputs
+        spec = replace(spec, tail_neurons=tail.mean_neurons)
     if spec.router == "shadow" and spec.shadow_layout == "nibbles":  # the stored router: codes two per byte
         packed = build_router(spec, {**tensors, "codes": pack_nibbles(tensors["codes"])}, ffn.up.device, ffn.up.dtype)
         if threshold:
@@ -449,7 +454,7 @@ def carve_ffn_fitted(
         del refit
     y = carved_outputs(h, selection, ffn) if outputs else None
     del h  # before build_moe allocates the carved weights
-    moe = build_moe(ffn, grouping, spec, router)
+    moe = build_moe(ffn, grouping, spec, router, tail)
     report = LayerReport(
         layer=layer,
         seconds=time.perf_counter() - t0,
@@ -477,6 +482,8 @@ def carved_outputs(h: torch.Tensor, selection: Selection, ffn: DenseFFN) -> torc
     for s in range(0, h.shape[0], size):
         rows = slice(s, min(s + size, h.shape[0]))
         yc = selection.kept(h, rows) @ down.t()
+        if selection.tail is not None:
+            yc += selection.tail[rows].to(yc)
         y[rows] = yc if ffn.down_bias is None else yc + ffn.down_bias.float()
     return y
 

@@ -76,6 +76,7 @@ class Selection:
     experts: torch.Tensor
     idx: torch.Tensor
     slots: torch.Tensor | None = None
+    tail: torch.Tensor | None = None  # [T, d] float32: the tail's output (carving.tail), which the kept neurons need not make
 
     def keep(self, h: torch.Tensor, rows: slice) -> torch.Tensor:
         """bool [t, I]: the keep mask of the tokens `rows` of h [T, I]."""
@@ -88,11 +89,14 @@ class Selection:
 
     def split(self, h: torch.Tensor, rows: slice, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(H_k [t, I], R [t, d]) for the tokens `rows`: the kept activations and R = (h * ~keep) W_0^T,
-        the part of the dense output Y = H_k W_0^T + R that hard zeroing loses. One [t, I] buffer serves both."""
+        the part of the dense output Y = H_k W_0^T + R that hard zeroing loses (less the tail's output, with
+        a tail). One [t, I] buffer serves both."""
         hc = h[rows].float()
         keep = self.keep(h, rows)
         buf = hc.masked_fill(keep, 0.0)  # h * ~keep
         res = buf @ w0.t()
+        if self.tail is not None:  # the tail adds back part of what is dropped
+            res -= self.tail[rows].to(res)
         return torch.mul(hc, keep, out=buf), res
 
 

@@ -65,6 +65,11 @@ def register(sub) -> None:
     p.add_argument("--shadow-bias", action=argparse.BooleanOptionalAction, default=True,
                    help="fitted with the shadow router: correct each quantised row's estimate by its rounding error on "
                    "the calibration inputs' mean (one float per row; default: on)")  # fmt: skip
+    p.add_argument("--tail", type=in_range(0.0, 1.0), default=None, metavar="F",
+                   help="fitted with the shadow router: a further fraction F of the FFN's neurons per token, on "
+                   "average, added from the router's own estimates (the neurons just below the cut, each with a 4-bit "
+                   "output column: a twelfth of an exact neuron's bf16 bytes); 0: none (default: 0.25, or what is left "
+                   "where fewer neurons remain unpicked)")  # fmt: skip
     p.add_argument("--allocation", choices=list(ALLOCATIONS), default=DEFAULT_ALLOCATION,
                    help="how the active experts are spread over the layers: uniform, the same A in every layer; "
                    "sensitivity, more where the calibration text shows a layer loses more, fewer where it loses less, "
@@ -102,7 +107,7 @@ def run(args) -> int:
 
     settings = dict(k_act=args.k_act, seed=args.seed, router=args.router, method=args.method, shadow_bits=args.shadow_bits,
                     selection=args.selection, allocation=args.allocation, score_weight=args.score_weight,
-                    shadow_bias=args.shadow_bias)  # fmt: skip
+                    shadow_bias=args.shadow_bias, tail=args.tail)  # fmt: skip
     check_config_args(args)
     if args.config is None:  # the granular flags, each with its default
         args.expert_size = DEFAULT_EXPERT_SIZE if args.expert_size is None else args.expert_size
@@ -405,7 +410,7 @@ def print_summary(report, ppl_dense=None, ppl_carved=None) -> None:
         ["config", f"{report.config.name} ({report.config.method})"],
         ["FFN active per token", active],
         ["FFN bytes read per token", f"{report.ffn_bytes_per_token / 2**20:.1f} MiB of {report.ffn_dense_bytes / 2**20:.1f} "
-         f"MiB dense ({report.ffn_bytes_per_token / max(report.ffn_dense_bytes, 1):.1%}: active experts, shared, router)"],
+         f"MiB dense ({report.ffn_bytes_per_token / max(report.ffn_dense_bytes, 1):.1%}: active experts, shared, router, tail)"],
         ["parameters (dense)", fmt_params(report.params_dense)],
         ["parameters (carved, total)", fmt_params(report.params_total)],
         ["parameters active per token", f"{fmt_params(report.params_active)} ({report.params_active / report.params_dense:.1%})"],

@@ -77,13 +77,13 @@ def router_label(entry: dict) -> str:
 def carve_settings(carve: dict) -> list[str]:
     """The configuration's name, then only the carve settings its method reads ("key=value"):
     cmoe's k_act, router and k-means; fitted's profile grouping, shadow bits with their selection,
-    score weights and bias, or probes, refit; the routing ones only where experts are routed (A > 0)."""
+    score weights, bias and tail, or probes, refit; the routing ones only where experts are routed (A > 0)."""
     method = carve.get("method", "cmoe")
     routed_layers = carve.get("n_active", 1) > 0
     if method == "cmoe":
         keys = ["k_act", *(["router", "kmeans_iters", "bias_gamma"] if routed_layers else [])]
     else:
-        router = ["selection", "score_weight", "shadow_bias"] if carve.get("shadow_bits") else ["probes_per_expert"]
+        router = ["selection", "score_weight", "shadow_bias", "tail"] if carve.get("shadow_bits") else ["probes_per_expert"]
         keys = [*(["profile_iters", "shadow_bits", *router, "bias_gamma"] if routed_layers else []), "refit", "holdout"]
     name = f"S{carve.get('n_shared')}A{carve.get('n_active')}E{carve.get('n_experts')}"
     return [name, f"method={method}", *(f"{k}={carve[k]}" for k in [*keys, "seed"] if k in carve)]

@@ -140,11 +140,12 @@ static int32_t dot_int8(const int8_t* q, const int8_t* x, int d) {
  * shadow_scores_q takes the tokens already quantised (q [T, d] int8, their scales qs [T] and code
  * sums qsum [T], as quantize_token makes them) and writes scores [T, lds]: a caller scoring a
  * range of experts offsets the code, scale and bias pointers (the decode runtime splits experts
- * across threads). shadow_scores quantises x [T, d] and scores all E. Both return 0, or -1 when
- * out of memory. */
+ * across threads); with est (not NULL) also each neuron's signed estimate act(g~_j) * u~_j into
+ * est [T, lde] (the tail of a carved layer multiplies its columns by them). shadow_scores quantises
+ * x [T, d] and scores all E. Both return 0, or -1 when out of memory. */
 int shadow_scores_q(const int8_t* q, const float* qs, const int32_t* qsum, int T, int d, const void* codes, int layout,
                     const float* row_scale, const float* in_bias, int E, int m, int gated, int act, float* scores,
-                    int lds) {
+                    int lds, float* est, int64_t lde) {
   const int rows = gated ? 2 * m : m, R = E * rows, half = d / 2;
   int32_t* dots = (int32_t*)malloc((size_t)T * R * sizeof(int32_t) + 4);  /* [T, R] */
   if (!dots) return -1;
@@ -210,12 +211,14 @@ int shadow_scores_q(const int8_t* q, const float* qs, const int32_t* qsum, int T
         _mm512_storeu_ps(g, _mm512_permutex2var_ps(h0, even, h1));
         act_vec(g, 16, act);
         const __m512 prod = _mm512_mul_ps(_mm512_loadu_ps(g), _mm512_permutex2var_ps(h0, odd, h1));
+        if (est) _mm512_storeu_ps(est + (int64_t)t * lde + e, prod);
         _mm512_storeu_ps(out + e, _mm512_abs_ps(prod));
       }
       for (; e < E; e++) {
         float g = s * row_scale[2 * e] * (float)dt[2 * e] + (in_bias ? in_bias[2 * e] : 0.0f);
         const float u = s * row_scale[2 * e + 1] * (float)dt[2 * e + 1] + (in_bias ? in_bias[2 * e + 1] : 0.0f);
         act_vec(&g, 1, act);
+        if (est) est[(int64_t)t * lde + e] = g * u;
         out[e] = fabsf(g * u);
       }
       continue;
@@ -229,10 +232,12 @@ int shadow_scores_q(const int8_t* q, const float* qs, const int32_t* qsum, int T
       const float* ae = a + (int64_t)e * rows;
       const float* he = h + (int64_t)e * rows;
       float sum = 0.0f;
-      if (gated)
-        for (int j = 0; j < m; j++) sum += fabsf(ae[j] * he[m + j]);
-      else
-        for (int j = 0; j < m; j++) sum += fabsf(ae[j]);
+      float* ee = est ? est + (int64_t)t * lde + (int64_t)e * m : NULL;  /* the signed estimates (a tail reads them) */
+      for (int j = 0; j < m; j++) {
+        const float v = gated ? ae[j] * he[m + j] : ae[j];
+        if (ee) ee[j] = v;
+        sum += fabsf(v);
+      }
       out[e] = sum;
     }
   }
@@ -247,7 +252,7 @@ int shadow_scores(const float* x, int T, int d, const void* codes, int layout, c
   int32_t* qsum = (int32_t*)malloc((size_t)T * sizeof(int32_t) + 4);
   int rc = (!q || !qs || !qsum) ? -1 : 0;
   for (int t = 0; !rc && t < T; t++) qs[t] = quantize_token(x + (int64_t)t * d, d, q + (int64_t)t * d, qsum + t);
-  if (!rc) rc = shadow_scores_q(q, qs, qsum, T, d, codes, layout, row_scale, in_bias, E, m, gated, act, scores, E);
+  if (!rc) rc = shadow_scores_q(q, qs, qsum, T, d, codes, layout, row_scale, in_bias, E, m, gated, act, scores, E, NULL, 0);
   free(q); free(qs); free(qsum);
   return rc;
 }

@@ -19,7 +19,7 @@ Routers: the analytic and linear routers run inside the kernels (fused in Triton
 shadow router has its own kernels (C on CPU: kernels/native.c, one call per layer; Triton:
 kernels/triton_shadow.py); any other router (the "fitted" probe router) is called as the module's
 own `router` and its choice fed to the same expert kernels. Every path falls back to the
-reference for unsupported activations and whenever autograd is recording (run inference under
+reference for layers with a tail (TailNeurons), for unsupported activations and whenever autograd is recording (run inference under
 torch.no_grad / inference_mode, as generate() does). The CPU path calls C through ctypes (or
 .tolist() without it), so under torch.compile it splits the graph; the Triton paths are single
 custom ops and trace whole.
@@ -116,9 +116,15 @@ def _recording(x: torch.Tensor, moe: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or moe.experts.in_proj.requires_grad)
 
 
+def _tailed(moe: nn.Module) -> bool:
+    """The layer has a tail (modules.moe.TailNeurons): the per-layer kernels do not compute it, so it
+    runs the reference code (the decode runtime, runtime/csrc, computes it natively)."""
+    return getattr(moe, "tail", None) is not None
+
+
 def _cpu_forward(moe: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    if x.shape[0] == 0 or not use_cpu_path(x.shape[0]) or _recording(x, moe):
+    if x.shape[0] == 0 or not use_cpu_path(x.shape[0]) or _recording(x, moe) or _tailed(moe):
         return None
     return moe_decode_cpu(x, _cached_tensors(moe)).view(hidden_states.shape)
 
@@ -146,6 +152,8 @@ def _triton_call(moe: nn.Module, hidden_states: torch.Tensor, prefill: str) -> t
     decode, grouped, shadow, neurons = _TRITON
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     T = x.shape[0]
+    if _tailed(moe):
+        return None
     t = moe_tensors(moe)
     if T == 0 or not decode.supports(t) or _recording(x, moe):
         return None

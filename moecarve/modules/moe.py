@@ -41,6 +41,7 @@ class MoESpec:
     mean_active: float = 0.0  # "threshold": routed experts picked per token on average (calibrated); else top_k
     shadow_weighted: bool = False  # shadow router: each up row's scale carries its neuron's output weight (out_weight)
     shadow_bias: bool = False  # shadow router: each row's estimate corrected by its quantisation error on the inputs' mean
+    tail_neurons: float = 0.0  # shadow router: routed neurons per token in the tail (TailNeurons), on average; 0: no tail
 
     def to_dict(self) -> dict:
         return {"type": "moe", **asdict(self)}
@@ -324,7 +325,10 @@ class ShadowRouter(nn.Module):
         codes = unpack_nibbles(self.codes) if self.codes.dtype == torch.uint8 else self.codes
         return codes.reshape(-1, codes.shape[-1])
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E] float32
+    def estimates(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E, m] float32
+        """Each routed neuron's estimated activation w_j act(g~_j) u~_j (w_j its out_weight, 1 when
+        the carve does not weight), signed: what the scores sum the magnitudes of, and what the
+        tail (TailNeurons) multiplies its columns by."""
         E, rows = self.row_scale.shape
         q, s = quantize_tokens(x)  # [T, d] integers, [T, 1]
         codes = self.code_matrix()
@@ -336,16 +340,25 @@ class ShadowRouter(nn.Module):
         h = dots * (s.unsqueeze(-1) * self.row_scale)  # [T, E, 2m]
         if self.in_bias is not None:
             h = h + self.in_bias.float()
-        return glu(h, self.act, self.gated).abs().sum(dim=-1)
+        return glu(h, self.act, self.gated)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, d] -> (weights [T, A] in x.dtype, indices [T, A] int64); with "threshold"
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E] float32
+        return self.estimates(x).abs().sum(dim=-1)
+
+    def select(self, scores: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """scores [T, E] -> (weights [T, A] in dtype, indices [T, A] int64); with "threshold"
         selection the slots whose score + bias does not exceed the threshold weigh 0."""
-        scores = self.logits(x)
-        weights, idx = select_by_scores(scores, self.bias, self.scale, self.top_k, x.dtype)
+        weights, idx = select_by_scores(scores, self.bias, self.scale, self.top_k, dtype)
         if self.selection == "threshold":
             weights = weights * ((scores + self.bias).gather(1, idx) > self.threshold)
         return weights, idx
+
+    def forward(self, x: torch.Tensor, estimates: bool = False) -> tuple[torch.Tensor, ...]:
+        """x [T, d] -> (weights [T, A] in x.dtype, indices [T, A] int64), and with `estimates` the
+        neurons' estimates [T, E, m] (what a tail reads) as a third element."""
+        est = self.estimates(x)
+        weights, idx = self.select(est.abs().sum(dim=-1), x.dtype)
+        return (weights, idx, est) if estimates else (weights, idx)
 
     @torch.no_grad()
     def requantize(self, in_proj: torch.Tensor, bits: int, in_bias: torch.Tensor | None = None) -> None:
@@ -445,6 +458,47 @@ class RoutedExperts(nn.Module):
         return F.linear(h, self.out_proj.permute(1, 0, 2).reshape(d, E * m))  # [d, E*m]: one copy of out_proj
 
 
+
+class TailNeurons(nn.Module):
+    """The tail: routed neurons just below the router's cut, added from its own estimates.
+
+    A carve keeps a token's picked experts exact and drops the rest; most of what it drops sits in
+    the neurons that scored just below the cut. Their activations are already estimated by the
+    shadow router (ShadowRouter.estimates, est [T, N] over the N = E m routed neurons), so each
+    neuron outside the picked experts whose |est| exceeds `threshold` (calibrated so that
+    spec.tail_neurons of them pass per token on average) adds est * its output column, stored
+    4-bit: y_tail = sum_j est_j * scale_j * (codes_j - 8). A tail neuron reads d/2 bytes where
+    an exact one reads its gate row, up row and output column (6d bytes in bf16).
+
+    codes uint8 [N, ceil(d/2)]: each output column in 4 bits, two per byte as pack_nibbles has them
+    (element k low, k + d/2 high, each code + 8; an odd d is padded with a zero element).
+    scale [N] float32: the column's step divided by the neuron's out_weight (est carries it).
+    """
+
+    def __init__(self, spec: MoESpec):
+        super().__init__()
+        n, d = spec.n_routed * spec.expert_size, spec.hidden_size
+        self.hidden_size = d
+        self.register_buffer("codes", torch.zeros(n, (d + 1) // 2, dtype=torch.uint8))
+        self.scale = nn.Parameter(torch.zeros(n, dtype=torch.float32), requires_grad=False)
+        self.register_buffer("threshold", torch.tensor(float("inf")))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.scale.dtype != torch.float32:  # a quantisation scale, not a model weight: stays float32
+            self.scale.data = self.scale.data.float()
+        return self
+
+    def columns(self) -> torch.Tensor:
+        """The dequantised output columns, unscaled codes [N, d] float32."""
+        return unpack_nibbles(self.codes)[:, : self.hidden_size].float()
+
+    def forward(self, est: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+        """est [T, N] the router's estimates, free [T, N] bool (the neurons outside the token's
+        picked experts) -> the tail's output [T, d] float32."""
+        keep = free & (est.abs() > self.threshold)
+        return (est * keep * self.scale) @ self.columns()
+
 class CarvedMoE(nn.Module):
     """Drop-in replacement for a dense MLP: y = shared(x) + sum_{e in top-A} w_e * expert_e(x) + b."""
 
@@ -455,6 +509,7 @@ class CarvedMoE(nn.Module):
         self.experts = RoutedExperts(spec)
         self.router = ROUTERS[spec.router](spec)
         self.out_bias = nn.Parameter(torch.empty(spec.hidden_size)) if spec.out_bias else None
+        self.tail = TailNeurons(spec) if spec.tail_neurons > 0 else None
         # Optional fast path, set only by moecarve.modules.fast.use_kernels (never saved): a function
         # (module, hidden_states) -> output, or None to run the reference code below.
         self.fast_forward = None
@@ -466,8 +521,14 @@ class CarvedMoE(nn.Module):
                 return y
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, d]
-        weights, idx = self.router(x)
-        y = self.experts(x, idx, weights)
+        if self.tail is None:
+            weights, idx = self.router(x)
+            y = self.experts(x, idx, weights)
+        else:  # the router's estimates serve both its scores and the tail
+            weights, idx, est = self.router(x, estimates=True)  # est [T, E, m]
+            free = torch.ones(est.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, idx, weights == 0)  # [T, E]
+            free = free.repeat_interleave(est.shape[2], dim=1)  # [T, E m]
+            y = self.experts(x, idx, weights) + self.tail(est.flatten(1), free).to(x.dtype)
         if self.shared is not None:
             y = y + self.shared(x)
         if self.out_bias is not None:

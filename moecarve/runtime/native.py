@@ -46,6 +46,7 @@ class Moe(Structure):
         ("r_bias", c_void_p), ("r_scale", c_void_p), ("threshold", c_float),
         ("sh_codes", c_void_p), ("sh_bits", c_int32), ("sh_scale", c_void_p), ("sh_bias", c_void_p),
         ("r_w", c_void_p), ("r_b", c_void_p), ("probe_w", c_void_p), ("probe_b", c_void_p), ("probes", c_int32),
+        ("tail_codes", c_void_p), ("tail_scale", c_void_p), ("tail_threshold", c_float),
     ]  # fmt: skip
 
 

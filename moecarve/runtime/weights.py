@@ -174,6 +174,12 @@ def _moe(w: Weights, mod: nn.Module, L: N.Layer, all_experts: bool) -> float:
         M.sh_scale, M.sh_bias = w.f32(r.row_scale), w.f32(r.in_bias)
         if getattr(r, "threshold", None) is not None:
             M.threshold = float(r.threshold)
+        tail = getattr(mod, "tail", None)
+        if tail is not None:
+            M.tail_codes, M.tail_scale = w.ptr(tail.codes.detach().contiguous()), w.f32(tail.scale)
+            M.tail_threshold = float(tail.threshold)
+            per = tail.codes.shape[1] + 4  # a column's codes and its step
+            w.bytes_per_token["tail"] = w.bytes_per_token.get("tail", 0) + round(spec.tail_neurons * per)
     elif kind == "analytic":
         M.router, M.rank_softmax, M.weight_mode = N.ROUTER_ANALYTIC, 1, 0
         M.r_w = w.f32(r.gate if r.up is None else torch.cat([r.gate.detach(), r.up.detach()]))

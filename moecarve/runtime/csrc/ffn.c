@@ -6,7 +6,10 @@
  * token), each token picks its experts, the picked (token, expert) slots are sorted by expert, and
  * only the picked neurons are computed: their gate/up rows dotted with the tokens that picked them
  * (each row read once per step), then y += h * down column, split across threads by output
- * feature. Each output is summed in the same order whatever the number of threads. */
+ * feature. A layer with a tail (rt.h) also adds, per token, est * 4-bit output column of the routed
+ * neurons outside its picks whose router estimate |est| passes the tail's threshold, scanned in
+ * TAIL_ITEMS ranges beside the picked neurons' units. Each output is summed in the same order
+ * whatever the number of threads. */
 #include <math.h>
 #include <string.h>
 
@@ -129,7 +132,8 @@ static void route_scores(rt_ctx* c, const rt_layer* L, int T, int e0, int e1) {
     const int64_t row_bytes = M->sh_bits == 4 ? d / 2 : d;
     int rc = shadow_scores_q(c->moe.sq, c->moe.sqs, c->moe.sqsum, T, d, M->sh_codes + (int64_t)e0 * R * row_bytes,
                              M->sh_bits == 4 ? 4 : 8, M->sh_scale + (int64_t)e0 * R,
-                             M->sh_bias ? M->sh_bias + (int64_t)e0 * R : NULL, e1 - e0, M->m, L->gated, L->act, S + e0, E);
+                             M->sh_bias ? M->sh_bias + (int64_t)e0 * R : NULL, e1 - e0, M->m, L->gated, L->act, S + e0, E,
+                             M->tail_codes ? c->moe.est + (int64_t)e0 * M->m : NULL, c->tail_max);
     if (rc) atomic_store(&c->status, rc);
     return;
   }
@@ -171,8 +175,9 @@ static void probe_features(rt_ctx* c, const rt_layer* L, int T, int r0, int r1, 
 
 /* token t's picks: top-A of (score + bias) or of (softmax(score) + bias), or with a finite
  * threshold every expert above it (at most A, the rest -1); combine weights by weight_mode.
- * v [E], ids [E] scratch. Ties go to the lower expert index (as torch.topk on CPU and native.c). */
-static void select_token(const rt_moe* M, const float* s, float* v, int32_t* ids, int32_t* idx, float* w) {
+ * v [E], ids [E] scratch; picked (or NULL): the picks as a bitmap [ceil(E / 64)] (the tail skips them).
+ * Ties go to the lower expert index (as torch.topk on CPU and native.c). */
+static void select_token(const rt_moe* M, const float* s, float* v, int32_t* ids, int32_t* idx, float* w, uint64_t* picked) {
   const int E = M->E, A = M->A;
   int any_scale = 0;
   for (int e = 0; e < E; e++) any_scale |= M->r_scale[e] != 0.0f;
@@ -202,6 +207,7 @@ static void select_token(const rt_moe* M, const float* s, float* v, int32_t* ids
   uint64_t* bits = (uint64_t*)v;
   memset(bits, 0, (size_t)(E + 63) / 64 * sizeof(uint64_t));
   for (int a = 0; a < n; a++) bits[ids[a] >> 6] |= 1ull << (ids[a] & 63);
+  if (picked) memcpy(picked, bits, (size_t)(E + 63) / 64 * sizeof(uint64_t));
   int k = 0;
   for (int word = 0; word < (E + 63) / 64; word++)
     for (uint64_t b = bits[word]; b; b &= b - 1) ids[k++] = word * 64 + __builtin_ctzll(b);
@@ -297,6 +303,35 @@ static void neuron_unit(rt_ctx* c, const rt_layer* L, int t, int ch, const float
   unit_down(&M->neurons, ids, h, n, c->desc.d, part);
 }
 
+/* part[0, 2 half) += v * (code - 8) of one tail column (codes [half]: element k in the low nibble
+ * of byte k, element k + half in the high one) */
+static void tail_column(const uint8_t* codes, float v, int half, float* part) {
+  float* hi = part + half;
+#pragma omp simd
+  for (int k = 0; k < half; k++) {
+    part[k] += v * (float)((int)(codes[k] & 15) - 8);
+    hi[k] += v * (float)((int)(codes[k] >> 4) - 8);
+  }
+}
+
+/* tail item k of token t: part [dp] = the sum, in neuron order, of est * scale * column over the
+ * neurons of range k (of TAIL_ITEMS) that are outside the token's picked experts and whose
+ * |estimate| exceeds the tail's threshold (rt.h) */
+static void tail_item(rt_ctx* c, const rt_layer* L, int t, int k, float* part) {
+  const rt_moe* M = &L->moe;
+  const int N = M->E * M->m, m = M->m, half = (c->desc.d + 1) / 2;
+  const int n0 = (int)((int64_t)k * N / TAIL_ITEMS), n1 = (int)((int64_t)(k + 1) * N / TAIL_ITEMS);
+  const float* est = c->moe.est + (int64_t)t * c->tail_max;
+  const uint64_t* picked = c->moe.picked + (int64_t)t * ((c->E_max + 63) / 64);
+  memset(part, 0, (size_t)(2 * half) * sizeof(float));
+  for (int n = n0; n < n1; n++) {
+    if (!(fabsf(est[n]) > M->tail_threshold)) continue;
+    const int e = n / m;
+    if ((picked[e >> 6] >> (e & 63)) & 1) continue;
+    tail_column(M->tail_codes + (int64_t)n * half, est[n] * M->tail_scale[n], half, part);
+  }
+}
+
 /* Expert-major hidden activations of sorted slots [s0, s1): a run of slots of one expert shares its
  * neurons' rows, dotted with all the run's tokens at once; h [slot * m + j]. */
 static void hidden_expert_major(rt_ctx* c, const rt_layer* L, int s0, int s1, float* gbuf) {
@@ -357,8 +392,11 @@ static void moe_block(rt_th* th, const rt_layer* L, int T) {
   FOR_ITEMS(th, i, eb) route_scores(c, L, T, (int)(i * ROUTER_BLOCK), (int)RT_MIN((i + 1) * ROUTER_BLOCK, M->E));
   phase_end(th, eb);
 
+  const int tail = M->tail_codes != NULL;
+  const int64_t words = (c->E_max + 63) / 64;
   FOR_ITEMS(th, t, T)
-    select_token(M, S->scores + t * M->E, thr, (int32_t*)(thr + M->E), S->idx + t * A, S->w + t * A);
+    select_token(M, S->scores + t * M->E, thr, (int32_t*)(thr + M->E), S->idx + t * A, S->w + t * A,
+                 tail ? S->picked + t * words : NULL);
   phase_end(th, T);
   if (expert_major) {
     FOR_ITEMS(th, i, 1) sort_slots(c, M, T);
@@ -378,11 +416,16 @@ static void moe_block(rt_th* th, const rt_layer* L, int T) {
   }
   phase_end(th, ups + sb);
 
-  /* every unit's output (decode: with its neurons' h, computed here) */
+  /* every unit's output (decode: with its neurons' h, computed here), then the tail's items */
   const int nch = (A * m + NEURON_CHUNK - 1) / NEURON_CHUNK;
-  FOR_ITEMS(th, u, (int64_t)T * nch)
-    neuron_unit(c, L, (int)(u / nch), (int)(u % nch), expert_major ? S->h : NULL, S->part + u * c->dp, thr);
-  phase_end(th, (int64_t)T * nch);
+  const int64_t units = (int64_t)T * nch, tails = tail ? (int64_t)T * TAIL_ITEMS : 0;
+  FOR_ITEMS(th, u, units + tails) {
+    if (u < units)
+      neuron_unit(c, L, (int)(u / nch), (int)(u % nch), expert_major ? S->h : NULL, S->part + u * c->dp, thr);
+    else
+      tail_item(c, L, (int)((u - units) / TAIL_ITEMS), (int)((u - units) % TAIL_ITEMS), S->tpart + (u - units) * c->dp);
+  }
+  phase_end(th, units + tails);
 
   if (Sh->n > 0) {
     FOR_ITEMS(th, t, T) convert_hidden(c, Sh, (int)t);
@@ -402,6 +445,11 @@ static void moe_block(rt_th* th, const rt_layer* L, int T) {
       if (Sh->n == 0) memset(y + k0, 0, (size_t)(k1 - k0) * sizeof(float));
       for (int u = 0; u < nch; u++) {
         const float* pu = S->part + ((int64_t)t * nch + u) * c->dp;
+#pragma omp simd
+        for (int k = k0; k < k1; k++) y[k] += pu[k];
+      }
+      for (int u = 0; u < (tail ? TAIL_ITEMS : 0); u++) {
+        const float* pu = S->tpart + ((int64_t)t * TAIL_ITEMS + u) * c->dp;
 #pragma omp simd
         for (int k = k0; k < k1; k++) y[k] += pu[k];
       }

@@ -155,7 +155,7 @@ int64_t panels_of(const rt_mat* W);
 float quantize_token(const float* x, int d, int8_t* q, int32_t* sum);
 int shadow_scores_q(const int8_t* q, const float* qs, const int32_t* qsum, int T, int d, const void* codes, int layout,
                     const float* row_scale, const float* in_bias, int E, int m, int gated, int act, float* scores,
-                    int lds);
+                    int lds, float* est, int64_t lde);
 void select_top(const float* v, int32_t* ids, int n, int k);
 
 /* ------------------------------------------------------------------ the model context (step.c) */
@@ -174,6 +174,9 @@ typedef struct {
  * own partial output; the partials are added in unit order, so the result does not depend on how
  * units are shared among threads */
 #define NEURON_CHUNK 32
+/* a token's tail (the routed neurons outside its picks with |estimate| above the tail's threshold)
+ * is scanned in this many ranges of neurons, each summing into its own partial output */
+#define TAIL_ITEMS 8
 
 /* what a carved layer's step keeps between its phases (sized for max_tokens) */
 typedef struct {
@@ -190,6 +193,9 @@ typedef struct {
   float* sqs;
   int32_t* sqsum;
   float* feats;           /* fitted router: [T, d + P] */
+  float* est;             /* tail: [T, N] the shadow router's signed estimates of the N = E m routed neurons */
+  uint64_t* picked;       /* tail: [T, ceil(E / 64)] bitmap of each token's picked experts */
+  float* tpart;           /* tail: [T * TAIL_ITEMS, dp] partial outputs (ffn.c) */
   float* thr;             /* [threads][thr_len] per-thread scratch (selection, gate/up values) */
   int64_t thr_len;
 } rt_moe_scratch;
@@ -207,7 +213,7 @@ enum { PROF_EMBED, PROF_QKV, PROF_ATTENTION, PROF_WO, PROF_FFN_NORM, PROF_ROUTER
 struct rt_ctx {
   rt_desc desc;
   rt_pool* pool;
-  int64_t dp, qkv_n, att_n, n_max, E_max, A_max, m_max, feats_max;  /* scratch widths (padded) */
+  int64_t dp, qkv_n, att_n, n_max, E_max, A_max, m_max, feats_max, tail_max;  /* scratch widths (padded; tail_max: E m of tailed layers, 0: none) */
   int64_t hdp, ctx_p;     /* head_dim padded to 32, max_ctx padded to 16 */
   /* KV cache: [L][slots][Hkv] blocks of ctx_p positions x hdp, kv_dtype elements (attention.c) */
   void* k_cache;

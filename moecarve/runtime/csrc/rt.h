@@ -98,6 +98,12 @@ typedef struct {
   const float* probe_w;  /* fitted: [P * (2 or 1), d] probe gate rows then up rows */
   const float* probe_b;  /* fitted: probe bias or NULL */
   int32_t probes;        /* fitted: P */
+  /* the tail (moecarve.modules.moe.TailNeurons; shadow router only): each routed neuron n outside
+   * the token's picked experts whose signed estimate est_n (the router's act(g~) * u~) has
+   * |est_n| > tail_threshold adds est_n * tail_scale[n] * (code - 8) over its output column */
+  const uint8_t* tail_codes;  /* [E * m, ceil(d/2)] 4-bit codes + 8, element k low nibble, k + ceil(d/2) high; NULL: no tail */
+  const float* tail_scale;    /* [E * m] */
+  float tail_threshold;
 } rt_moe;
 
 typedef struct {

@@ -97,7 +97,7 @@ static void free_ctx(rt_ctx* c) {
   free_act(&c->a_in); free_act(&c->a_att); free_act(&c->a_h);
   rt_moe_scratch* S = &c->moe;
   free(S->scores); free(S->idx); free(S->w); free(S->start); free(S->slot); free(S->tok); free(S->h); free(S->part);
-  free(S->sq); free(S->sqs); free(S->sqsum); free(S->feats); free(S->thr);
+  free(S->sq); free(S->sqs); free(S->sqsum); free(S->feats); free(S->thr); free(S->est); free(S->picked); free(S->tpart);
   free(c);
 }
 
@@ -136,6 +136,7 @@ rt_ctx* rt_create(const rt_desc* desc, int n_threads) {
   c->n_max = RT_BLOCK;
   c->E_max = c->A_max = c->m_max = 1;
   c->feats_max = D->d;
+  c->tail_max = 0;
   for (int l = 0; l < L; l++) {
     const rt_layer* Ly = &D->layers[l];
     c->n_max = RT_MAX(c->n_max, rt_pad(Ly->dense.n, RT_BLOCK));
@@ -146,6 +147,7 @@ rt_ctx* rt_create(const rt_desc* desc, int n_threads) {
       c->A_max = RT_MAX(c->A_max, Ly->moe.A);
       c->m_max = RT_MAX(c->m_max, Ly->moe.m);
       c->feats_max = RT_MAX(c->feats_max, D->d + Ly->moe.probes);
+      if (Ly->moe.tail_codes) c->tail_max = RT_MAX(c->tail_max, (int64_t)Ly->moe.E * Ly->moe.m);
     }
   }
   c->hdp = rt_pad(D->hd, RT_BLOCK);
@@ -176,13 +178,19 @@ rt_ctx* rt_create(const rt_desc* desc, int n_threads) {
   S->sqs = (float*)rt_alloc((size_t)T * sizeof(float));
   S->sqsum = (int32_t*)rt_alloc((size_t)T * sizeof(int32_t));
   S->feats = (float*)rt_alloc((size_t)(T * c->feats_max) * sizeof(float));
+  if (c->tail_max) {
+    S->est = (float*)rt_alloc((size_t)(T * c->tail_max) * sizeof(float));
+    S->picked = (uint64_t*)rt_alloc((size_t)(T * ((c->E_max + 63) / 64)) * sizeof(uint64_t));
+    S->tpart = (float*)rt_alloc((size_t)(T * TAIL_ITEMS * c->dp) * sizeof(float));
+  }
   /* per thread: selection [2E], or gate/up values [2T] + four tokens' int8 spreads, or one token's */
   S->thr_len = rt_pad(RT_MAX(2 * c->E_max, 2 * T + 4 * (c->dp / 4 + c->dp / RT_BLOCK)) + 16, 16);
   S->thr = (float*)rt_alloc((size_t)(nth * S->thr_len) * sizeof(float));
   if (!c->pool || !c->k_cache || !c->v_cache || !c->ropes || !c->x || !c->x_par || !c->tmp || !c->qkv || !c->hbuf ||
       !c->att_scratch || !c->items || D->hd > RT_MAX_HD || alloc_act(&c->a_in, T, c->dp) || alloc_act(&c->a_att, T, c->att_n) ||
       alloc_act(&c->a_h, T, c->n_max) || !S->scores || !S->idx || !S->w || !S->start || !S->slot || !S->tok || !S->h || !S->part ||
-      !S->sq || !S->sqs || !S->sqsum || !S->feats || !S->thr || rope_tables(c)) {
+      !S->sq || !S->sqs || !S->sqsum || !S->feats || !S->thr || (c->tail_max && (!S->est || !S->picked || !S->tpart)) ||
+      rope_tables(c)) {
     free_ctx(c);
     return NULL;
   }
