@@ -67,16 +67,16 @@ def fit_tail(
     T, N = est.shape
     n_experts = selection.experts.shape[0]
     free = ~picked_experts(selection, n_experts).repeat_interleave(N // n_experts, dim=1)  # [T, N]
-    score = est.abs().masked_fill_(~free, -1.0)  # picked neurons never join the tail
     k = min(T * n_tail, int(free.sum()))
+    score = est.abs().masked_fill_(~free, -1.0)  # picked neurons never join the tail
+    del free
     threshold = kth_largest(score.flatten(), k) if k > 0 else float("inf")
-    del score
     codes, step = quantize_columns(ffn, neurons, importance)
     scale = step if out_weight is None else step / out_weight.to(step).clamp_min(1e-30)
     cols = unpack_nibbles(codes)[:, : ffn.hidden_size].float()  # [N, d]
     outs, count = [], 0
     for s in range(0, T, chunk):
-        keep = free[s : s + chunk] & (est[s : s + chunk].abs() > threshold)
+        keep = score[s : s + chunk] > threshold  # free and above it: the threshold is >= 0, picked scores -1
         count += int(keep.sum())
         outs.append((est[s : s + chunk] * keep * scale) @ cols)
     return Tail(codes=codes, scale=scale, threshold=threshold, mean_neurons=count / max(T, 1), outputs=torch.cat(outs))
