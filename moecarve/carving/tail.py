@@ -67,7 +67,7 @@ def fit_tail(
     T, N = est.shape
     n_experts = selection.experts.shape[0]
     free = ~picked_experts(selection, n_experts).repeat_interleave(N // n_experts, dim=1)  # [T, N]
-    k = min(T * n_tail, int(free.sum()))
+    k = min(T * n_tail, int(torch.count_nonzero(free)))
     score = est.abs().masked_fill_(~free, -1.0)  # picked neurons never join the tail
     del free
     threshold = kth_largest(score.flatten(), k) if k > 0 else float("inf")
@@ -77,6 +77,6 @@ def fit_tail(
     outs, count = [], 0
     for s in range(0, T, chunk):
         keep = score[s : s + chunk] > threshold  # free and above it: the threshold is >= 0, picked scores -1
-        count += int(keep.sum())
+        count += int(torch.count_nonzero(keep))
         outs.append((est[s : s + chunk] * keep * scale) @ cols)
     return Tail(codes=codes, scale=scale, threshold=threshold, mean_neurons=count / max(T, 1), outputs=torch.cat(outs))
