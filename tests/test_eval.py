@@ -322,3 +322,35 @@ def test_inspect_plot_writes_pngs(tmp_path, carved_dir):
     assert main(["inspect", str(carved_dir), "--plot", "--plot-dir", str(tmp_path)]) == 0
     for kind in ("rates", "load"):
         assert (tmp_path / f"S2A6E8-{kind}.png").read_bytes()[:8] == PNG
+
+
+FAKE_LLAMA_BENCH = """#!/usr/bin/env python3
+import json, sys
+args = sys.argv[1:]
+open(sys.argv[0] + ".calls", "a").write(" ".join(args) + "\\n")
+p, n = args[args.index("-p") + 1], args[args.index("-n") + 1]
+if p != "0" and n != "0":  # prompt processing on repacked weights: dies without output, as on AMX
+    sys.exit(134)
+rows = []
+if n != "0":
+    rows.append({"n_prompt": 0, "n_gen": int(n), "avg_ts": 100.0})
+if p != "0":
+    rows.append({"n_prompt": int(p), "n_gen": 0, "avg_ts": 700.0 if "--repack" in args else 900.0})
+print(json.dumps(rows))
+"""
+
+
+def test_llama_bench_falls_back_to_separate_runs_when_the_combined_one_dies(tmp_path):
+    """A llama-bench that crashes on pp512 + tg128 together: tg128 runs alone with its default weights and
+    pp512 alone with --repack 0, and later calls go straight to the two runs."""
+    from moecarve.eval.bench import llama_bench
+
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH)
+    fake.chmod(0o755)
+    run = llama_bench(fake, tmp_path / "m.gguf", threads=2)
+    assert run() == {"tg128": 100.0, "pp512": 700.0}
+    assert run() == {"tg128": 100.0, "pp512": 700.0}
+    calls = (tmp_path / "llama-bench.calls").read_text().splitlines()
+    assert len(calls) == 5  # the failed combined run once, then two runs per call
+    assert sum("--repack 0" in c for c in calls) == 2 and all("-t 2" in c for c in calls)
