@@ -174,7 +174,7 @@ class CarveConfig(DictConfig):
         if self.score_weight not in SCORE_WEIGHTS:
             raise ConfigError(f"unknown score_weight {self.score_weight!r}; choose one of {', '.join(SCORE_WEIGHTS)}")
         routed = self.method == "fitted" and bool(self.shadow_bits) and not self.static
-        left = (self.n_routed - self.n_active) / self.n_experts  # the routed fraction no token picks
+        left = self.unpicked(self.n_active)
         if self.tail is None:
             object.__setattr__(self, "tail", min(DEFAULT_TAIL, left) if routed else 0.0)
         if not 0.0 <= self.tail <= 1.0:
@@ -235,7 +235,12 @@ class CarveConfig(DictConfig):
         if self.layer_active is None:
             return self
         a = self.active_in(layer)  # a layer given more than the average keeps the tail that still fits
-        return replace(self, n_active=a, layer_active=None, tail=min(self.tail, (self.n_routed - a) / self.n_experts))
+        return replace(self, n_active=a, layer_active=None, tail=min(self.tail, self.unpicked(a)))
+
+    def unpicked(self, n_active: int) -> float:
+        """The fraction of the FFN's neurons in routed experts that a token picking n_active does not pick
+        (what a tail can add at most)."""
+        return (self.n_routed - n_active) / self.n_experts
 
     @property
     def fisher_pass(self) -> bool:

@@ -337,7 +337,7 @@ def router_picks(
         else:
             est = router.estimates(x[s : s + chunk])  # [t, E, m]
             estimates.append(est.flatten(1))
-            v = est.abs().sum(dim=-1) + router.bias
+            v = router.scores(est) + router.bias
         if router.top_k < v.shape[1]:
             v, i = torch.topk(v, router.top_k, dim=-1, sorted=False)
         else:  # every expert may be picked (threshold selection at A >= E / 2)

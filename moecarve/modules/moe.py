@@ -342,8 +342,13 @@ class ShadowRouter(nn.Module):
             h = h + self.in_bias.float()
         return glu(h, self.act, self.gated)
 
+    @staticmethod
+    def scores(est: torch.Tensor) -> torch.Tensor:  # [T, E, m] -> [T, E]
+        """The experts' scores from their neurons' estimates: the sum of the magnitudes."""
+        return est.abs().sum(dim=-1)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, E] float32
-        return self.estimates(x).abs().sum(dim=-1)
+        return self.scores(self.estimates(x))
 
     def select(self, scores: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """scores [T, E] -> (weights [T, A] in dtype, indices [T, A] int64); with "threshold"
@@ -357,7 +362,7 @@ class ShadowRouter(nn.Module):
         """x [T, d] -> (weights [T, A] in x.dtype, indices [T, A] int64), and with `estimates` the
         neurons' estimates [T, E, m] (what a tail reads) as a third element."""
         est = self.estimates(x)
-        weights, idx = self.select(est.abs().sum(dim=-1), x.dtype)
+        weights, idx = self.select(self.scores(est), x.dtype)
         return (weights, idx, est) if estimates else (weights, idx)
 
     @torch.no_grad()
