@@ -24,6 +24,9 @@ import torch
 # so that the factorisation stays in G's own memory (a streamed carve's peak).
 WHOLE = 2048
 BLOCK_FLOATS = 1 << 20
+# Rows of the panel L21 = A21 L11^{-T} solved per call: solve_triangular returns a new tensor (and may copy
+# its strided input), which for the whole panel was [n - b, b] floats, twice, beside G.
+PANEL_ROWS = 256
 
 
 def default_block(n: int) -> int:
@@ -71,8 +74,10 @@ class InPlaceCholesky:
             a[k0:k1, k0:k1].copy_(lkk)  # upper part of the block <- 0: the block is triangular now
             if k1 == self.n:
                 break
-            panel = a[k1:, k0:k1]  # [n - k1, b]: L21 = A21 L11^{-T}
-            panel.copy_(torch.linalg.solve_triangular(lkk.mT, panel, upper=True, left=False))
+            panel = a[k1:, k0:k1]  # [n - k1, b]: L21 = A21 L11^{-T}, each row on its own
+            for r0 in range(0, panel.shape[0], PANEL_ROWS):  # in row slices: the solve's copies stay small
+                rows = panel[r0 : r0 + PANEL_ROWS]
+                rows.copy_(torch.linalg.solve_triangular(lkk.mT, rows, upper=True, left=False))
             for j0, j1 in self.bounds:  # trailing update A22 -= L21 L21^T, block column by block column
                 if j0 >= k1:  # rows >= j0 only: the lower triangle (and the saved diagonal block)
                     a[j0:, j0:j1].addmm_(panel[j0 - k1 :], panel[j0 - k1 : j1 - k1].mT, alpha=-1.0)
