@@ -333,6 +333,28 @@ def test_the_tail_runs_as_in_the_reference_forward(reference):
     assert ((off - ref).abs().amax(-1) / ref.abs().amax(-1)).median() > 1e-3
 
 
+def test_a_wide_tail_is_scanned_whole():
+    """A layer of 2560 neurons: each of the tail's 8 ranges (320 neurons) is scanned in blocks of 256
+    (ffn.c, tail_item), so the runtime must still agree with the reference forward across the block edge."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=2560, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    carve(model, CarveConfig.from_granularity(2560, expert_size=1, active=0.25), random_windows(4, 64))
+    tails = [m.tail for m in model.modules() if type(m).__name__ == "CarvedMoE"]
+    assert tails and all(t is not None for t in tails)
+    tokens = list(range(40, 72))
+    ref = torch.cat([hf_logits(model, [t]) for t in tokens])
+    got = torch.cat([Runtime(model, "fp32", threads=2, max_ctx=8).step([t], [0], [0], [0], 1).clone() for t in tokens])
+    assert ((got - ref).abs().amax(-1) / ref.abs().amax(-1)).median() < 1e-4
+    for t in tails:  # without its tail the layer is measurably different: the tail was exercised
+        t.threshold.fill_(float("inf"))
+    off = torch.cat([Runtime(model, "fp32", threads=2, max_ctx=8).step([t], [0], [0], [0], 1).clone() for t in tokens])
+    assert ((off - ref).abs().amax(-1) / ref.abs().amax(-1)).median() > 1e-3
+
+
 # ------------------------------------------------------------------ refusals
 
 
