@@ -34,6 +34,7 @@ SHADOW_CASES = {
     "small_odd": dict(S=1, E=20, m=3, A=5),
     "sixteen_plus": dict(S=1, E=8, m=17, A=2),
     "a_all": dict(S=1, A=7, E=7),
+    "d160": dict(S=0, E=13, m=2, A=3, d=160),  # rows of 2.5 chunks of 64 bytes: the masked last chunk
 }
 
 
@@ -81,7 +82,7 @@ def test_shadow_scores_match_reference(case: str, bits: int):
     moe = shadow_moe(bits, **SHADOW_CASES[case])
     r = moe.router
     for T in (1, 2, 9):
-        x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+        x = torch.randn(T, moe.spec.hidden_size, generator=torch.Generator().manual_seed(T))
         got = native.shadow_scores(x, r.codes, r.row_scale, r.in_bias, moe.spec.n_routed, moe.spec.expert_size,
                                    moe.spec.gated, moe.spec.act)  # fmt: skip
         torch.testing.assert_close(got, r.logits(x), atol=1e-5, rtol=1e-5)
@@ -125,7 +126,7 @@ def test_select_matches_topk_and_threshold():
 @pytest.mark.parametrize("T", [1, 3, 8, 64])
 def test_shadow_layer_matches_reference(case: str, T: int):
     moe = shadow_moe(**SHADOW_CASES[case])
-    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+    x = torch.randn(T, moe.spec.hidden_size, generator=torch.Generator().manual_seed(T))
     t = moe_tensors(moe)
     torch.testing.assert_close(native.moe_layer_shadow(x, t), reference(moe, x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(moe_decode_cpu(x, t), reference(moe, x), atol=1e-5, rtol=1e-5)
