@@ -362,7 +362,7 @@ void rows2_dot_tokens(const rt_mat* W, int64_t ra, int64_t rb, const rt_act* X, 
  * 64 outputs at a time held in registers across all n rows: each column chunk is loaded once and
  * the outputs are stored once (no load / store of the sum per row). Every output is the chain
  * fma(w_{n-1}, h_{n-1}, ... fma(w_0, h_0, 0)) in row order, in the vector and the scalar code alike,
- * so decode and prefill, which both come here, agree bit for bit. */
+ * so decode and prefill, which both come here, agree bit for bit (int8: w = code, h = h * block scale). */
 void unit_down(const rt_mat* W, const int64_t* rows, const float* h, int n, int d, float* part) {
   const int64_t Kp = rt_pad(W->cols, RT_BLOCK);
   int k = 0;
@@ -378,14 +378,17 @@ void unit_down(const rt_mat* W, const int64_t* rows, const float* h, int n, int 
         const uint16_t* r = (const uint16_t*)W->data + rows[i] * Kp + k;
         for (int q = 0; q < 4; q++)
           w[q] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r + 16 * q))), 16));
-      } else {
+      } else {  /* int8: the codes times (h * the block's scale), 64 outputs = two blocks of 32 */
         const uint8_t* r = (const uint8_t*)W->data + rows[i] * rt_row_bytes(Kp);
         const uint16_t* ws = (const uint16_t*)(r + Kp);
         const __m128i off = _mm_set1_epi8((char)0x80);
+        const __m512 hs0 = _mm512_set1_ps(h[i] * f16_to_f32(ws[k / RT_BLOCK]));
+        const __m512 hs1 = _mm512_set1_ps(h[i] * f16_to_f32(ws[k / RT_BLOCK + 1]));
         for (int q = 0; q < 4; q++) {
           const __m128i c = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(r + k + 16 * q)), off);
-          w[q] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), _mm512_set1_ps(f16_to_f32(ws[(k + 16 * q) / RT_BLOCK])));
+          acc[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), q < 2 ? hs0 : hs1, acc[q]);
         }
+        continue;
       }
       const __m512 hv = _mm512_set1_ps(h[i]);
       for (int q = 0; q < 4; q++) acc[q] = _mm512_fmadd_ps(w[q], hv, acc[q]);
@@ -396,16 +399,14 @@ void unit_down(const rt_mat* W, const int64_t* rows, const float* h, int n, int 
   for (; k < d; k++) {
     float acc = 0.0f;
     for (int i = 0; i < n; i++) {
-      float w;
       if (W->dtype == RT_F32) {
-        w = ((const float*)W->data)[rows[i] * Kp + k];
+        acc = fmaf(((const float*)W->data)[rows[i] * Kp + k], h[i], acc);
       } else if (W->dtype == RT_BF16) {
-        w = bf16_to_f32(((const uint16_t*)W->data)[rows[i] * Kp + k]);
-      } else {
+        acc = fmaf(bf16_to_f32(((const uint16_t*)W->data)[rows[i] * Kp + k]), h[i], acc);
+      } else {  /* as the vector code: code * (h * scale) */
         const uint8_t* r = (const uint8_t*)W->data + rows[i] * rt_row_bytes(Kp);
-        w = (float)((int32_t)r[k] - 128) * f16_to_f32(((const uint16_t*)(r + Kp))[k / RT_BLOCK]);
+        acc = fmaf((float)((int32_t)r[k] - 128), h[i] * f16_to_f32(((const uint16_t*)(r + Kp))[k / RT_BLOCK]), acc);
       }
-      acc = fmaf(w, h[i], acc);
     }
     part[k] = acc;
   }
