@@ -173,6 +173,32 @@ def _native(x: torch.Tensor, t: MoETensors) -> torch.Tensor:
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def tail_ok(t: MoETensors) -> bool:
+    """Whether moe_decode_cpu_tail runs this layer: a shadow router and the C kernels."""
+    from . import native
+
+    return t.router == "shadow" and t.shadow_codes is not None and t.act_name in native.ACTS and native_ok(t)
+
+
+def moe_decode_cpu_tail(x: torch.Tensor, t: MoETensors, codes: torch.Tensor, scale: torch.Tensor,
+                        threshold: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """A carved layer with a tail (modules.moe.TailNeurons: codes uint8 [N, ceil(d/2)], scale [N],
+    threshold) for a few tokens, x [T, d] -> [T, d], the maths of CarvedMoE.forward in three C calls:
+    the shadow router scored once, with every routed neuron's estimate est [T, N] (N = E m); the
+    picked experts as for any layer; then est * scale * column of each neuron outside the token's
+    picks whose |est| passes the threshold (native.c `tail_add`; the reference dequantises all N
+    columns every call)."""
+    from . import native
+
+    E, m = t.n_routed, t.expert_size
+    scores, est = native.shadow_scores(x, t.shadow_codes, t.shadow_scale, t.shadow_bias, E, m, t.gated, t.act_name,
+                                       estimates=True)  # fmt: skip
+    weights, idx = native.select_experts(scores, t.router_bias, t.router_scale, t.top_k, selection_threshold(t))
+    y = native.moe_layer(x, t, idx, weights)  # idx -1 ("threshold": an unused slot) is no expert
+    y = native.tail_add(y, est, idx, weights, codes, scale, float(threshold), m)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 def moe_decode_cpu(x: torch.Tensor, t: MoETensors, path: str = "auto") -> torch.Tensor:
     """The carved FFN for a few tokens: x [T, d] -> [T, d], same maths as CarvedMoE.forward.
 

@@ -168,7 +168,7 @@ static void dot4_int8(const int8_t* q, int64_t stride, const int8_t* x, int d, i
  * range of experts offsets the code, scale and bias pointers (the decode runtime splits experts
  * across threads); with est (not NULL) also each neuron's signed estimate act(g~_j) * u~_j into
  * est [T, lde] (the tail of a carved layer multiplies its columns by them). shadow_scores quantises
- * x [T, d] and scores all E. Both return 0, or -1 when out of memory. */
+ * x [T, d] and scores all E (est [T, E m] or NULL). Both return 0, or -1 when out of memory. */
 int shadow_scores_q(const int8_t* q, const float* qs, const int32_t* qsum, int T, int d, const void* codes, int layout,
                     const float* row_scale, const float* in_bias, int E, int m, int gated, int act, float* scores,
                     int lds, float* est, int64_t lde) {
@@ -279,13 +279,13 @@ int shadow_scores_q(const int8_t* q, const float* qs, const int32_t* qsum, int T
 }
 
 int shadow_scores(const float* x, int T, int d, const void* codes, int layout, const float* row_scale,
-                  const float* in_bias, int E, int m, int gated, int act, float* scores) {
+                  const float* in_bias, int E, int m, int gated, int act, float* scores, float* est) {
   int8_t* q = (int8_t*)malloc((size_t)T * d + 64);
   float* qs = (float*)malloc((size_t)T * sizeof(float) + 4);
   int32_t* qsum = (int32_t*)malloc((size_t)T * sizeof(int32_t) + 4);
   int rc = (!q || !qs || !qsum) ? -1 : 0;
   for (int t = 0; !rc && t < T; t++) qs[t] = quantize_token(x + (int64_t)t * d, d, q + (int64_t)t * d, qsum + t);
-  if (!rc) rc = shadow_scores_q(q, qs, qsum, T, d, codes, layout, row_scale, in_bias, E, m, gated, act, scores, E, NULL, 0);
+  if (!rc) rc = shadow_scores_q(q, qs, qsum, T, d, codes, layout, row_scale, in_bias, E, m, gated, act, scores, E, est, (int64_t)E * m);
   free(q); free(qs); free(qsum);
   return rc;
 }
@@ -740,6 +740,46 @@ int moe_experts(const float* x, int T, int d, const void* in_proj, const void* i
   return 0;
 }
 
+/* A layer's tail (modules.moe.TailNeurons) added to y [T, d]: for each token, every routed neuron n
+ * (of N = E m) outside the token's picked experts (idx [T, A] with weight w != 0) whose estimate
+ * |est[t, n]| exceeds threshold adds est * scale[n] * (codes_n - 8), codes [N, half] (half =
+ * ceil(d/2): element k in the low nibble of byte k, k + half in the high one), in neuron order.
+ * Returns 0, or -1 when out of memory. */
+int tail_add(int T, int d, int E, int m, const float* est, const int64_t* idx, const float* w, int A,
+             const uint8_t* codes, const float* scale, float threshold, float* y) {
+  const int half = (d + 1) / 2, N = E * m;
+  uint8_t* picked = (uint8_t*)malloc((size_t)E + 1);
+  float* part = (float*)malloc((size_t)2 * half * sizeof(float) + 4);
+  if (!picked || !part) {
+    free(picked); free(part);
+    return -1;
+  }
+  for (int t = 0; t < T; t++) {
+    memset(picked, 0, (size_t)E);
+    for (int a = 0; a < A; a++) {
+      const int64_t e = idx[(int64_t)t * A + a];
+      if (e >= 0 && e < E && w[(int64_t)t * A + a] != 0.0f) picked[e] = 1;
+    }
+    memset(part, 0, (size_t)2 * half * sizeof(float));
+    const float* et = est + (int64_t)t * N;
+    for (int n = 0; n < N; n++) {
+      if (!(fabsf(et[n]) > threshold) || picked[n / m]) continue;
+      const float v = et[n] * scale[n];
+      const uint8_t* c = codes + (int64_t)n * half;
+      float* hi = part + half;
+#pragma omp simd
+      for (int k = 0; k < half; k++) {
+        part[k] += v * (float)((int)(c[k] & 15) - 8);
+        hi[k] += v * (float)((int)(c[k] >> 4) - 8);
+      }
+    }
+    float* yt = y + (int64_t)t * d;
+    for (int k = 0; k < d; k++) yt[k] += part[k];
+  }
+  free(picked); free(part);
+  return 0;
+}
+
 /* A whole carved layer on T tokens: y = shared(x) + out_bias + sum_a w[t,a] * expert_{idx[t,a]}(x),
  * written to y float [T, d]. The shared experts are one expert of n neurons that every token
  * picks with weight 1 (s_in [rows_n, d], s_in_bias [rows_n] or NULL, s_out [d, n]; n = 0: none);
@@ -775,7 +815,7 @@ int moe_layer_shadow(const float* x, int T, int d, const void* codes, int layout
   int64_t* idx = (int64_t*)malloc((size_t)T * A * sizeof(int64_t) + 8);
   float* w = (float*)malloc((size_t)T * A * sizeof(float) + 4);
   int rc = (!scores || !idx || !w) ? -1 : 0;
-  if (!rc) rc = shadow_scores(x, T, d, codes, layout, row_scale, shadow_bias, E, m, gated, act, scores);
+  if (!rc) rc = shadow_scores(x, T, d, codes, layout, row_scale, shadow_bias, E, m, gated, act, scores, NULL);
   if (!rc) rc = select_experts(scores, T, E, bias, scale, A, threshold, idx, w) < 0 ? -1 : 0;
   if (!rc) rc = moe_layer(x, T, d, s_in, s_in_bias, s_out, n, in_proj, in_bias, out_proj, out_bias, wdtype, E, m,
                           gated, act, idx, w, A, y);

@@ -42,7 +42,8 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(lib_path))
     P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     signatures = {
-        "shadow_scores": ([P, I, I, P, I, P, P, I, I, I, I, P], I),
+        "shadow_scores": ([P, I, I, P, I, P, P, I, I, I, I, P, P], I),
+        "tail_add": ([I, I, I, I, P, P, P, I, P, P, F, P], I),
         "select_experts": ([P, I, I, P, P, I, F, P, P], I),
         "moe_layer": ([P, I, I, P, P, P, I, P, P, P, P, I, I, I, I, I, P, P, I, P], I),
         "moe_layer_shadow": ([P, I, I, P, I, P, P, P, P, I, F, P, P, P, I, P, P, P, P, I, I, I, I, I, P], I),
@@ -104,20 +105,23 @@ def _inf(threshold: float | None) -> float:
 
 def shadow_scores(
     x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, in_bias: torch.Tensor | None,
-    n_experts: int, expert_size: int, gated: bool, act_name: str,
-) -> torch.Tensor:  # fmt: skip
+    n_experts: int, expert_size: int, gated: bool, act_name: str, estimates: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The shadow router's scores [T, E] float32 for x [T, d] (native.c `shadow_scores`; the same
     maths as modules.moe.ShadowRouter.logits). codes: uint8 [E, rows, d/2] (two 4-bit codes per
-    byte) or int8 [E, rows, d]; row_scale float32 [E, rows]; in_bias [E, rows] or None."""
+    byte) or int8 [E, rows, d]; row_scale float32 [E, rows]; in_bias [E, rows] or None.
+    estimates: also return each routed neuron's signed estimate [T, E m] float32 (as
+    ShadowRouter.estimates, flattened: what a tail multiplies its columns by)."""
     x, codes, row_scale = x.float().contiguous(), codes.contiguous(), row_scale.float().contiguous()
     bias = None if in_bias is None else in_bias.float().contiguous()
     out = torch.empty(x.shape[0], n_experts, dtype=torch.float32)
+    est = torch.empty(x.shape[0], n_experts * expert_size, dtype=torch.float32) if estimates else None
     rc = library().shadow_scores(
         x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), 4 if codes.dtype == torch.uint8 else 8,
-        row_scale.data_ptr(), _ptr(bias), n_experts, expert_size, int(gated), ACTS[act_name], out.data_ptr(),
+        row_scale.data_ptr(), _ptr(bias), n_experts, expert_size, int(gated), ACTS[act_name], out.data_ptr(), _ptr(est),
     )  # fmt: skip
     _check(rc, "shadow_scores")
-    return out
+    return (out, est) if estimates else out
 
 
 def select_experts(
@@ -158,6 +162,23 @@ def moe_layer(x: torch.Tensor, t: MoETensors, idx: torch.Tensor, weights: torch.
     rc = library().moe_layer(x.data_ptr(), T, d, *_layer_weights(t), idx.data_ptr(), weights.data_ptr(), idx.shape[1],
                              y.data_ptr())  # fmt: skip
     _check(rc, "moe_layer")
+    return y
+
+
+def tail_add(y: torch.Tensor, est: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, codes: torch.Tensor,
+             scale: torch.Tensor, threshold: float, expert_size: int) -> torch.Tensor:  # fmt: skip
+    """y [T, d] float32 (contiguous, updated in place and returned) += a layer's tail (native.c
+    `tail_add`): per token, est * scale * column of every neuron outside its picked experts (idx /
+    weights [T, A] as select_experts returns them) whose |est| [T, E m] exceeds threshold; codes
+    uint8 [E m, ceil(d/2)], scale [E m] as modules.moe.TailNeurons keeps them."""
+    assert y.dtype == torch.float32 and y.is_contiguous()
+    est, idx, weights = _f32(est), idx.contiguous(), _f32(weights)
+    codes, scale = codes.contiguous(), _f32(scale)
+    T, d = y.shape
+    rc = library().tail_add(T, d, est.shape[1] // expert_size, expert_size, est.data_ptr(), idx.data_ptr(),
+                            weights.data_ptr(), idx.shape[1], codes.data_ptr(), scale.data_ptr(), float(threshold),
+                            y.data_ptr())  # fmt: skip
+    _check(rc, "tail_add")
     return y
 
 

@@ -18,8 +18,9 @@ Backends (T = tokens in the call):
 Routers: the analytic and linear routers run inside the kernels (fused in Triton decode); the
 shadow router has its own kernels (C on CPU: kernels/native.c, one call per layer; Triton:
 kernels/triton_shadow.py); any other router (the "fitted" probe router) is called as the module's
-own `router` and its choice fed to the same expert kernels. Every path falls back to the
-reference for layers with a tail (TailNeurons), for unsupported activations and whenever autograd is recording (run inference under
+own `router` and its choice fed to the same expert kernels. Layers with a tail (TailNeurons) take the
+CPU path's C router and experts plus the tail in torch; the Triton paths leave them to the reference.
+Every path falls back to the reference for unsupported activations and whenever autograd is recording (run inference under
 torch.no_grad / inference_mode, as generate() does). The CPU path calls C through ctypes (or
 .tolist() without it), so under torch.compile it splits the graph; the Triton paths are single
 custom ops and trace whole.
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.cpu import moe_decode_cpu, use_cpu_path
+from ..kernels.cpu import moe_decode_cpu, moe_decode_cpu_tail, tail_ok, use_cpu_path
 from ..kernels.tensors import MoETensors
 from .moe import _grouped_mm_ok
 
@@ -117,16 +118,22 @@ def _recording(x: torch.Tensor, moe: nn.Module) -> bool:
 
 
 def _tailed(moe: nn.Module) -> bool:
-    """The layer has a tail (modules.moe.TailNeurons): the per-layer kernels do not compute it, so it
-    runs the reference code (the decode runtime, runtime/csrc, computes it natively)."""
+    """The layer has a tail (modules.moe.TailNeurons): the CPU path computes it beside its C kernels
+    (kernels.cpu.moe_decode_cpu_tail); the Triton paths do not, and run the reference code."""
     return getattr(moe, "tail", None) is not None
 
 
 def _cpu_forward(moe: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    if x.shape[0] == 0 or not use_cpu_path(x.shape[0]) or _recording(x, moe) or _tailed(moe):
+    if x.shape[0] == 0 or not use_cpu_path(x.shape[0]) or _recording(x, moe):
         return None
-    return moe_decode_cpu(x, _cached_tensors(moe)).view(hidden_states.shape)
+    t = _cached_tensors(moe)
+    if _tailed(moe):  # the C router and experts, the tail from the router's estimates (kernels.cpu)
+        if not tail_ok(t):
+            return None
+        tail = moe.tail
+        return moe_decode_cpu_tail(x, t, tail.codes, tail.scale, tail.threshold).view(hidden_states.shape)
+    return moe_decode_cpu(x, t).view(hidden_states.shape)
 
 
 _TRITON: tuple | None = None  # (triton_decode, triton_prefill, triton_shadow, triton_neurons) once imported
