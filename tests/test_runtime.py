@@ -387,6 +387,14 @@ def test_bad_settings_are_refused(carved_tiny):
         rt.prefill(list(range(3, 30)))
     with pytest.raises(RuntimeError_, match="outside the vocabulary"):
         rt.step([500], [0], [0], [0])
+    with pytest.raises(RuntimeError_, match="beyond the context"):
+        rt.step([5], [16], [0], [0])
+    with pytest.raises(RuntimeError_, match="slot 1 does not exist"):
+        rt.step([5], [0], [1], [0])
+    with pytest.raises(RuntimeError_, match="a step takes 2 tokens"):  # positions for one token only
+        rt.step([5, 6], [0], [0, 0], [0])
+    with pytest.raises(RuntimeError_, match="output row"):
+        rt.step([5], [0], [0], [1])
     engine = Engine(rt)
     with pytest.raises(RequestError, match="exceed the context"):
         engine.submit(PROMPT[:10], 8)
