@@ -762,17 +762,8 @@ int tail_add(int T, int d, int E, int m, const float* est, const int64_t* idx, c
     }
     memset(part, 0, (size_t)2 * half * sizeof(float));
     const float* et = est + (int64_t)t * N;
-    for (int n = 0; n < N; n++) {
-      if (!(fabsf(et[n]) > threshold) || picked[n / m]) continue;
-      const float v = et[n] * scale[n];
-      const uint8_t* c = codes + (int64_t)n * half;
-      float* hi = part + half;
-#pragma omp simd
-      for (int k = 0; k < half; k++) {
-        part[k] += v * (float)((int)(c[k] & 15) - 8);
-        hi[k] += v * (float)((int)(c[k] >> 4) - 8);
-      }
-    }
+    for (int n = 0; n < N; n++)
+      if (fabsf(et[n]) > threshold && !picked[n / m]) tail_column(codes + (int64_t)n * half, et[n] * scale[n], half, part);
     float* yt = y + (int64_t)t * d;
     for (int k = 0; k < d; k++) yt[k] += part[k];
   }

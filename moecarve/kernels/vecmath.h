@@ -1,6 +1,7 @@
 /* Vectorisable float maths shared by moecarve's C code (kernels/native.c and the decode runtime,
  * runtime/csrc): the activations the carved layers use, written without libm calls so that loops
- * over them vectorise. Header-only (static inline): each file that includes it gets its own copy. */
+ * over them vectorise, and the tail's 4-bit column update. Header-only (static inline): each file
+ * that includes it gets its own copy. */
 #ifndef MOECARVE_VECMATH_H
 #define MOECARVE_VECMATH_H
 
@@ -63,6 +64,17 @@ static inline void act_vec(float* v, int n, int act) {
       break;
     default:
       break;
+  }
+}
+
+/* part[0, 2 half) += v * (code - 8) of one 4-bit tail column (modules.moe.TailNeurons; codes [half]:
+ * element k in the low nibble of byte k, element k + half in the high one) */
+static inline void tail_column(const uint8_t* codes, float v, int half, float* part) {
+  float* hi = part + half;
+#pragma omp simd
+  for (int k = 0; k < half; k++) {
+    part[k] += v * (float)((int)(codes[k] & 15) - 8);
+    hi[k] += v * (float)((int)(codes[k] >> 4) - 8);
   }
 }
 

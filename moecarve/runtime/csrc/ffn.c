@@ -303,17 +303,6 @@ static void neuron_unit(rt_ctx* c, const rt_layer* L, int t, int ch, const float
   unit_down(&M->neurons, ids, h, n, c->desc.d, part);
 }
 
-/* part[0, 2 half) += v * (code - 8) of one tail column (codes [half]: element k in the low nibble
- * of byte k, element k + half in the high one) */
-static void tail_column(const uint8_t* codes, float v, int half, float* part) {
-  float* hi = part + half;
-#pragma omp simd
-  for (int k = 0; k < half; k++) {
-    part[k] += v * (float)((int)(codes[k] & 15) - 8);
-    hi[k] += v * (float)((int)(codes[k] >> 4) - 8);
-  }
-}
-
 /* tail item k of token t: part [dp] = the sum, in neuron order, of est * scale * column over the
  * neurons of range k (of TAIL_ITEMS) that are outside the token's picked experts and whose
  * |estimate| exceeds the tail's threshold (rt.h) */
